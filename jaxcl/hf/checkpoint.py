@@ -1,0 +1,257 @@
+"""`load_pretrained` / `save_pretrained`: Hugging Face safetensors directories <-> jaxcl params.
+
+Loading reads one tensor at a time from the safetensors files (no torch, no network), checks every
+shape against the target model before converting it, and can place each leaf straight onto its
+`NamedSharding`. Saving writes files under temporary names and renames them into place, so an
+interrupted save never leaves a half-written checkpoint behind under the final names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+
+from jaxcl.hf.config import CheckpointError, hf_config_from_model, model_config_from_hf, read_config_json
+from jaxcl.hf.mapping import Entry, FamilyTable, legacy_names, table_for
+from jaxcl.models import ModelConfig, abstract_params
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+# Buffers some exporters write that are not parameters.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
+
+ParamPath = tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------- reading
+class SafetensorsReader:
+    """Lazy, per-tensor access to all safetensors files of a checkpoint directory."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self._safe_open = safe_open
+        self.directory = directory
+        index = directory / SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{str(index)!r} has no 'weight_map'")
+            self.locations = {name: directory / file for name, file in weight_map.items()}
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                other = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".msgpack")]
+                hint = f" (found {other}: only safetensors weights are supported)" if other else ""
+                raise FileNotFoundError(f"no *.safetensors weights in {str(directory)!r}{hint}")
+            self.locations = {}
+            for file in files:
+                with safe_open(file, framework="numpy") as handle:
+                    for name in handle.keys():
+                        self.locations[name] = file
+        for file in set(self.locations.values()):
+            if not file.is_file():
+                raise FileNotFoundError(f"{str(file)!r} is listed in {SAFETENSORS_INDEX} but does not exist")
+        self._handles: dict[tuple[Path, str], Any] = {}
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.locations)
+
+    def _handle(self, file: Path, framework: str):
+        key = (file, framework)
+        if key not in self._handles:
+            self._handles[key] = self._safe_open(file, framework=framework)
+        return self._handles[key]
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor as float32 numpy (bfloat16 tensors are read through the flax backend)."""
+        file = self.locations[name]
+        handle = self._handle(file, "numpy")
+        if handle.get_slice(name).get_dtype() == "BF16":
+            return np.asarray(self._handle(file, "flax").get_tensor(name), dtype=np.float32)
+        return np.asarray(handle.get_tensor(name), dtype=np.float32)
+
+
+def _flatten(tree: dict[str, Any], prefix: ParamPath = ()) -> dict[ParamPath, Any]:
+    out: dict[ParamPath, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def _unflatten(flat: dict[ParamPath, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _hf_key(entry: Entry, prefix: str, layer: int | None) -> str:
+    key = entry.hf.format(i=layer) if entry.per_layer else entry.hf
+    return prefix + key if entry.in_base else key
+
+
+def _layer_indices(entry: Entry, cfg: ModelConfig) -> Iterable[int | None]:
+    return range(cfg.n_layers) if entry.per_layer else (None,)
+
+
+def _leaf_shapes(entry: Entry, shapes: dict[ParamPath, tuple[int, ...]]) -> list[tuple[int, ...]]:
+    return [shapes[p][1:] if entry.per_layer else shapes[p] for p in entry.params]
+
+
+def _base_prefix(table: FamilyTable, names: frozenset[str]) -> str:
+    return table.base_prefix if any(n.startswith(table.base_prefix) for n in names) else ""
+
+
+def load_pretrained(directory: str | os.PathLike, *, shardings: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read an HF checkpoint directory (config.json + *.safetensors) into `(ModelConfig, params)`.
+
+    `shardings`: optional tree of `jax.sharding.Sharding` matching the params (e.g. from
+    `jaxcl.parallel`); each leaf is placed directly onto its sharding.
+    Errors name the missing/mis-shaped tensor and the directory.
+    """
+    directory = Path(directory)
+    raw = read_config_json(directory)
+    reader = SafetensorsReader(directory)
+    cfg = model_config_from_hf(raw, where=str(directory / "config.json"), tensor_names=reader.names)
+    table = table_for(cfg)
+    prefix = _base_prefix(table, reader.names)
+    shapes = {p: tuple(s.shape) for p, s in _flatten(abstract_params(cfg)).items()}
+    arrays = {p: np.empty(s, np.float32) for p, s in shapes.items()}
+    used: set[str] = set()
+
+    for entry in table.entries:
+        leaf_shapes = _leaf_shapes(entry, shapes)
+        expected = entry.layout.hf_shape(leaf_shapes)
+        for layer in _layer_indices(entry, cfg):
+            key = _hf_key(entry, prefix, layer)
+            found = next((k for k in (key, *legacy_names(key)) if k in reader.locations), None)
+            if found is None:
+                raise CheckpointError(f"tensor {key!r} is missing from the checkpoint in {str(directory)!r} "
+                                      f"(needed for jaxcl parameter {'/'.join(entry.params[0])})")
+            tensor = reader.get(found)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(
+                    f"tensor {found!r} in {str(reader.locations[found])!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {expected} from config.json")
+            used.add(found)
+            for path, part in zip(entry.params, entry.layout.to_jax(tensor, leaf_shapes)):
+                if layer is None:
+                    arrays[path] = part
+                else:
+                    arrays[path][layer] = part
+
+    unused = sorted(n for n in reader.names - used if not n.endswith(IGNORED_SUFFIXES))
+    if unused:
+        log.warning("load_pretrained(%s): %d tensors not used by jaxcl: %s", directory, len(unused),
+                    ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
+    params = _unflatten(arrays)
+    if shardings is None:
+        params = jax.tree.map(jax.numpy.asarray, params)
+    else:
+        params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+    return cfg, params
+
+
+# ----------------------------------------------------------------------------- writing
+def _to_host(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x), dtype=np.float32)
+
+
+def _check_params(cfg: ModelConfig, flat: dict[ParamPath, Any]) -> dict[ParamPath, tuple[int, ...]]:
+    shapes = {p: tuple(s.shape) for p, s in _flatten(abstract_params(cfg)).items()}
+    missing = sorted(set(shapes) - set(flat))
+    extra = sorted(set(flat) - set(shapes))
+    if missing:
+        raise ValueError(f"params are missing {'/'.join(missing[0])} (and {len(missing) - 1} more) for this config")
+    if extra:
+        raise ValueError(f"params have {'/'.join(extra[0])} which this config does not use")
+    for path, shape in shapes.items():
+        if tuple(np.shape(flat[path])) != shape:
+            raise ValueError(f"param {'/'.join(path)} has shape {tuple(np.shape(flat[path]))}, "
+                             f"config expects {shape}")
+    return shapes
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict[str, Any], *,
+                    max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write `params` as an HF checkpoint (config.json + safetensors) loadable by `from_pretrained`.
+
+    Files are written under temporary names then renamed, so a crash mid-save leaves any previous
+    checkpoint in `directory` intact. In multi-process runs every process must call this (sharded
+    leaves are gathered); only process 0 writes.
+    """
+    from safetensors.numpy import save
+
+    directory = Path(directory)
+    flat = _flatten(params)
+    shapes = _check_params(cfg, flat)
+    table = table_for(cfg)
+    has_head = cfg.is_decoder or cfg.mlm_head
+    prefix = table.base_prefix if has_head else ""
+    host = {p: _to_host(v) for p, v in flat.items()}
+    tensors: dict[str, np.ndarray] = {}
+    for entry in table.entries:
+        for layer in _layer_indices(entry, cfg):
+            parts = [host[p] if layer is None else host[p][layer] for p in entry.params]
+            tensors[_hf_key(entry, prefix, layer)] = entry.layout.to_hf(parts)
+    assert set(p for e in table.entries for p in e.params) == set(shapes), "mapping table does not cover params"
+    if jax.process_index() != 0:
+        return directory
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    metadata = {"format": "pt"}
+    written: set[str] = set()
+    if len(shards) == 1:
+        _atomic_write_bytes(directory / SAFETENSORS_SINGLE, save(shards[0], metadata=metadata))
+        written.add(SAFETENSORS_SINGLE)
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, 1):
+            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write_bytes(directory / file, save(shard, metadata=metadata))
+            weight_map.update({name: file for name in shard})
+            written.add(file)
+        index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}
+        _atomic_write_bytes(directory / SAFETENSORS_INDEX, json.dumps(index, indent=2).encode())
+        written.add(SAFETENSORS_INDEX)
+    # Weights of an earlier save in another layout would shadow or mix with the new ones.
+    for stale in [directory / SAFETENSORS_INDEX, *directory.glob("*.safetensors")]:
+        if stale.name not in written and stale.exists():
+            stale.unlink()
+    hf_config = hf_config_from_model(cfg, table.architecture)
+    _atomic_write_bytes(directory / "config.json", hf_config.to_json_string(use_diff=False).encode())
+    return directory

@@ -1,0 +1,54 @@
+"""jaxcl model family: GPT-2 and LLaMA decoders, the BERT encoder, one `ModelConfig`.
+
+    from jaxcl.models import ModelConfig, build, init_params
+    cfg = ModelConfig(family="llama", vocab_size=32000, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2)
+    params = init_params(cfg, jax.random.key(0))           # plain nested dict, float32
+    out = build(cfg).apply({"params": params}, input_ids, attention_mask=mask)
+    out.logits, out.knn_keys, out.hidden
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxcl.models.config import ConfigError, ModelConfig
+from jaxcl.models.decoder import Decoder
+from jaxcl.models.encoder import Encoder, mean_pool
+from jaxcl.models.outputs import ModelOutput
+
+__all__ = ["ConfigError", "ModelConfig", "ModelOutput", "build", "init_params", "param_axes", "abstract_params",
+           "mean_pool", "Decoder", "Encoder"]
+
+
+def build(cfg: ModelConfig) -> nn.Module:
+    """The Linen module for `cfg`: `Decoder` for gpt2/llama, `Encoder` for bert."""
+    return Decoder(cfg) if cfg.is_decoder else Encoder(cfg)
+
+
+def _dummy_ids(cfg: ModelConfig) -> jax.Array:
+    return jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
+    """Freshly initialised parameters as a plain nested dict (float32, logical boxes removed)."""
+    variables = build(cfg).init(rng, _dummy_ids(cfg))
+    return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
+    """`jax.ShapeDtypeStruct` tree of the parameters, without allocating anything."""
+    boxed = jax.eval_shape(lambda r: build(cfg).init(r, _dummy_ids(cfg))["params"], jax.random.key(0))
+    return nn.meta.unbox(boxed)
+
+
+def param_axes(cfg: ModelConfig) -> dict[str, Any]:
+    """Logical axis names of every parameter (a tree of `PartitionSpec`s of logical names).
+
+    Stacked layer parameters carry `layers` as their leading axis.
+    """
+    boxed = jax.eval_shape(lambda r: build(cfg).init(r, _dummy_ids(cfg))["params"], jax.random.key(0))
+    return nn.get_partition_spec(boxed)

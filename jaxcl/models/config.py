@@ -1,0 +1,172 @@
+"""`ModelConfig`: one typed description for every jaxcl architecture.
+
+GPT-2, LLaMA and BERT share one config so that transforms (growth, adapters), the HF mapping
+tables and the trainer can treat every model the same way. Family-dependent defaults are filled in
+by `ModelConfig.__post_init__`; every field is validated there so a bad config fails at construction
+with a message naming the field, not deep inside a jitted forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+FAMILIES = ("gpt2", "llama", "bert")
+DECODER_FAMILIES = ("gpt2", "llama")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+# Family defaults for fields left as None.
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(activation="gelu_tanh", tie_embeddings=True, attn_bias=True, mlp_bias=True,
+                 norm_eps=1e-5, max_seq_len=1024),
+    "llama": dict(activation="silu", tie_embeddings=False, attn_bias=False, mlp_bias=False,
+                  norm_eps=1e-6, max_seq_len=2048),
+    "bert": dict(activation="gelu", tie_embeddings=True, attn_bias=True, mlp_bias=True,
+                 norm_eps=1e-12, max_seq_len=512),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a jaxcl model (hashable, so it can be a static jit argument).
+
+    Shapes follow the names used in parameter logical axes: `d_model` is `embed`, `n_heads` is
+    `heads`, `n_kv_heads` is `kv_heads`, `head_dim` is `head_dim`, `d_ff` is `mlp`.
+    """
+
+    family: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None      # None -> n_heads (MHA); < n_heads -> grouped-query attention
+    head_dim: int | None = None        # None -> d_model // n_heads
+    d_ff: int | None = None            # None -> 4 * d_model
+    max_seq_len: int | None = None     # learned position table size (GPT-2, BERT); RoPE ignores it
+    norm_eps: float | None = None
+    activation: str | None = None      # gelu_tanh | gelu | relu | silu (SwiGLU gate for LLaMA)
+    tie_embeddings: bool | None = None  # output projection shares the token embedding
+    attn_bias: bool | None = None      # biases on q/k/v/o projections
+    mlp_bias: bool | None = None       # biases on MLP projections
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_parameters, as sorted items
+    type_vocab_size: int = 2           # BERT token types
+    mlm_head: bool = True              # BERT: BertForMaskedLM head (transform + tied decoder)
+    pooler: bool = False               # BERT: tanh pooler on [CLS] (BertModel)
+    dropout: float = 0.0               # residual / embedding dropout when deterministic=False
+    dtype: str = "float32"             # compute dtype; parameters are always float32
+    initializer_range: float = 0.02
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family={self.family!r} is not one of {FAMILIES}")
+        for key, value in _FAMILY_DEFAULTS[self.family].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
+                    "type_vocab_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}; "
+                    "set model.head_dim explicitly or pick a dividing head count")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        elif not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ConfigError(f"model.head_dim must be a positive integer, got {self.head_dim!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}")
+        if self.family != "llama" and self.n_kv_heads != self.n_heads:
+            raise ConfigError(f"model.n_kv_heads: grouped-query attention is only supported for llama, "
+                              f"family is {self.family!r}")
+        if self.family == "llama" and self.head_dim % 2:
+            raise ConfigError(f"model.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"model.activation={self.activation!r} is not one of {ACTIVATIONS}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype={self.dtype!r} is not one of {DTYPES}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ConfigError(f"model.norm_eps must be a positive float, got {self.norm_eps!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.rope_scaling is not None:
+            rope_type = dict(self.rope_scaling).get("rope_type", "default")
+            if rope_type not in ROPE_TYPES:
+                raise ConfigError(f"model.rope_scaling.rope_type={rope_type!r} is not supported "
+                                  f"(supported: {ROPE_TYPES})")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_decoder(self) -> bool:
+        """True for causal LMs (GPT-2, LLaMA); False for the bidirectional BERT encoder."""
+        return self.family in DECODER_FAMILIES
+
+    @property
+    def has_lm_head(self) -> bool:
+        """Whether the model produces vocabulary logits (decoders always; BERT with its MLM head)."""
+        return self.is_decoder or self.mlm_head
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (re-validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (round-trips through `from_dict`)."""
+        out = dataclasses.asdict(self)
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = dict(self.rope_scaling)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a mapping; unknown keys are an error naming the key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s): {', '.join('model.' + k for k in unknown)}")
+        if "family" not in data:
+            raise ConfigError("model.family is required")
+        return cls(**dict(data))
+
+    def num_params(self) -> int:
+        """Parameter count of the model this config builds (for logs and FLOP estimates)."""
+        d, f, hd = self.d_model, self.d_ff, self.head_dim
+        q_out, kv_out = self.n_heads * hd, self.n_kv_heads * hd
+        attn = d * q_out + 2 * d * kv_out + q_out * d
+        if self.attn_bias:
+            attn += q_out + 2 * kv_out + d
+        n_in = 2 if self.family == "llama" else 1
+        mlp = n_in * d * f + f * d + ((n_in * f + d) if self.mlp_bias else 0)
+        norm = d if self.family == "llama" else 2 * d
+        total = self.n_layers * (attn + mlp + 2 * norm) + self.vocab_size * d
+        if self.family in ("gpt2", "bert"):
+            total += self.max_seq_len * d
+        if self.family == "bert":
+            total += self.type_vocab_size * d + norm
+            if self.mlm_head:
+                total += d * d + d + norm + self.vocab_size
+            if self.pooler:
+                total += d * d + d
+        else:
+            total += norm
+            if not self.tie_embeddings:
+                total += d * self.vocab_size
+        return total

@@ -1,0 +1,72 @@
+"""The BERT encoder family: post-LN blocks, token-type embeddings, MLM head, pooler, mean pooling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxcl.models.config import ModelConfig
+from jaxcl.models.decoder import check_input_ids, default_positions
+from jaxcl.models.layers import ACTIVATION_FNS, POSITION_AXIS, Dense, build_attention_mask, compute_dtype, make_norm, \
+    normal_init, stacked_layers
+from jaxcl.models.outputs import ModelOutput
+
+
+def mean_pool(hidden: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    """Average `hidden` [b, s, d] over real tokens -> [b, d] (sentence-transformers' mean pooling)."""
+    if attention_mask is None:
+        return jnp.mean(hidden.astype(jnp.float32), axis=1)
+    m = attention_mask.astype(jnp.float32)[..., None]
+    return jnp.sum(hidden.astype(jnp.float32) * m, axis=1) / jnp.clip(jnp.sum(m, axis=1), 1e-9)
+
+
+class Encoder(nn.Module):
+    """BERT; `__call__(input_ids, attention_mask, token_type_ids) -> ModelOutput` (bidirectional)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, token_type_ids: jax.Array | None = None,
+                 deterministic: bool = True) -> ModelOutput:
+        cfg = self.cfg
+        check_input_ids(cfg, input_ids, positions)
+        dtype = compute_dtype(cfg)
+        b, s = input_ids.shape
+        if positions is None:
+            positions = default_positions(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+
+        def table(n, axis, name):
+            return nn.Embed(n, cfg.d_model, dtype=dtype, param_dtype=jnp.float32, name=name,
+                            embedding_init=nn.with_logical_partitioning(normal_init(cfg.initializer_range),
+                                                                        (axis, "embed")))
+
+        embed = table(cfg.vocab_size, "vocab", "embed")
+        x = embed(input_ids) + table(cfg.max_seq_len, POSITION_AXIS, "pos_embed")(positions)
+        x = x + table(cfg.type_vocab_size, None, "type_embed")(token_type_ids)
+        x = make_norm(cfg, "embed_norm")(x)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
+        mask = build_attention_mask(attention_mask, b, s, causal=False)
+        (hidden, ffn_in), _ = stacked_layers(cfg, deterministic)((x, jnp.zeros_like(x)), mask, positions)
+
+        logits = None
+        if cfg.mlm_head:
+            kw = dict(in_axes=("embed",), dtype=dtype, kernel_std=cfg.initializer_range)
+            h = Dense((cfg.d_model,), out_axes=("embed_out",), name="mlm_dense", **kw)(hidden)
+            h = make_norm(cfg, "mlm_norm")(ACTIVATION_FNS[cfg.activation](h))
+            bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                              (cfg.vocab_size,), jnp.float32)
+            if cfg.tie_embeddings:
+                decoded = embed.attend(h)
+            else:
+                decoded = Dense((cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",), use_bias=False,
+                                dtype=dtype, kernel_std=cfg.initializer_range, name="lm_head")(h)
+            logits = (decoded + bias.astype(dtype)).astype(jnp.float32)
+        pooled = None
+        if cfg.pooler:
+            pooled = jnp.tanh(Dense((cfg.d_model,), in_axes=("embed",), out_axes=("embed_out",), dtype=dtype,
+                                    kernel_std=cfg.initializer_range, name="pooler")(hidden[:, 0]))
+        return ModelOutput(logits=logits, hidden=hidden, knn_keys=ffn_in, pooled=pooled)

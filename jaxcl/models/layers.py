@@ -1,0 +1,240 @@
+"""Building blocks shared by every jaxcl family: projections, norms, RoPE, attention, MLPs.
+
+Every parameter is created through `nn.with_logical_partitioning`, so `jax.eval_shape(model.init)`
+yields logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`, ...)
+that `jaxcl.parallel` maps onto a device mesh. Parameters are float32; `dtype` is the compute dtype.
+Projections keep heads as their own axis (`[embed, heads, head_dim]`) so that growth, head sharding
+and per-head adapters never need reshapes of flattened matrices.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jaxcl.models.config import ModelConfig
+
+# Logical axis of the learned position table (not sharded by the default rules).
+POSITION_AXIS = "position"
+
+
+def compute_dtype(cfg: ModelConfig):
+    """The jnp dtype a config computes in (parameters stay float32)."""
+    return jnp.dtype(cfg.dtype)
+
+
+def normal_init(std: float):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+class Dense(nn.Module):
+    """`y = x · kernel (+ bias)` contracting the last `len(in_axes)` dims of `x`.
+
+    `kernel` has shape `x.shape[-n_in:] + features` with logical axes `in_axes + out_axes`.
+    """
+
+    features: Sequence[int]
+    in_axes: Sequence[str]
+    out_axes: Sequence[str]
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    kernel_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_axes)
+        features = tuple(self.features)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(normal_init(self.kernel_std), tuple(self.in_axes) + tuple(self.out_axes)),
+            tuple(x.shape[-n_in:]) + features, jnp.float32)
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype),
+            (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.out_axes)),
+                              features, jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 (GPT-2, BERT)."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (d,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (LLaMA); the scale is applied after casting back, as HF does."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (d,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(self.dtype) * y.astype(self.dtype)).astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    """The family's norm: RMSNorm for LLaMA, LayerNorm otherwise."""
+    cls = RMSNorm if cfg.family == "llama" else LayerNorm
+    return cls(eps=cfg.norm_eps, dtype=compute_dtype(cfg), name=name)
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies `[head_dim // 2]` of HF's rotary embedding, with its scaling variants."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    scaling = dict(cfg.rope_scaling or ())
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate `x` `[batch, seq, heads, head_dim]` in HF's rotate-half layout (no q/k permutation)."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)   # [batch, seq, head_dim/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]          # [batch, seq, 1, head_dim]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- attention
+def build_attention_mask(attention_mask: jax.Array | None, batch: int, seq: int, causal: bool) -> jax.Array:
+    """Boolean `[batch, q, k]` mask: key is real (padding mask) and, for decoders, not in the future."""
+    keep = jnp.ones((batch, 1, seq), bool) if attention_mask is None else attention_mask.astype(bool)[:, None, :]
+    if causal:
+        keep = keep & jnp.tril(jnp.ones((seq, seq), bool))[None]
+    return keep
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention; q head h reads kv head h // (n_heads // n_kv_heads)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype = compute_dtype(cfg)
+        b, s, _ = x.shape
+        kw = dict(in_axes=("embed",), use_bias=cfg.attn_bias, dtype=dtype, kernel_std=cfg.initializer_range)
+        q = Dense((cfg.n_heads, cfg.head_dim), out_axes=("heads", "head_dim"), name="q", **kw)(x)
+        k = Dense((cfg.n_kv_heads, cfg.head_dim), out_axes=("kv_heads", "head_dim"), name="k", **kw)(x)
+        v = Dense((cfg.n_kv_heads, cfg.head_dim), out_axes=("kv_heads", "head_dim"), name="v", **kw)(x)
+        if cfg.family == "llama":
+            inv_freq = rope_inverse_frequencies(cfg)
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        groups = cfg.n_heads // cfg.n_kv_heads
+        q = q.reshape(b, s, cfg.n_kv_heads, groups, cfg.head_dim)          # [b, q, kv, group, hd]
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / math.sqrt(cfg.head_dim))
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)                  # [b, kv, group, q, k]
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, cfg.n_heads, cfg.head_dim)
+        return Dense((cfg.d_model,), in_axes=("heads", "head_dim"), out_axes=("embed",), use_bias=cfg.attn_bias,
+                     dtype=dtype, kernel_std=cfg.initializer_range, name="o")(out)
+
+
+ACTIVATION_FNS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(nn.Module):
+    """Feed-forward block: `wo(act(wi x))`, or SwiGLU `wo(act(wg x) * wi x)` for LLaMA."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        kw = dict(use_bias=cfg.mlp_bias, dtype=compute_dtype(cfg), kernel_std=cfg.initializer_range)
+        act = ACTIVATION_FNS[cfg.activation]
+        up = Dense((cfg.d_ff,), in_axes=("embed",), out_axes=("mlp",), name="wi", **kw)(x)
+        if cfg.family == "llama":
+            gate = Dense((cfg.d_ff,), in_axes=("embed",), out_axes=("mlp",), name="wg", **kw)(x)
+            h = act(gate) * up
+        else:
+            h = act(up)
+        return Dense((cfg.d_model,), in_axes=("mlp",), out_axes=("embed",), name="wo", **kw)(h)
+
+
+class Block(nn.Module):
+    """One transformer layer, written as an `nn.scan` body over the stacked `layers` axis.
+
+    carry = (residual stream `[b, s, d]`, FFN input of this layer `[b, s, d]`). Pre-LN for decoders
+    (GPT-2, LLaMA), post-LN for BERT. The FFN input after its norm (pre-LN) or after the attention
+    sub-layer's norm (post-LN) is what kNN-LM uses as its key.
+    """
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, carry, mask: jax.Array, positions: jax.Array):
+        cfg = self.cfg
+        x, _ = carry
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic or cfg.dropout == 0.0)
+        attn = Attention(cfg, name="attn")
+        mlp = MLP(cfg, name="mlp")
+        if cfg.is_decoder:
+            x = x + drop(attn(make_norm(cfg, "attn_norm")(x), mask, positions))
+            ffn_in = make_norm(cfg, "mlp_norm")(x)
+            x = x + drop(mlp(ffn_in))
+        else:
+            ffn_in = make_norm(cfg, "attn_norm")(x + drop(attn(x, mask, positions)))
+            x = make_norm(cfg, "mlp_norm")(ffn_in + drop(mlp(ffn_in)))
+        return (x, ffn_in), None
+
+
+def stacked_layers(cfg: ModelConfig, deterministic: bool, name: str = "layers") -> nn.Module:
+    """All `n_layers` blocks as one scanned module with a leading `layers` axis on every parameter."""
+    scanned = nn.scan(
+        Block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(cfg, deterministic, name=name)

@@ -1,0 +1,22 @@
+"""The output record every jaxcl model returns (the public `out.logits / out.knn_keys / out.hidden`)."""
+
+from __future__ import annotations
+
+import jax
+from flax import struct
+
+
+@struct.dataclass
+class ModelOutput:
+    """What a forward pass returns.
+
+    logits:   [batch, seq, vocab] float32, or None for a BERT without its MLM head.
+    hidden:   [batch, seq, d_model] final hidden state after the final norm.
+    knn_keys: [batch, seq, d_model] the final block's FFN input after its norm (kNN-LM keys).
+    pooled:   [batch, d_model] BERT's tanh pooler output on [CLS] when the model has a pooler.
+    """
+
+    logits: jax.Array | None
+    hidden: jax.Array
+    knn_keys: jax.Array
+    pooled: jax.Array | None = None
