@@ -33,10 +33,16 @@ def _dummy_ids(cfg: ModelConfig) -> jax.Array:
     return jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array) -> dict[str, Any]:
-    """Freshly initialised parameters as a plain nested dict (float32, logical boxes removed)."""
-    variables = build(cfg).init(rng, _dummy_ids(cfg))
-    return nn.meta.unbox(variables["params"])
+def init_params(cfg: ModelConfig, rng: jax.Array, *, out_shardings: Any = None) -> dict[str, Any]:
+    """Freshly initialised parameters as a plain nested dict (float32, logical boxes removed).
+
+    Jitted, so that `out_shardings` (a matching tree of shardings) creates the parameters already
+    sharded, never materialised whole on one device.
+    """
+    def init(key):
+        return nn.meta.unbox(build(cfg).init(key, _dummy_ids(cfg))["params"])
+
+    return jax.jit(init, out_shardings=out_shardings)(rng)
 
 
 def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
