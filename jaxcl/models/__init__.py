@@ -21,7 +21,7 @@ from jaxcl.models.encoder import Encoder, mean_pool
 from jaxcl.models.outputs import ModelOutput
 
 __all__ = ["ConfigError", "ModelConfig", "ModelOutput", "build", "init_params", "param_axes", "abstract_params",
-           "mean_pool", "Decoder", "Encoder"]
+           "mean_pool", "example_input_ids", "Decoder", "Encoder"]
 
 
 def build(cfg: ModelConfig) -> nn.Module:
@@ -29,7 +29,8 @@ def build(cfg: ModelConfig) -> nn.Module:
     return Decoder(cfg) if cfg.is_decoder else Encoder(cfg)
 
 
-def _dummy_ids(cfg: ModelConfig) -> jax.Array:
+def example_input_ids(cfg: ModelConfig) -> jax.Array:
+    """A tiny batch of token ids for tracing `init` (shapes only matter)."""
     return jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
 
 
@@ -40,14 +41,14 @@ def init_params(cfg: ModelConfig, rng: jax.Array, *, out_shardings: Any = None) 
     sharded, never materialised whole on one device.
     """
     def init(key):
-        return nn.meta.unbox(build(cfg).init(key, _dummy_ids(cfg))["params"])
+        return nn.meta.unbox(build(cfg).init(key, example_input_ids(cfg))["params"])
 
     return jax.jit(init, out_shardings=out_shardings)(rng)
 
 
 def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
     """`jax.ShapeDtypeStruct` tree of the parameters, without allocating anything."""
-    boxed = jax.eval_shape(lambda r: build(cfg).init(r, _dummy_ids(cfg))["params"], jax.random.key(0))
+    boxed = jax.eval_shape(lambda r: build(cfg).init(r, example_input_ids(cfg))["params"], jax.random.key(0))
     return nn.meta.unbox(boxed)
 
 
@@ -56,5 +57,5 @@ def param_axes(cfg: ModelConfig) -> dict[str, Any]:
 
     Stacked layer parameters carry `layers` as their leading axis.
     """
-    boxed = jax.eval_shape(lambda r: build(cfg).init(r, _dummy_ids(cfg))["params"], jax.random.key(0))
+    boxed = jax.eval_shape(lambda r: build(cfg).init(r, example_input_ids(cfg))["params"], jax.random.key(0))
     return nn.get_partition_spec(boxed)

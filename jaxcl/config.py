@@ -1,0 +1,285 @@
+"""Typed run configuration: dataclasses <- YAML files <- dotted CLI overrides.
+
+    cfg = load_config("configs/demo.yaml", ["train.steps=200", "mesh.data=-1"])
+
+A YAML file may name a `base:` file (relative to itself) whose values it overrides. Every key is
+checked against the dataclass fields: an unknown key, a value of the wrong type or a missing
+required value raises `ConfigError` with the dotted key in the message. The resolved config is
+a plain tree (`config_to_dict`) saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from jaxcl.models.config import ConfigError, ModelConfig
+
+__all__ = ["ConfigError", "Config", "RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "MeshConfig",
+           "CheckpointConfig", "load_config", "config_from_dict", "config_to_dict", "parse_overrides", "save_config"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Where a run writes and how it is seeded."""
+
+    name: str = "run"
+    dir: str | None = None            # default: runs/<name>
+    seed: int = 0
+    method: str = "sequential"        # sequential | elle | semem | slm
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The domain stream and how it is cut into training sequences."""
+
+    source: str = "embedded"          # "embedded" corpus, or a directory of <domain>.<split>.{txt,jsonl}
+    domains: tuple[str, ...] = ()     # stage order; empty = all domains of the source in default order
+    tokenizer: str = "default"        # "default" (shipped BPE) or a local tokenizer.json / HF tokenizer dir
+    seq_len: int = 128
+    batch_size: int = 16              # global batch (sequences per step across all processes)
+    eval_batches: int = 8             # batches of each domain's valid split per evaluation
+    max_eval_tokens: int | None = None
+    text_field: str = "text"          # jsonl sources
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup, cosine decay and global-norm clipping."""
+
+    lr: float = 3e-4
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Steps per stage and how often to log and evaluate."""
+
+    steps: int = 200                   # optimizer steps per stage
+    pretrain_steps: int | None = None  # steps of the first stage (default: `steps`)
+    log_every: int = 10
+    eval_every: int = 0                # 0 = evaluate only at the end of each stage
+    objective: Literal["clm", "mlm"] = "clm"
+    mlm_probability: float = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing: interval, retention, resume."""
+
+    every: int = 100                   # steps between saves (0 = only at stage ends)
+    keep: int = 2
+    resume: bool = True
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes per axis (-1 fills with the remaining devices) and logical-axis rules.
+
+    `dcn_*` are the across-slice (data-center network) sizes for multi-slice TPU; the mesh is the
+    product of the within-slice (ICI) and DCN sizes on each axis.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+    rules: tuple[tuple[str, tuple[str, ...]], ...] | None = None   # None = jaxcl.parallel.DEFAULT_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a `jaxcl run` needs."""
+
+    model: ModelConfig
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+
+# ----------------------------------------------------------------------------- typed construction
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp` (converting lists to tuples, ints to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{key}: {value!r} is not a valid {' | '.join(_type_name(a) for a in args)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not one of {args}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        if isinstance(value, Mapping) and len(args) == 2 and args[1] is Ellipsis:   # {k: v} as pairs
+            value = sorted(value.items())
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise ConfigError(f"{key} must have {len(args)} entries, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))) if args \
+            else tuple(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
+        raise ConfigError(f"unknown config key(s): {names} (valid keys here: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, field in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key {key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """A validated `Config` from a nested mapping."""
+    return _build(Config, data, "")
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain YAML/JSON-able tree of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        out = {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        if isinstance(cfg, ModelConfig) and cfg.rope_scaling is not None:
+            out["rope_scaling"] = dict(cfg.rope_scaling)
+        return out
+    if isinstance(cfg, (list, tuple)):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+# ----------------------------------------------------------------------------- files and overrides
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {str(path)!r} includes itself through 'base:'")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """`["train.steps=200", "data.domains=[a,b]"]` -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        if not all(keys):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {k}")
+        node[keys[-1]] = value
+    return tree
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (following `base:`), apply dotted overrides, validate."""
+    return config_from_dict(_merge(_read_yaml(Path(path)), parse_overrides(overrides)))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (what `load_config` reads back to an equal `Config`)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

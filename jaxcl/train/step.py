@@ -1,0 +1,70 @@
+"""Jitted train and eval steps over a sharded TrainState (donated) and a sharded batch."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jaxcl.models import ModelConfig, build
+from jaxcl.parallel import batch_sharding, replicated
+from jaxcl.train.losses import causal_lm_nll, mask_tokens, masked_lm_nll
+from jaxcl.train.state import TrainState
+
+Batch = dict[str, jax.Array]   # input_ids [batch, seq] int32, attention_mask [batch, seq] int32
+
+
+def make_loss_fn(cfg: ModelConfig, objective: str = "clm", *, mask_token_id: int | None = None,
+                 mlm_probability: float = 0.15) -> Callable:
+    """loss_fn(params, batch, rng) -> (mean NLL, (nll_sum, n_tokens)) for the objective."""
+    model = build(cfg)
+
+    def loss_fn(params, batch: Batch, rng: jax.Array):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        deterministic = cfg.dropout == 0.0
+        rngs = None if deterministic else {"dropout": jax.random.fold_in(rng, 1)}
+        if objective == "clm":
+            out = model.apply({"params": params}, ids, mask, deterministic=deterministic, rngs=rngs)
+            nll_sum, n, _ = causal_lm_nll(out.logits, ids, mask)
+        else:
+            corrupted, labels, label_mask = mask_tokens(rng, ids, mask, vocab_size=cfg.vocab_size,
+                                                        mask_token_id=mask_token_id, probability=mlm_probability)
+            out = model.apply({"params": params}, corrupted, mask, deterministic=deterministic, rngs=rngs)
+            nll_sum, n, _ = masked_lm_nll(out.logits, labels, label_mask)
+        return nll_sum / jnp.maximum(n, 1.0), (nll_sum, n)
+
+    return loss_fn
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, shardings: TrainState,
+                    rules=None, loss_fn: Callable | None = None) -> Callable[[TrainState, Batch, jax.Array], Any]:
+    """step(state, batch, rng) -> (new_state, metrics); the old state's buffers are donated."""
+    loss_fn = loss_fn or make_loss_fn(cfg)
+
+    def step(state: TrainState, batch: Batch, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        (loss, (nll_sum, n)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "nll_sum": nll_sum, "tokens": n, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    batch_sh = {"input_ids": batch_sharding(mesh, rules), "attention_mask": batch_sharding(mesh, rules)}
+    return jax.jit(step, in_shardings=(shardings, batch_sh, replicated(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(cfg: ModelConfig, mesh: Mesh, param_shardings: Any, rules=None,
+                   loss_fn: Callable | None = None) -> Callable[[Any, Batch], Any]:
+    """eval(params, batch) -> (nll_sum, n_tokens) for perplexity (deterministic forward)."""
+    loss_fn = loss_fn or make_loss_fn(cfg)
+
+    def evaluate(params, batch: Batch):
+        _, (nll_sum, n) = loss_fn(params, batch, jax.random.key(0))
+        return nll_sum, n
+
+    batch_sh = {"input_ids": batch_sharding(mesh, rules), "attention_mask": batch_sharding(mesh, rules)}
+    return jax.jit(evaluate, in_shardings=(param_shardings, batch_sh), out_shardings=replicated(mesh))
