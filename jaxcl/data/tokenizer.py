@@ -1,0 +1,70 @@
+"""Tokenizers: the shipped BPE (`"default"`) or any local `tokenizer.json` / HF tokenizer directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jaxcl.config import ConfigError
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]", "<eos>")
+PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
+MASK_CANDIDATES = ("<|mask|>", "[MASK]", "<mask>")
+
+
+@dataclass
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` plus the special ids the data pipeline needs."""
+
+    tokenizer: object
+    eos_id: int
+    pad_id: int
+    mask_id: int | None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode_documents(self, documents: list[str]) -> np.ndarray:
+        """All documents as one int32 token stream, each followed by EOS (documents never run together)."""
+        encodings = self.tokenizer.encode_batch(documents, add_special_tokens=False)
+        pieces = []
+        for enc in encodings:
+            pieces.append(np.asarray(enc.ids, np.int32))
+            pieces.append(np.asarray([self.eos_id], np.int32))
+        return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _first_id(tok, candidates) -> int | None:
+    for token in candidates:
+        idx = tok.token_to_id(token)
+        if idx is not None:
+            return idx
+    return None
+
+
+def load_tokenizer(spec: str = "default") -> TextTokenizer:
+    """`"default"` (shipped with jaxcl), a `tokenizer.json` path, or a directory containing one."""
+    from tokenizers import Tokenizer
+
+    if spec == "default":
+        from jaxcl.data.corpus import default_tokenizer_path
+        path = Path(default_tokenizer_path())
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError(f"data.tokenizer={spec!r}: {str(path)!r} not found")
+    tok = Tokenizer.from_file(str(path))
+    eos = _first_id(tok, EOS_CANDIDATES)
+    if eos is None:
+        raise ConfigError(f"data.tokenizer={spec!r} has none of the end-of-text tokens {EOS_CANDIDATES}")
+    pad = _first_id(tok, PAD_CANDIDATES)
+    return TextTokenizer(tok, eos_id=eos, pad_id=eos if pad is None else pad,
+                         mask_id=_first_id(tok, MASK_CANDIDATES))
