@@ -2,7 +2,7 @@
 
     cfg = load_config("configs/demo.yaml", ["train.steps=200", "mesh.data=-1"])
 
-A YAML file may name a `base:` file (relative to itself) whose values it overrides. Every key is
+A YAML file may name `base:` files (one or a list, relative to itself) whose values it overrides. Every key is
 checked against the dataclass fields: an unknown key, a value of the wrong type or a missing
 required value raises `ConfigError` with the dotted key in the message. The resolved config is
 a plain tree (`config_to_dict`) saved with every run.
@@ -239,10 +239,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+    bases = data.pop("base", None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, _read_yaml(path.parent / base, seen + (path,)))
+    return _merge(merged, data)
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,121 @@
+"""`jaxcl` console script.
+
+    jaxcl run CONFIG [key=value ...]     the continual-learning job run.method names (default: sequential)
+    jaxcl train CONFIG [key=value ...]   joint training on all configured domains at once (multitask reference)
+    jaxcl eval CONFIG [key=value ...] [--hf DIR]
+                                         perplexity of every domain for the run's latest checkpoint
+                                         (or an HF checkpoint directory)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from typing import Sequence
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("absl", "orbax", "jax._src", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(args) -> "Config":  # noqa: F821
+    from jaxcl.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_run(args, method: str | None = None) -> int:
+    from jaxcl.parallel import initialize_distributed
+    from jaxcl.train.loop import run_config
+
+    initialize_distributed()
+    cfg = _load(args)
+    if method is not None:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, method=method))
+    run_config(cfg)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcl.parallel import initialize_distributed, logical_to_sharding
+    from jaxcl.train.checkpoint import Checkpointer, abstract_like
+    from jaxcl.train.loop import ContinualRun
+    from jaxcl.models import ModelConfig, abstract_params, param_axes
+    from jaxcl.train.optimizer import make_optimizer
+    from jaxcl.train.state import TrainState, state_shardings
+
+    initialize_distributed()
+    cfg = _load(args)
+    runner = ContinualRun(cfg)
+    if args.hf:
+        from jaxcl.hf import load_pretrained
+        model_cfg, params = load_pretrained(args.hf)
+        shardings = logical_to_sharding(param_axes(model_cfg), runner.mesh, runner.rules,
+                                        shapes=abstract_params(model_cfg))
+        params = jax.device_put(params, shardings)
+        source = args.hf
+    else:
+        ckpt = Checkpointer(runner.run_dir / "checkpoints", cfg.checkpoint)
+        step = ckpt.latest_step()
+        if step is None:
+            raise SystemExit(f"jaxcl eval: no checkpoint in {runner.run_dir / 'checkpoints'}")
+        meta = ckpt.restore_meta(step)
+        model_cfg = ModelConfig.from_dict(meta["model"])
+        tx = make_optimizer(cfg.optim, runner.stage_steps(meta["stage"]))
+        st_sh = state_shardings(model_cfg, tx, runner.mesh, runner.rules)
+        shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                                abstract_params(model_cfg))
+        state, _ = ckpt.restore(step, abstract_like(shapes, st_sh))
+        ckpt.close()
+        params, shardings, source = state.params, st_sh.params, f"{ckpt.directory} step {step}"
+    results = runner.evaluate(model_cfg, params, shardings)
+    print(f"perplexity ({source}):")
+    for d, v in results.items():
+        print(f"  {d:>16}: {v['perplexity']:.3f}")
+    mean = math.exp(sum(v["nll"] for v in results.values()) / len(results))
+    print(f"  {'geo-mean':>16}: {mean:.3f}")
+    if jax.process_index() == 0:
+        runner.run_dir.mkdir(parents=True, exist_ok=True)
+        (runner.run_dir / "eval.json").write_text(json.dumps({"source": source, "domains": results}, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxcl", description="Continual learning of language models in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("run", "run the continual-learning job of run.method"),
+                            ("train", "joint training on all domains (multitask reference)"),
+                            ("eval", "evaluate the latest checkpoint (or --hf DIR) on every domain")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="YAML config file (see configs/)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+        if name == "eval":
+            p.add_argument("--hf", default=None, help="evaluate this Hugging Face checkpoint directory instead")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    from jaxcl.config import ConfigError
+    from jaxcl.hf.config import CheckpointError
+
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "train":
+            return cmd_run(args, method="joint")
+        return cmd_eval(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"jaxcl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

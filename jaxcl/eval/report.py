@@ -1,0 +1,93 @@
+"""Run outputs people read: report.json (the contract in DESIGN.md), a matrix heatmap and curves (PNG)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from jaxcl.eval.metrics import summarize
+
+
+def build_report(method: str, metric: str, stages: Sequence[str], eval_on: Sequence[str],
+                 matrix: Sequence[Sequence[float | None]], wall_seconds: float, **extra: Any) -> dict[str, Any]:
+    """The report.json payload: matrix, its summary, and any method-specific keys."""
+    report = {"method": method, "metric": metric, "stages": list(stages), "eval_on": list(eval_on),
+              "matrix": [[None if v is None or not math.isfinite(v) else float(v) for v in row] for row in matrix],
+              "summary": summarize(matrix, metric) if matrix else {}, "wall_seconds": float(wall_seconds)}
+    report.update(extra)
+    return report
+
+
+def write_report(run_dir: str | Path, report: dict[str, Any]) -> Path:
+    path = Path(run_dir) / "report.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+def format_matrix(report: dict[str, Any]) -> str:
+    """The matrix as an aligned text table (rows: after stage i; columns: domain j)."""
+    cols = report["eval_on"]
+    width = max(10, *(len(c) + 2 for c in cols))
+    head = "after stage".ljust(18) + "".join(c.rjust(width) for c in cols)
+    lines = [f"{report['metric']} matrix ({report['method']})", head]
+    for i, row in enumerate(report["matrix"]):
+        label = f"{i}: {report['stages'][i]}"[:17].ljust(18)
+        lines.append(label + "".join(("-" if v is None else f"{v:.2f}").rjust(width) for v in row))
+    summary = ", ".join(f"{k}={v:.3f}" for k, v in report["summary"].items())
+    lines.append(f"summary: {summary}")
+    return "\n".join(lines)
+
+
+def plot_matrix(report: dict[str, Any], path: str | Path) -> Path:
+    """Heatmap of the stage x domain matrix with the values written in the cells."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.array([[np.nan if v is None else v for v in row] for row in report["matrix"]], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.4 * m.shape[1] + 2.5, 0.8 * m.shape[0] + 2))
+    shown = np.log(m) if report["metric"] == "perplexity" else m
+    cmap = "viridis_r" if report["metric"] == "perplexity" else "viridis"
+    im = ax.imshow(shown, cmap=cmap, aspect="auto")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if np.isfinite(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", color="w" if i != j else "orange",
+                        fontweight="bold" if i == j else "normal", fontsize=9)
+    ax.set_xticks(range(m.shape[1]), report["eval_on"], rotation=30, ha="right")
+    ax.set_yticks(range(m.shape[0]), [f"after {s}" for s in report["stages"]])
+    ax.set_xlabel("evaluated on")
+    summary = ", ".join(f"{k} {v:.2f}" for k, v in report["summary"].items())
+    ax.set_title(f"{report['method']}: {report['metric']} ({summary})", fontsize=10)
+    fig.colorbar(im, ax=ax, label=f"log {report['metric']}" if report["metric"] == "perplexity" else report["metric"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_training_curves(metrics_path: str | Path, path: str | Path) -> Path | None:
+    """Training loss per global step, coloured by stage, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("kind") == "train"]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for stage in dict.fromkeys(r["stage"] for r in train):
+        rows = [r for r in train if r["stage"] == stage]
+        ax.plot([r["global_step"] for r in rows], [r["loss"] for r in rows], label=str(stage))
+    ax.set_xlabel("global step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.legend(title="stage (domain)", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,61 @@
+"""Orbax checkpoints behind one small wrapper: sharded state + JSON metadata, keep-N, async,
+resume from the latest step onto whatever mesh the restoring run uses, preemption-aware."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxcl.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+
+def abstract_like(shapes: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the *current* mesh's shardings: the restore target (resharding)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+class Checkpointer:
+    """`save(step, state, meta)` / `restore(step, abstract_state)`; steps are global and increasing."""
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig()):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
+                                               enable_async_checkpointing=cfg.async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = True) -> bool:
+        """Save (asynchronously when configured); `meta` must be JSON-serialisable."""
+        saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                meta=ocp.args.JsonSave(meta)), force=force)
+        if saved:
+            log.info("checkpoint %d -> %s", step, self.directory)
+        return saved
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """State placed on the shardings in `abstract_state` (may differ from the saving mesh), and meta."""
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                  meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when the TPU runtime announced a preemption (all hosts agree on the step)."""
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

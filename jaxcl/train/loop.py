@@ -1,0 +1,329 @@
+"""The continual-learning stage loop every method shares.
+
+For each domain of the stream: (let the method adapt the model) -> train on the domain -> evaluate
+every domain. The plain loop is sequential fine-tuning, the baseline all methods are compared to;
+methods subclass `ContinualRun` and override its hooks (`stage_model`, `local_batch`, ...).
+
+The run is resumable at any step: checkpoints hold the sharded TrainState plus JSON metadata
+(stage, step in stage, data-stream position, the matrix so far, the resolved config), and a SIGTERM
+(preemption) saves and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcl.config import Config, ConfigError, config_to_dict, save_config
+from jaxcl.data.sources import open_source
+from jaxcl.data.stream import SequenceStream, eval_batches, pack_sequences, to_global
+from jaxcl.data.tokenizer import load_tokenizer
+from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_training_curves, write_report
+from jaxcl.models import ModelConfig, abstract_params
+from jaxcl.parallel import batch_sharding, describe_mesh, make_mesh, resolve_rules, sharding_table
+from jaxcl.train.checkpoint import Checkpointer, abstract_like
+from jaxcl.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxcl.train.state import TrainState, create_train_state, state_shardings
+from jaxcl.train.step import make_eval_step, make_loss_fn, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(SystemExit):
+    """Raised after a preemption checkpoint was written; the process exits with status 0."""
+
+    def __init__(self, step: int):
+        super().__init__(0)
+        self.step = step
+
+
+def _progress(total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True,
+                disable=jax.process_index() != 0, file=sys.stderr)
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl written by process 0."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        if jax.process_index() == 0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class ContinualRun:
+    """Sequential fine-tuning over `cfg.data.domains`; the base of every method's run."""
+
+    method = "sequential"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir()
+        self.mesh = make_mesh(cfg.mesh)
+        self.rules = resolve_rules(cfg.mesh.rules)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if cfg.model.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary ({self.tokenizer.vocab_size})")
+        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if cfg.data.batch_size % dp:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
+                              f"{dp} (mesh data={self.mesh.shape['data']} x fsdp={self.mesh.shape['fsdp']})")
+        source = open_source(cfg.data.source, cfg.data.text_field)
+        available = source.domains()
+        self.domains = tuple(cfg.data.domains) or available
+        for d in self.domains:
+            if d not in available:
+                raise ConfigError(f"data.domains: unknown domain {d!r} (available: {', '.join(available)})")
+        self.train_sequences, self.valid_sequences = self._tokenize(source)
+        self.stages: tuple[str, ...] = self.domains      # what each stage trains on (keys of train_sequences)
+        self.train_seconds = 0.0
+
+    # ------------------------------------------------------------------ data
+    def _tokenize(self, source) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        seq_len = self.cfg.data.seq_len
+        if self.cfg.model.family != "llama" and seq_len > self.cfg.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={self.cfg.model.max_seq_len}")
+        n_eval = self.cfg.data.eval_batches * self.cfg.data.batch_size
+        train, valid = {}, {}
+        bar = _progress(2 * len(self.domains), 0, "tokenizing")
+        for d in self.domains:
+            train[d] = pack_sequences(self.tokenizer.encode_documents(source.documents(d, "train")), seq_len,
+                                      f"domain {d!r} train split")
+            bar.update()
+            valid[d] = pack_sequences(self.tokenizer.encode_documents(source.documents(d, "valid")), seq_len,
+                                      f"domain {d!r} valid split")[:n_eval]
+            bar.update()
+        bar.close()
+        return train, valid
+
+    # ------------------------------------------------------------------ hooks for methods
+    def stage_steps(self, stage: int) -> int:
+        if stage == 0 and self.cfg.train.pretrain_steps is not None:
+            return self.cfg.train.pretrain_steps
+        return self.cfg.train.steps
+
+    def stage_model(self, stage: int, model_cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+        """Change the model between stages (ELLE grows it here). Sequential: unchanged."""
+        return model_cfg, params
+
+    def local_batch(self, stage: int, stream: SequenceStream) -> dict[str, np.ndarray]:
+        """This process's rows of the next batch (replay methods mix memory batches in here)."""
+        return stream.next_local()
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model_cfg: ModelConfig, params: Any, param_shardings: Any) -> dict[str, dict[str, float]]:
+        """Perplexity of every domain's validation split."""
+        eval_step = make_eval_step(model_cfg, self.mesh, param_shardings, self.rules,
+                                   loss_fn=make_loss_fn(model_cfg, self.cfg.train.objective,
+                                                        mask_token_id=self.tokenizer.mask_id,
+                                                        mlm_probability=self.cfg.train.mlm_probability))
+        sharding = batch_sharding(self.mesh, self.rules)
+        out = {}
+        for d in self.domains:
+            nll, n = 0.0, 0.0
+            for local in eval_batches(self.valid_sequences[d], self.cfg.data.batch_size):
+                s, c = eval_step(params, to_global(local, sharding))
+                nll, n = nll + float(s), n + float(c)
+            out[d] = {"perplexity": math.exp(nll / max(n, 1.0)), "nll": nll / max(n, 1.0), "tokens": n}
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def _global_step(self, stage: int, step: int) -> int:
+        return sum(self.stage_steps(i) for i in range(stage)) + step
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
+        log.info("%s", describe_mesh(self.mesh))
+        stop = {"signal": None}
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.__setitem__("signal", signum))
+        try:
+            return self._run(ckpt, metrics, stop)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            ckpt.close()
+
+    def _run(self, ckpt: Checkpointer, metrics: MetricsLog, stop: dict) -> dict[str, Any]:
+        cfg = self.cfg
+        start = time.time()
+        model_cfg, params, meta = cfg.model, None, None
+        latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+        if latest is not None:
+            meta = ckpt.restore_meta(latest)
+            if meta.get("domains") != list(self.domains):
+                raise ConfigError(f"{ckpt.directory} holds a run over domains {meta.get('domains')}, this config "
+                                  f"has {list(self.domains)}: use another run.dir or checkpoint.resume=false")
+            model_cfg = ModelConfig.from_dict(meta["model"])
+            self.train_seconds = meta.get("train_seconds", 0.0)
+            log.info("resuming from checkpoint %d (stage %d, step %d)", latest, meta["stage"], meta["stage_step"])
+        matrix = meta["matrix"] if meta else []
+        initial = meta.get("initial") if meta else None
+        architectures = meta.get("architectures", []) if meta else []
+        first_stage = meta["stage"] + (1 if meta and meta["completed"] else 0) if meta else 0
+
+        for stage in range(first_stage, len(self.stages)):
+            domain, steps = self.stages[stage], self.stage_steps(stage)
+            tx = make_optimizer(cfg.optim, steps)
+            stream = SequenceStream(self.train_sequences[domain], cfg.data.batch_size, seed=cfg.run.seed * 1000 + stage)
+            resume_here = meta is not None and meta["stage"] == stage and not meta["completed"]
+            if meta is not None and (resume_here or meta["stage"] == stage - 1):
+                # Restore onto *this* run's mesh, whatever mesh wrote the checkpoint.
+                restore_cfg = ModelConfig.from_dict(meta["model"])
+                restore_tx = tx if resume_here else make_optimizer(cfg.optim, self.stage_steps(meta["stage"]))
+                shardings = state_shardings(restore_cfg, restore_tx, self.mesh, self.rules)
+                shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                                             opt_state=restore_tx.init(p)), abstract_params(restore_cfg))
+                restored, _ = ckpt.restore(latest, abstract_like(shapes, shardings))
+                params = restored.params
+                if resume_here:
+                    stream.restore(meta["stream"])
+                meta = None          # the checkpoint is consumed; later stages continue in memory
+            if stage == 0 and initial is None:
+                state, shardings = create_train_state(model_cfg, tx, jax.random.key(cfg.run.seed), self.mesh,
+                                                      self.rules)
+                params = state.params
+                initial = {d: v["perplexity"] for d, v in self.evaluate(model_cfg, params, shardings.params).items()}
+                metrics.write(kind="eval_initial", perplexity=initial)
+            if not resume_here:
+                model_cfg, params = self.stage_model(stage, model_cfg, params)
+                state, shardings = create_train_state(model_cfg, tx, jax.random.key(cfg.run.seed), self.mesh,
+                                                      self.rules, params=params)
+            else:
+                state = restored
+            if stage == first_stage:
+                log.info("model: %s, %.2f M params\n%s", model_cfg.family, model_cfg.num_params() / 1e6,
+                         sharding_table(state.params, shardings.params))
+            state = self._train_stage(stage, domain, steps, model_cfg, tx, state, shardings, stream, ckpt, metrics,
+                                      stop, matrix, initial, architectures)
+            params = state.params
+            row = self.evaluate(model_cfg, params, shardings.params)
+            for d, v in row.items():
+                metrics.write(kind="eval", stage=domain, stage_index=stage, domain=d,
+                              global_step=self._global_step(stage, steps), **v)
+            matrix.append([row[d]["perplexity"] for d in self.domains])
+            architectures.append(_architecture(model_cfg))
+            ckpt.save(self._global_step(stage, steps), state,
+                      self._meta(stage, steps, True, model_cfg, stream, matrix, initial, architectures))
+            log.info("after stage %d (%s): %s", stage, domain,
+                     ", ".join(f"{d}={row[d]['perplexity']:.2f}" for d in self.domains))
+        ckpt.wait()
+        return self._finish(matrix, initial, architectures, time.time() - start)
+
+    def _train_stage(self, stage, domain, steps, model_cfg, tx, state, shardings, stream, ckpt, metrics, stop,
+                     matrix, initial, architectures) -> TrainState:
+        cfg = self.cfg
+        loss_fn = make_loss_fn(model_cfg, cfg.train.objective, mask_token_id=self.tokenizer.mask_id,
+                               mlm_probability=cfg.train.mlm_probability)
+        train_step = make_train_step(model_cfg, tx, self.mesh, shardings, self.rules, loss_fn=loss_fn)
+        schedule = learning_rate_schedule(cfg.optim, steps)
+        sharding = batch_sharding(self.mesh, self.rules)
+        rng = jax.random.fold_in(jax.random.key(cfg.run.seed), stage)
+        first = int(state.step)
+        bar = _progress(steps, first, f"stage {stage} {domain}")
+        t_last, tokens_since = time.time(), 0.0
+        for step in range(first, steps):
+            state, m = train_step(state, to_global(self.local_batch(stage, stream), sharding), rng)
+            tokens_since += cfg.data.batch_size * cfg.data.seq_len
+            bar.update()
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == steps:
+                m = jax.device_get(m)
+                now = time.time()
+                rate = tokens_since / max(now - t_last, 1e-9)
+                self.train_seconds += now - t_last
+                t_last, tokens_since = now, 0.0
+                bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+                metrics.write(kind="train", stage=domain, stage_index=stage, step=done,
+                              global_step=self._global_step(stage, done), loss=float(m["loss"]),
+                              grad_norm=float(m["grad_norm"]), lr=float(schedule(step)), tokens_per_s=rate)
+            preempted = stop["signal"] is not None or ckpt.reached_preemption(self._global_step(stage, done))
+            periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < steps
+            if (periodic or preempted) and done < steps:
+                ckpt.save(self._global_step(stage, done), state,
+                          self._meta(stage, done, False, model_cfg, stream, matrix, initial, architectures))
+            if preempted:
+                ckpt.wait()
+                bar.close()
+                log.warning("preempted at global step %d: checkpoint saved, exiting", self._global_step(stage, done))
+                raise Preempted(self._global_step(stage, done))
+        bar.close()
+        return state
+
+    def _meta(self, stage, stage_step, completed, model_cfg, stream, matrix, initial, architectures):
+        return {"stage": stage, "stage_step": stage_step, "completed": completed, "domains": list(self.domains),
+                "model": config_to_dict(model_cfg), "stream": stream.state(), "matrix": matrix, "initial": initial,
+                "architectures": architectures, "train_seconds": self.train_seconds,
+                "config": config_to_dict(self.cfg)}
+
+    def report_extras(self, architectures) -> dict[str, Any]:
+        """Method-specific report keys (ELLE adds architectures and FLOPs, ...)."""
+        return {}
+
+    def _finish(self, matrix, initial, architectures, wall) -> dict[str, Any]:
+        tokens = [self.stage_steps(i) * self.cfg.data.batch_size * self.cfg.data.seq_len
+                  for i in range(len(self.stages))]
+        report = build_report(self.method, "perplexity", self.stages, self.domains, matrix, wall,
+                              initial_perplexity=[initial[d] for d in self.domains] if initial else None,
+                              train_tokens=tokens, train_seconds=self.train_seconds,
+                              **self.report_extras(architectures))
+        if jax.process_index() == 0:
+            write_report(self.run_dir, report)
+            plot_matrix(report, self.run_dir / "perplexity_matrix.png")
+            plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_loss.png")
+            print(format_matrix(report))
+            if initial:
+                print("untrained model:".ljust(18) + "".join(f"{initial[d]:.2f}".rjust(max(10, len(d) + 2))
+                                                               for d in self.domains))
+            print(f"outputs in {self.run_dir}/: report.json, perplexity_matrix.png, training_loss.png, "
+                  "metrics.jsonl, config.yaml")
+        return report
+
+
+def _architecture(model_cfg: ModelConfig) -> dict[str, Any]:
+    keys = ("family", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff")
+    return {k: getattr(model_cfg, k) for k in keys} | {"params": model_cfg.num_params()}
+
+
+class JointRun(ContinualRun):
+    """One stage on the union of all domains (shuffled together): the multitask reference point."""
+
+    method = "joint"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.train_sequences["joint"] = np.concatenate([self.train_sequences[d] for d in self.domains])
+        self.stages = ("joint",)
+
+
+RUNNERS: dict[str, type[ContinualRun]] = {"sequential": ContinualRun, "joint": JointRun}
+
+
+def run_config(cfg: Config) -> dict[str, Any]:
+    """Run the job `cfg.run.method` names."""
+    runners = RUNNERS
+    if cfg.run.method not in runners:
+        raise ConfigError(f"run.method={cfg.run.method!r} is not available (available: {', '.join(runners)})")
+    return runners[cfg.run.method](cfg).run()
+
+
+__all__ = ["ContinualRun", "JointRun", "Preempted", "RUNNERS", "run_config"]
