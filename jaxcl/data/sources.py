@@ -23,9 +23,12 @@ class TextSource(Protocol):
     def documents(self, domain: str, split: str) -> list[str]: ...
 
 
+DOCUMENT_SEPARATOR = "\n\n\n"    # two blank lines, as in the embedded corpus
+
+
 def split_documents(text: str) -> list[str]:
-    """Documents of a plain-text file: blocks separated by two or more blank lines."""
-    return [d.strip("\n") for d in text.split("\n\n\n") if d.strip()]
+    """Documents of a plain-text file: blocks separated by two blank lines."""
+    return [d.strip("\n") for d in text.split(DOCUMENT_SEPARATOR) if d.strip()]
 
 
 class EmbeddedSource:

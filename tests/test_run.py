@@ -1,0 +1,130 @@
+"""End-to-end: the continual-learning job, killed and resumed, checkpoints across meshes, bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxcl.config import CheckpointConfig, MeshConfig, OptimConfig
+from jaxcl.models import ModelConfig, abstract_params
+from jaxcl.parallel import make_mesh
+from jaxcl.train import create_train_state, make_optimizer, state_shardings
+from jaxcl.train.checkpoint import Checkpointer, abstract_like
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=64",
+        "data.seq_len=32", "data.batch_size=8", "data.eval_batches=2", "data.domains=[bible,manpages]",
+        "train.pretrain_steps=30", "train.steps=30", "train.log_every=5", "optim.warmup_steps=5", "optim.lr=1e-2",
+        "checkpoint.every=4", "checkpoint.async_save=false"]
+
+
+def jaxcl(*args, run_dir, wait=True):
+    cmd = [sys.executable, "-m", "jaxcl.cli", *args, f"run.dir={run_dir}"]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    d = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    out = jaxcl("run", "configs/demo.yaml", *TINY, run_dir=run_dir)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return run_dir, json.loads((run_dir / "report.json").read_text()), out.stdout
+
+
+def test_run_writes_the_report_contract(uninterrupted):
+    run_dir, report, stdout = uninterrupted
+    assert report["method"] == "sequential" and report["metric"] == "perplexity"
+    assert report["stages"] == report["eval_on"] == ["bible", "manpages"]
+    assert np.array(report["matrix"]).shape == (2, 2)
+    assert set(report["summary"]) >= {"average", "forgetting"}
+    for name in ("config.yaml", "metrics.jsonl", "report.json", "perplexity_matrix.png", "training_loss.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    m = report["matrix"]
+    # It learns: each domain's perplexity right after training on it is far below the untrained model's,
+    assert m[0][0] < 0.5 * report["initial_perplexity"][0] and m[1][1] < 0.5 * report["initial_perplexity"][1]
+    # and training on manpages improves manpages (forgetting is measured on the full demo, docs/benchmarks.md).
+    assert m[1][1] < 0.7 * m[0][1]
+    assert "perplexity matrix (sequential)" in stdout
+
+
+def test_sigkill_then_restart_resumes_and_matches_uninterrupted(uninterrupted, tmp_path):
+    _, reference, _ = uninterrupted
+    proc = jaxcl("run", "configs/demo.yaml", *TINY, run_dir=tmp_path, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not [s for s in checkpoint_steps(tmp_path) if s > 30]:
+        time.sleep(0.2)           # wait until a checkpoint inside stage 2 exists
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    steps = checkpoint_steps(tmp_path)
+    assert steps and max(steps) < 60 and not (tmp_path / "report.json").exists(), steps
+    out = jaxcl("run", "configs/demo.yaml", *TINY, run_dir=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming from checkpoint" in out.stderr
+    resumed = json.loads((tmp_path / "report.json").read_text())
+    np.testing.assert_allclose(resumed["matrix"], reference["matrix"], rtol=1e-5)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = jaxcl("run", "configs/demo.yaml", *TINY, "checkpoint.every=0", run_dir=tmp_path, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "preempted at global step" in output
+    assert checkpoint_steps(tmp_path), "no checkpoint written on SIGTERM"
+
+
+def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):
+    cfg = ModelConfig(family="gpt2", vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16)
+    tx = make_optimizer(OptimConfig(), total_steps=10)
+    mesh_a = make_mesh(MeshConfig(data=1, fsdp=8))
+    state, _ = create_train_state(cfg, tx, jax.random.key(0), mesh_a)
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=False))
+    ckpt.save(7, state, {"note": "mesh a"})
+    ckpt.close()
+
+    mesh_b = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    shardings = state_shardings(cfg, tx, mesh_b)
+    shapes = jax.eval_shape(lambda: jax.tree.map(lambda x: x, state))
+    restored, meta = Checkpointer(tmp_path).restore(7, abstract_like(shapes, shardings))
+    assert meta == {"note": "mesh a"}
+    kernel = restored.params["layers"]["mlp"]["wi"]["kernel"]
+    assert kernel.sharding.mesh.shape == mesh_b.shape
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.stepz=3"], "unknown config key(s): train.stepz"),
+    (["train.steps=many"], "train.steps must be an integer, got 'many'"),
+    (["data.batch_size=12"], "data.batch_size=12 is not divisible by the data-parallel size 8"),
+    (["data.domains=[bible,klingon]"], "unknown domain 'klingon'"),
+    (["data.tokenizer=/no/such/tokenizer.json"], "data.tokenizer='/no/such/tokenizer.json'"),
+])
+def test_bad_config_gives_one_line_error(tmp_path, overrides, message):
+    out = jaxcl("run", "configs/demo.yaml", *overrides, run_dir=tmp_path)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("jaxcl run: error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr[-2000:]
+
+
+def test_missing_config_file_is_named(tmp_path):
+    out = jaxcl("run", "configs/nope.yaml", run_dir=tmp_path)
+    assert out.returncode == 2 and "configs/nope.yaml" in out.stderr and "not found" in out.stderr
