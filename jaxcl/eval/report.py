@@ -55,7 +55,7 @@ def plot_matrix(report: dict[str, Any], path: str | Path) -> Path:
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
             if np.isfinite(m[i, j]):
-                ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", color="w" if i != j else "orange",
+                ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", color="w" if i != j else "black",
                         fontweight="bold" if i == j else "normal", fontsize=9)
     ax.set_xticks(range(m.shape[1]), report["eval_on"], rotation=30, ha="right")
     ax.set_yticks(range(m.shape[0]), [f"after {s}" for s in report["stages"]])

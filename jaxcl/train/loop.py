@@ -80,6 +80,9 @@ class ContinualRun:
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({self.tokenizer.vocab_size})")
+        if cfg.train.objective == "mlm" and self.tokenizer.mask_id is None:
+            raise ConfigError(f"train.objective=mlm needs a mask token, and data.tokenizer={cfg.data.tokenizer!r} "
+                              "has none of <|mask|>, [MASK], <mask>")
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if cfg.data.batch_size % dp:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
