@@ -61,6 +61,23 @@ def test_run_writes_the_report_contract(uninterrupted):
     assert "perplexity matrix (sequential)" in stdout
 
 
+def test_eval_command_reproduces_the_final_row(uninterrupted):
+    run_dir, report, _ = uninterrupted
+    out = jaxcl("eval", "configs/demo.yaml", *TINY, run_dir=run_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    evaluated = json.loads((run_dir / "eval.json").read_text())["domains"]
+    np.testing.assert_allclose([evaluated[d]["perplexity"] for d in report["eval_on"]], report["matrix"][-1],
+                               rtol=1e-5)
+
+
+def test_train_command_runs_one_joint_stage(tmp_path):
+    out = jaxcl("train", "configs/demo.yaml", *TINY, run_dir=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["method"] == "joint" and report["stages"] == ["joint"] and len(report["matrix"][0]) == 2
+    assert max(report["matrix"][0]) < 0.5 * min(report["initial_perplexity"])
+
+
 def test_sigkill_then_restart_resumes_and_matches_uninterrupted(uninterrupted, tmp_path):
     _, reference, _ = uninterrupted
     proc = jaxcl("run", "configs/demo.yaml", *TINY, run_dir=tmp_path, wait=False)
