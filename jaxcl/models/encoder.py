@@ -7,9 +7,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxcl.models.config import ModelConfig
-from jaxcl.models.decoder import check_input_ids, default_positions
-from jaxcl.models.layers import ACTIVATION_FNS, POSITION_AXIS, Dense, build_attention_mask, compute_dtype, make_norm, \
-    normal_init, stacked_layers
+from jaxcl.models.decoder import checked_positions
+from jaxcl.models.layers import ACTIVATION_FNS, POSITION_AXIS, Dense, build_attention_mask, compute_dtype, \
+    embedding_table, make_norm, stacked_layers
 from jaxcl.models.outputs import ModelOutput
 
 
@@ -31,22 +31,14 @@ class Encoder(nn.Module):
                  positions: jax.Array | None = None, token_type_ids: jax.Array | None = None,
                  deterministic: bool = True) -> ModelOutput:
         cfg = self.cfg
-        check_input_ids(cfg, input_ids, positions)
+        positions = checked_positions(cfg, input_ids, positions)
         dtype = compute_dtype(cfg)
         b, s = input_ids.shape
-        if positions is None:
-            positions = default_positions(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-
-        def table(n, axis, name):
-            return nn.Embed(n, cfg.d_model, dtype=dtype, param_dtype=jnp.float32, name=name,
-                            embedding_init=nn.with_logical_partitioning(normal_init(cfg.initializer_range),
-                                                                        (axis, "embed")))
-
-        embed = table(cfg.vocab_size, "vocab", "embed")
-        x = embed(input_ids) + table(cfg.max_seq_len, POSITION_AXIS, "pos_embed")(positions)
-        x = x + table(cfg.type_vocab_size, None, "type_embed")(token_type_ids)
+        embed = embedding_table(cfg, cfg.vocab_size, "vocab", "embed")
+        x = embed(input_ids) + embedding_table(cfg, cfg.max_seq_len, POSITION_AXIS, "pos_embed")(positions)
+        x = x + embedding_table(cfg, cfg.type_vocab_size, None, "type_embed")(token_type_ids)
         x = make_norm(cfg, "embed_norm")(x)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
         mask = build_attention_mask(attention_mask, b, s, causal=False)

@@ -96,6 +96,12 @@ class RMSNorm(nn.Module):
         return (scale.astype(self.dtype) * y.astype(self.dtype)).astype(self.dtype)
 
 
+def embedding_table(cfg: ModelConfig, num_embeddings: int, axis: str | None, name: str) -> nn.Embed:
+    """A `[num_embeddings, d_model]` lookup table (tokens, positions, token types) with logical axes."""
+    return nn.Embed(num_embeddings, cfg.d_model, dtype=compute_dtype(cfg), param_dtype=jnp.float32, name=name,
+                    embedding_init=nn.with_logical_partitioning(normal_init(cfg.initializer_range), (axis, "embed")))
+
+
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     """The family's norm: RMSNorm for LLaMA, LayerNorm otherwise."""
     cls = RMSNorm if cfg.family == "llama" else LayerNorm
