@@ -1,7 +1,6 @@
 """End-to-end: the continual-learning job, killed and resumed, checkpoints across meshes, bad configs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxcl.config import CheckpointConfig, MeshConfig, OptimConfig
-from jaxcl.models import ModelConfig, abstract_params
+from jaxcl.models import ModelConfig
 from jaxcl.parallel import make_mesh
 from jaxcl.train import create_train_state, make_optimizer, state_shardings
 from jaxcl.train.checkpoint import Checkpointer, abstract_like

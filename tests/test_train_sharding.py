@@ -1,7 +1,6 @@
 """A train step gives the same loss and params on any mesh as on one device."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
