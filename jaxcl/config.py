@@ -44,7 +44,6 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 16              # global batch (sequences per step across all processes)
     eval_batches: int = 8             # batches of each domain's valid split per evaluation
-    max_eval_tokens: int | None = None
     text_field: str = "text"          # jsonl sources
 
 
@@ -69,7 +68,7 @@ class TrainConfig:
     steps: int = 200                   # optimizer steps per stage
     pretrain_steps: int | None = None  # steps of the first stage (default: `steps`)
     log_every: int = 10
-    eval_every: int = 0                # 0 = evaluate only at the end of each stage
+    eval_every: int = 0                # also evaluate every domain every N steps (0 = only at stage ends)
     objective: Literal["clm", "mlm"] = "clm"
     mlm_probability: float = 0.15
 

@@ -70,11 +70,14 @@ def test_eval_command_reproduces_the_final_row(uninterrupted):
 
 
 def test_train_command_runs_one_joint_stage(tmp_path):
-    out = jaxcl("train", "configs/demo.yaml", *TINY, run_dir=tmp_path)
+    out = jaxcl("train", "configs/demo.yaml", *TINY, "train.eval_every=10", run_dir=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["method"] == "joint" and report["stages"] == ["joint"] and len(report["matrix"][0]) == 2
     assert max(report["matrix"][0]) < 0.5 * min(report["initial_perplexity"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    periodic = [r for r in records if r["kind"] == "eval_step"]
+    assert sorted({r["step"] for r in periodic}) == [10, 20] and {r["domain"] for r in periodic} == {"bible", "manpages"}
 
 
 def test_sigkill_then_restart_resumes_and_matches_uninterrupted(uninterrupted, tmp_path):

@@ -259,6 +259,10 @@ class ContinualRun:
                 metrics.write(kind="train", stage=domain, stage_index=stage, step=done,
                               global_step=self._global_step(stage, done), loss=float(m["loss"]),
                               grad_norm=float(m["grad_norm"]), lr=float(schedule(step)), tokens_per_s=rate)
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
+                for d, v in self.evaluate(model_cfg, state.params, shardings.params).items():
+                    metrics.write(kind="eval_step", stage=domain, stage_index=stage, domain=d, step=done,
+                                  global_step=self._global_step(stage, done), **v)
             preempted = stop["signal"] is not None or ckpt.reached_preemption(self._global_step(stage, done))
             periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < steps
             if (periodic or preempted) and done < steps:
