@@ -1,0 +1,207 @@
+"""Model growth: exact function preservation (property tests), composition, learnability, jit/sharding,
+HF export of a grown model, ELLE's scheme, bad input."""
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxcl.config import MeshConfig
+from jaxcl.models import ConfigError, ModelConfig, abstract_params, build, init_params, param_axes
+from jaxcl.parallel import logical_to_sharding, make_mesh
+from jaxcl.train import causal_lm_nll
+from jaxcl.transforms import grow
+
+N_CASES = 24
+
+
+def perturbed_params(cfg, seed, scale=0.1):
+    """Random params of the model's shapes: N(0, 0.2) weights, norm scales 1 + N(0, scale), biases N(0, scale).
+
+    Drawn with NumPy (no per-shape RNG compilation: the property tests build dozens of models).
+    """
+    rng = np.random.RandomState(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        base = 1.0 if name == "scale" else 0.0
+        std = 0.2 if name in ("kernel", "embedding") else scale
+        return jnp.asarray(base + std * rng.randn(*leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(cfg))
+
+
+def logits(cfg, params, ids):
+    forward = jax.jit(lambda p, x: build(cfg).apply({"params": p}, x).logits)
+    return np.asarray(forward(params, jnp.asarray(ids, jnp.int32)))
+
+
+def random_gpt2_case(r: random.Random):
+    hd, heads = r.randint(2, 8), r.randint(1, 4)
+    cfg = ModelConfig(family="gpt2", vocab_size=r.randint(20, 60), d_model=hd * heads, n_heads=heads,
+                      n_layers=r.randint(1, 3), d_ff=r.randint(8, 40), max_seq_len=16)
+    hd2, heads2 = hd + r.randint(0, 3), heads + r.randint(0, 3)
+    target = dict(d_model=hd2 * heads2, n_heads=heads2, d_ff=cfg.d_ff + r.randint(0, 30),
+                  n_layers=cfg.n_layers + r.randint(0, 4))
+    return cfg, target
+
+
+def random_llama_case(r: random.Random):
+    hd, kv, group = 2 * r.randint(1, 4), r.randint(1, 3), r.choice([1, 2, 3, 4])
+    cfg = ModelConfig(family="llama", vocab_size=r.randint(20, 60), d_model=r.randint(8, 40), n_heads=kv * group,
+                      n_kv_heads=kv, head_dim=hd, n_layers=r.randint(1, 3), d_ff=r.randint(8, 40),
+                      tie_embeddings=r.random() < 0.3)
+    group2 = r.choice([g for g in range(1, group + 1) if group % g == 0])
+    kv2 = max(kv, -(-cfg.n_heads // group2)) + r.randint(0, 2)
+    target = dict(d_model=cfg.d_model + r.randint(0, 25), n_heads=kv2 * group2, n_kv_heads=kv2,
+                  d_ff=cfg.d_ff + r.randint(0, 30), n_layers=cfg.n_layers + r.randint(0, 4))
+    return cfg, target
+
+
+@pytest.mark.parametrize("make_case", [random_gpt2_case, random_llama_case], ids=["gpt2", "llama"])
+def test_exact_growth_preserves_logits_on_random_configs(make_case):
+    r = random.Random(make_case.__name__)
+    worst = 0.0
+    for case in range(N_CASES):
+        cfg, target = make_case(r)
+        params = perturbed_params(cfg, case)
+        ids = np.random.RandomState(case).randint(0, cfg.vocab_size, (2, 7))
+        new_params, new_cfg = grow(params, cfg, rng=jax.random.key(case), method="exact", **target)
+        assert (new_cfg.d_model, new_cfg.n_heads, new_cfg.n_layers) == \
+            (target["d_model"], target["n_heads"], target["n_layers"])
+        before, after = logits(cfg, params, ids), logits(new_cfg, new_params, ids)
+        assert np.abs(before).max() > 0.05                           # non-trivial logits
+        diff = np.abs(before - after).max()
+        worst = max(worst, diff)
+        assert diff <= 1e-4, (case, cfg, target, diff)
+        np.testing.assert_array_equal(before.argmax(-1), after.argmax(-1))
+    assert worst > 0.0          # really compared two different computations
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_growth_composes(family):
+    base = dict(vocab_size=40, d_model=12, n_layers=2, n_heads=2, d_ff=20, max_seq_len=16)
+    if family == "gpt2":
+        cfg, mid, end = ModelConfig(family="gpt2", **base), dict(d_model=21, n_heads=3, n_layers=3), \
+            dict(d_model=32, n_heads=4, n_layers=5, d_ff=41)
+    else:
+        cfg, mid, end = ModelConfig(family="llama", n_kv_heads=1, **base), \
+            dict(d_model=19, n_heads=4, n_kv_heads=2, n_layers=3), dict(d_model=30, n_heads=6, n_kv_heads=6, n_layers=5)
+    params = perturbed_params(cfg, 0)
+    ids = np.random.RandomState(0).randint(0, 40, (2, 8))
+    p_b, cfg_b = grow(params, cfg, rng=jax.random.key(1), **mid)
+    p_c, cfg_c = grow(p_b, cfg_b, rng=jax.random.key(2), **end)
+    p_direct, cfg_direct = grow(params, cfg, rng=jax.random.key(3), **end)
+    assert cfg_c.replace(norm_eps=1) == cfg_direct.replace(norm_eps=1)
+    np.testing.assert_allclose(cfg_c.norm_eps, cfg_direct.norm_eps, rtol=1e-12)
+    ref = logits(cfg, params, ids)
+    np.testing.assert_allclose(logits(cfg_c, p_c, ids), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(logits(cfg_direct, p_direct, ids), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_new_parameters_are_live(family):
+    """Input sides of new units are random (not zero), and one SGD step moves the zeroed output sides."""
+    cfg = ModelConfig(family=family, vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=16)
+    params = perturbed_params(cfg, 0)
+    new_params, new_cfg = grow(params, cfg, d_model=24, n_heads=3, d_ff=40, n_layers=3, rng=jax.random.key(0))
+    lay = new_params["layers"]
+    assert np.abs(np.asarray(lay["mlp"]["wi"]["kernel"][:, :, 24:])).min() > 0       # new FFN units' inputs
+    assert np.abs(np.asarray(lay["attn"]["q"]["kernel"][:, 16:])).mean() > 1e-3      # new residual rows
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, 40, (4, 10)))
+
+    def loss(p):
+        return causal_lm_nll(build(new_cfg).apply({"params": p}, ids).logits, ids, None)[0]
+
+    grads = jax.grad(loss)(new_params)
+    stepped = optax.apply_updates(new_params, jax.tree.map(lambda g: -0.1 * g, grads))
+    wo_new_units = np.asarray(stepped["layers"]["mlp"]["wo"]["kernel"][:, 24:])
+    o_new_head = np.asarray(stepped["layers"]["attn"]["o"]["kernel"][:, 2:])
+    assert np.abs(wo_new_units).max() > 1e-6 and np.abs(o_new_head).max() > 1e-6
+    # The inserted layer's output projections start at zero and learn as well.
+    copies = [i for i in range(3) if not np.any(np.asarray(new_params["layers"]["mlp"]["wo"]["kernel"][i]))]
+    assert len(copies) == 1 and np.abs(np.asarray(stepped["layers"]["mlp"]["wo"]["kernel"][copies[0]])).max() > 1e-6
+
+
+def test_grow_jits_with_the_grown_models_shardings():
+    cfg = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
+    params = perturbed_params(cfg, 0)
+    target = dict(d_model=48, n_heads=8, n_kv_heads=4, d_ff=64, n_layers=4)
+    new_cfg = grow(params, cfg, rng=jax.random.key(0), **target)[1]
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    shardings = logical_to_sharding(param_axes(new_cfg), mesh, shapes=abstract_params(new_cfg))
+    grown = jax.jit(lambda p, k: grow(p, cfg, rng=k, **target)[0], out_shardings=shardings)(params, jax.random.key(0))
+    eager = grow(params, cfg, rng=jax.random.key(0), **target)[0]
+    assert grown["layers"]["mlp"]["wi"]["kernel"].sharding == shardings["layers"]["mlp"]["wi"]["kernel"]
+    for a, b in zip(jax.tree.leaves(grown), jax.tree.leaves(eager)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_bert_exact_at_integer_width_multiples():
+    cfg = ModelConfig(family="bert", vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=16,
+                      pooler=True)
+    params = perturbed_params(cfg, 0)
+    ids = np.random.RandomState(0).randint(0, 40, (2, 8))
+    new_params, new_cfg = grow(params, cfg, d_model=48, n_heads=6, d_ff=80, rng=jax.random.key(0))
+    np.testing.assert_allclose(logits(new_cfg, new_params, ids), logits(cfg, params, ids), atol=1e-4, rtol=0)
+    # At a non-multiple width post-LN statistics change: not exact (measured in docs/elle.md).
+    odd_params, odd_cfg = grow(params, cfg, d_model=24, n_heads=3, rng=jax.random.key(0))
+    assert np.abs(logits(odd_cfg, odd_params, ids) - logits(cfg, params, ids)).max() > 1e-3
+
+
+def test_elle_method_is_deterministic_and_noise_touches_only_new_slices():
+    cfg = ModelConfig(family="gpt2", vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=16)
+    params = perturbed_params(cfg, 0)
+    target = dict(d_model=24, n_heads=3, d_ff=40, n_layers=3)
+    a, new_cfg = grow(params, cfg, rng=jax.random.key(5), method="elle", **target)
+    b, _ = grow(params, cfg, rng=jax.random.key(5), method="elle", **target)
+    noisy, _ = grow(params, cfg, rng=jax.random.key(5), method="elle", noise_std=0.01, **target)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    wi, wi_noisy = np.asarray(a["layers"]["mlp"]["wi"]["kernel"]), np.asarray(noisy["layers"]["mlp"]["wi"]["kernel"])
+    np.testing.assert_array_equal(wi[:, :16], wi_noisy[:, :16])          # old input rows: untouched
+    assert 0 < np.abs(wi[:, 16:] - wi_noisy[:, 16:]).max() < 0.1       # new input rows: noise
+    # ELLE duplicates layers without zeroing: every layer of the grown model is a full copy.
+    assert all(np.abs(np.asarray(a["layers"]["mlp"]["wo"]["kernel"][i])).max() > 0 for i in range(3))
+    assert logits(new_cfg, a, np.zeros((1, 4), int)).shape == (1, 4, 40)
+
+
+@pytest.mark.parametrize("target,message", [
+    (dict(d_model=8), "d_model=8 would shrink the model"),
+    (dict(n_layers=1), "n_layers=1 would shrink"),
+    (dict(d_model=20, n_heads=3), "n_heads=3 does not divide d_model=20"),
+    (dict(d_model=20, n_heads=4, n_kv_heads=3), "n_kv_heads=3 does not divide n_heads=4"),
+    (dict(d_model=24, n_heads=6), "head_dim would shrink from 8 to 4"),
+])
+def test_bad_growth_targets_are_named(target, message):
+    cfg = ModelConfig(family="gpt2", vocab_size=40, d_model=16, n_layers=2, n_heads=2, max_seq_len=16)
+    with pytest.raises(ConfigError, match=message):
+        grow(init_params(cfg, jax.random.key(0)), cfg, rng=jax.random.key(0), **target)
+
+
+def test_exact_gqa_growth_needs_nested_groups():
+    cfg = ModelConfig(family="llama", vocab_size=40, d_model=16, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=24)
+    with pytest.raises(ConfigError, match="new kv group size n_heads/n_kv_heads=3 must divide the old one"):
+        grow(init_params(cfg, jax.random.key(0)), cfg, n_heads=6, n_kv_heads=2, rng=jax.random.key(0))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_grown_model_exports_to_transformers_with_same_logits(tmp_path, family):
+    torch = pytest.importorskip("torch", reason="torch not installed: pip install -e '.[torch]'")
+    import transformers
+
+    from jaxcl.hf import save_pretrained
+
+    cfg = ModelConfig(family=family, vocab_size=48, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=32)
+    params = perturbed_params(cfg, 0)
+    new_params, new_cfg = grow(params, cfg, d_model=27, n_heads=3, d_ff=40, n_layers=4, rng=jax.random.key(0))
+    save_pretrained(tmp_path, new_cfg, new_params)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    ids = np.random.RandomState(0).randint(0, 48, (2, 9))
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ref, logits(new_cfg, new_params, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ref, logits(cfg, params, ids), atol=1e-4, rtol=0)
