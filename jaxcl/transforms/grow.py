@@ -28,6 +28,7 @@ model's `out_shardings`) and works on any Flax/NNX state laid out like `jaxcl.mo
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -267,10 +268,20 @@ def grow(params: Params, cfg: ModelConfig, *, d_model: int | None = None, n_head
     """
     new_cfg = grown_config(cfg, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff,
                            n_layers=n_layers, method=method)
+    sources = None if depth_sources is None else tuple(int(s) for s in depth_sources)
+    if sources is not None:
+        _sweep_counts(cfg.n_layers, new_cfg.n_layers - cfg.n_layers, jnp.zeros(cfg.n_layers), sources)  # validate
+    return _compiled_growth(cfg, new_cfg, method, sources, float(noise_std))(params, rng), new_cfg
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_growth(cfg: ModelConfig, new_cfg: ModelConfig, method: str, sources: tuple[int, ...] | None,
+                     noise_std: float):
+    """The jitted transform for one (model, target, method); cached, so repeated growths skip tracing."""
 
     def transform(params: Params, keys: _RandomSource) -> Params:
         counts = _sweep_counts(cfg.n_layers, new_cfg.n_layers - cfg.n_layers, keys.normal((cfg.n_layers,), 1.0),
-                               depth_sources)
+                               sources)
         # Depth first, so that (for ELLE) every inserted copy is widened with its own head and FFN maps.
         deep = dict(params)
         deep["layers"] = _insert_layers(params["layers"], counts, new_cfg.n_layers, zero_copies=method == "exact")
@@ -281,9 +292,14 @@ def grow(params: Params, cfg: ModelConfig, *, d_model: int | None = None, n_head
 
         return grow_copy_width(deep, cfg, new_cfg, keys, uniform=method == "exact", noise_std=noise_std)
 
-    recorder = _RandomSource(rng)
-    jax.eval_shape(lambda p: transform(p, recorder), params)       # sizes the random pool; allocates nothing
-    # One jitted program (op-by-op dispatch of hundreds of small ops is slow); inside a caller's jit
-    # this simply inlines.
-    run = jax.jit(lambda p, key: transform(p, _RandomSource(key, recorder.requested)))
-    return run(params, rng), new_cfg
+    pool_size: list[int] = []
+
+    def run(params: Params, rng: jax.Array) -> Params:
+        if not pool_size:     # first trace: size the random pool abstractly (allocates nothing)
+            recorder = _RandomSource(rng)
+            jax.eval_shape(lambda p: transform(p, recorder), params)
+            pool_size.append(recorder.requested)
+        return transform(params, _RandomSource(rng, pool_size[0]))
+
+    # One jitted program (op-by-op dispatch of hundreds of small ops is slow); inside a caller's jit it inlines.
+    return jax.jit(run)

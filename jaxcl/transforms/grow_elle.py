@@ -22,10 +22,13 @@ from jaxcl.models.config import ConfigError, ModelConfig
 Params = dict[str, Any]
 
 
-def index_map(key: jax.Array, n_old: int, n_new: int, uniform: bool) -> tuple[jax.Array, jax.Array]:
-    """(g `[n_new]` old index of every new unit, divisor c(g) `[n_new]`)."""
-    extra = (jnp.arange(n_new - n_old) % n_old if uniform
-             else jax.random.randint(key, (n_new - n_old,), 0, n_old))
+def index_map(rand, n_old: int, n_new: int, uniform: bool) -> tuple[jax.Array, jax.Array]:
+    """(g `[n_new]` old index of every new unit, divisor c(g) `[n_new]`); `rand` serves normal draws."""
+    if uniform:
+        extra = jnp.arange(n_new - n_old) % n_old
+    else:    # uniform choice among old units, from standard normals through their CDF
+        u = jax.scipy.special.ndtr(rand.normal((n_new - n_old,), 1.0))
+        extra = jnp.minimum((u * n_old).astype(jnp.int32), n_old - 1)
     g = jnp.concatenate([jnp.arange(n_old), extra]).astype(jnp.int32)
     counts = jnp.bincount(g, length=n_old)
     return g, counts[g].astype(jnp.float32)
@@ -36,17 +39,16 @@ def copy(x: jax.Array, g: jax.Array, axis: int) -> jax.Array:
     return jnp.take(x, g, axis=axis)
 
 
-def split(x: jax.Array, g: jax.Array, divisor: jax.Array, axis: int, noise: tuple[jax.Array, float] | None = None,
-          n_old: int | None = None) -> jax.Array:
-    """Input side: copies divided by how often their source is used; optional ELLE copy noise on new slices."""
+def split(x: jax.Array, g: jax.Array, divisor: jax.Array, axis: int, rand=None, noise_std: float = 0.0) -> jax.Array:
+    """Input side: copies divided by how often their source is used; ELLE's copy noise on the new slices."""
     axis = axis % x.ndim
     shape = [1] * x.ndim
     shape[axis] = -1
     y = jnp.take(x, g, axis=axis) / divisor.reshape(shape)
-    if noise is not None and noise[1] > 0:
-        key, std = noise
-        is_new = (jnp.arange(g.shape[0]) >= n_old).astype(y.dtype).reshape(shape)
-        y = y + std * jax.random.normal(key, y.shape, y.dtype) * is_new
+    n_old = x.shape[axis]
+    if noise_std > 0 and g.shape[0] > n_old:
+        old, new = jnp.split(y, [n_old], axis=axis)
+        y = jnp.concatenate([old, new + rand.normal(new.shape, noise_std)], axis=axis)
     return y
 
 
@@ -59,16 +61,18 @@ def _check(cfg: ModelConfig, new: ModelConfig) -> None:
                           f"{cfg.n_heads // cfg.n_kv_heads}")
 
 
-def grow_copy_width(params: Params, cfg: ModelConfig, new: ModelConfig, keys, *, uniform: bool,
+def grow_copy_width(params: Params, cfg: ModelConfig, new: ModelConfig, rand, *, uniform: bool,
                     noise_std: float = 0.0) -> Params:
-    """Widen every tensor with index maps (layers: one fresh head/FFN map each); depth is done already."""
+    """Widen every tensor with index maps (layers: one fresh head/FFN map each); depth is done already.
+
+    `rand` is grow's pooled random source; each layer gets its own pooled source from a per-layer key.
+    """
+    from jaxcl.transforms.grow import _RandomSource
+
     _check(cfg, new)
     d, D = cfg.d_model, new.d_model
-    gD, cD = index_map(keys(), d, D, uniform)
-    noise_key = keys()
-
-    def noisy(i):      # independent copy noise per split site
-        return (jax.random.fold_in(noise_key, i), noise_std)
+    gD, cD = index_map(rand, d, D, uniform)
+    noisy = dict(rand=rand, noise_std=noise_std)
 
     def norm(p, divide=False):
         out = {k: copy(v, gD, -1) for k, v in p.items()}
@@ -82,49 +86,54 @@ def grow_copy_width(params: Params, cfg: ModelConfig, new: ModelConfig, keys, *,
         if name in params:
             out[name] = norm(params[name])
     if "lm_head" in params:
-        out["lm_head"] = {"kernel": split(params["lm_head"]["kernel"], gD, cD, 0, noisy(0), d)}
+        out["lm_head"] = {"kernel": split(params["lm_head"]["kernel"], gD, cD, 0, **noisy)}
     if "mlm_dense" in params:     # BERT MLM head: dense D->D, then a norm divided by c so tied logits add up
-        out["mlm_dense"] = {"kernel": copy(split(params["mlm_dense"]["kernel"], gD, cD, 0, noisy(1), d), gD, 1),
+        out["mlm_dense"] = {"kernel": copy(split(params["mlm_dense"]["kernel"], gD, cD, 0, **noisy), gD, 1),
                             "bias": copy(params["mlm_dense"]["bias"], gD, 0)}
         out["mlm_norm"] = norm(params["mlm_norm"], divide=True)
         out["mlm_bias"] = params["mlm_bias"]
     if "pooler" in params:
-        out["pooler"] = {"kernel": copy(split(params["pooler"]["kernel"], gD, cD, 0, noisy(2), d), gD, 1),
+        out["pooler"] = {"kernel": copy(split(params["pooler"]["kernel"], gD, cD, 0, **noisy), gD, 1),
                          "bias": copy(params["pooler"]["bias"], gD, 0)}
 
-    layer_keys = jax.random.split(keys(), new.n_layers)
+    layer_keys = jax.random.split(rand(), new.n_layers)
+    layer_pool: list[int] = []
 
-    def widen_layer(layer: Params, key: jax.Array, index: jax.Array) -> Params:
-        k_heads, k_ffn, k_noise = jax.random.split(key, 3)
+    def widen_layer(layer: Params, key: jax.Array) -> Params:
+        if not layer_pool:      # size this layer's random pool on the first trace
+            recorder = _RandomSource(key)
+            jax.eval_shape(lambda lay: _widen_layer(lay, recorder), layer)
+            layer_pool.append(recorder.requested)
+        return _widen_layer(layer, _RandomSource(key, layer_pool[0]))
+
+    def _widen_layer(layer: Params, layer_rand) -> Params:
         group = cfg.n_heads // cfg.n_kv_heads
-        gK, cK = index_map(k_heads, cfg.n_kv_heads, new.n_kv_heads, uniform)     # whole kv groups
+        gK, cK = index_map(layer_rand, cfg.n_kv_heads, new.n_kv_heads, uniform)    # whole kv groups
         gH = (gK[:, None] * group + jnp.arange(group)[None, :]).reshape(-1)       # q heads follow their group
         cH = jnp.repeat(cK, group)
-        gF, cF = index_map(k_ffn, cfg.d_ff, new.d_ff, uniform)
-
-        def site(i):
-            return (jax.random.fold_in(k_noise, i), noise_std)
+        gF, cF = index_map(layer_rand, cfg.d_ff, new.d_ff, uniform)
+        site = dict(rand=layer_rand, noise_std=noise_std)
 
         attn, new_attn = layer["attn"], {}
-        for i, (name, g) in enumerate((("q", gH), ("k", gK), ("v", gK))):
-            new_attn[name] = {"kernel": copy(split(attn[name]["kernel"], gD, cD, 0, site(i), d), g, 1)}
+        for name, g in (("q", gH), ("k", gK), ("v", gK)):
+            new_attn[name] = {"kernel": copy(split(attn[name]["kernel"], gD, cD, 0, **site), g, 1)}
             if "bias" in attn[name]:
                 new_attn[name]["bias"] = copy(attn[name]["bias"], g, 0)
-        o = split(attn["o"]["kernel"], gH, cH, 0, site(3), cfg.n_heads)          # [H', hd, d]
+        o = split(attn["o"]["kernel"], gH, cH, 0, **site)          # [H', hd, d]
         new_attn["o"] = {"kernel": copy(o, gD, 2)}
         if "bias" in attn["o"]:
             new_attn["o"]["bias"] = copy(attn["o"]["bias"], gD, 0)
         mlp, new_mlp = layer["mlp"], {}
-        for i, name in enumerate(("wi", "wg"), start=4):
+        for name in ("wi", "wg"):
             if name in mlp:
-                new_mlp[name] = {"kernel": copy(split(mlp[name]["kernel"], gD, cD, 0, site(i), d), gF, 1)}
+                new_mlp[name] = {"kernel": copy(split(mlp[name]["kernel"], gD, cD, 0, **site), gF, 1)}
                 if "bias" in mlp[name]:
                     new_mlp[name]["bias"] = copy(mlp[name]["bias"], gF, 0)
-        new_mlp["wo"] = {"kernel": copy(split(mlp["wo"]["kernel"], gF, cF, 0, site(6), cfg.d_ff), gD, 1)}
+        new_mlp["wo"] = {"kernel": copy(split(mlp["wo"]["kernel"], gF, cF, 0, **site), gD, 1)}
         if "bias" in mlp["wo"]:
             new_mlp["wo"]["bias"] = copy(mlp["wo"]["bias"], gD, 0)
         return {"attn": new_attn, "mlp": new_mlp, "attn_norm": norm(layer["attn_norm"]),
                 "mlp_norm": norm(layer["mlp_norm"])}
 
-    out["layers"] = jax.vmap(widen_layer)(params["layers"], layer_keys, jnp.arange(new.n_layers))
+    out["layers"] = jax.vmap(widen_layer)(params["layers"], layer_keys)
     return out
