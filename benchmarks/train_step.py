@@ -137,6 +137,7 @@ def main() -> None:
     from jaxcl.parallel import make_mesh
     from jaxcl.train import make_optimizer, make_train_step, state_shardings
 
+    load_at_start = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     max_seq = max(s for _, s in sizes)
@@ -163,7 +164,8 @@ def main() -> None:
           f"H={args.heads} V={args.vocab} ({cfg.num_params() / 1e6:.1f} M params, N={n_matmul / 1e6:.1f} M), "
           f"float32; {machine_summary()}, torch {torch.__version__} threads={args.threads}")
     print(f"# fp32 matmul peak ({MATMUL_N}^3): jnp.dot {peak_jax / 1e9:.1f} GFLOP/s, torch.mm "
-          f"{peak_torch / 1e9:.1f} GFLOP/s; MFU uses {peak / 1e9:.1f} GFLOP/s and 6*N + 12*L*S*d FLOPs per token")
+          f"{peak_torch / 1e9:.1f} GFLOP/s; MFU uses {peak / 1e9:.1f} GFLOP/s and 6*N + 12*L*S*d FLOPs per token; "
+          f"1-min load average at start {load_at_start:.2f} (timings need an otherwise idle machine)")
     rows, records = [], []
     for batch, seq in sizes:
         ids = np.random.RandomState(0).randint(0, args.vocab, (batch, seq)).astype(np.int64)
@@ -181,7 +183,7 @@ def main() -> None:
     print_table(["batch x seq", "jaxcl tok/s", "torch tok/s", "jaxcl / torch", "jaxcl MFU", "torch MFU",
                  "loss step 1", "|Δloss| step 1", "|Δloss| step 2"], rows)
     write_json(args.json, {"benchmark": "train_step", "matmul_peak_flops": {"jax": peak_jax, "torch": peak_torch},
-                           "results": records})
+                           "load_average_at_start": load_at_start, "results": records})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@
     jaxcl eval CONFIG [key=value ...] [--hf DIR]
                                          perplexity of every domain for the run's latest checkpoint
                                          (or an HF checkpoint directory)
+    jaxcl grow IN_DIR OUT_DIR [--d-model N] [--n-heads N] [--n-kv-heads N] [--d-ff N] [--n-layers N]
+               [--method exact|elle] [--seed S] [--noise-std X]
+                                         grow a Hugging Face checkpoint; the result loads in transformers
 """
 
 from __future__ import annotations
@@ -90,6 +93,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_grow(args) -> int:
+    from pathlib import Path
+
+    import jax
+
+    from jaxcl.hf import load_pretrained, save_pretrained
+    from jaxcl.transforms import grow
+
+    if Path(args.out_dir).resolve() == Path(args.in_dir).resolve():
+        raise FileExistsError(f"OUT_DIR {args.out_dir!r} is IN_DIR: write the grown model somewhere else")
+    cfg, params = load_pretrained(args.in_dir)
+    new_params, new_cfg = grow(params, cfg, d_model=args.d_model, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                               d_ff=args.d_ff, n_layers=args.n_layers, rng=jax.random.key(args.seed),
+                               method=args.method, noise_std=args.noise_std)
+    save_pretrained(args.out_dir, new_cfg, new_params)
+    print(f"grew {cfg.family} L{cfg.n_layers}/D{cfg.d_model}/H{cfg.n_heads}/F{cfg.d_ff} "
+          f"({cfg.num_params() / 1e6:.2f} M) -> L{new_cfg.n_layers}/D{new_cfg.d_model}/H{new_cfg.n_heads}/"
+          f"F{new_cfg.d_ff} ({new_cfg.num_params() / 1e6:.2f} M), method={args.method}: {args.out_dir}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxcl", description="Continual learning of language models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
         if name == "eval":
             p.add_argument("--hf", default=None, help="evaluate this Hugging Face checkpoint directory instead")
+    g = sub.add_parser("grow", help="grow a Hugging Face checkpoint (width and depth)")
+    g.add_argument("in_dir")
+    g.add_argument("out_dir")
+    for flag in ("--d-model", "--n-heads", "--n-kv-heads", "--d-ff", "--n-layers"):
+        g.add_argument(flag, type=int, default=None, help="target size (default: unchanged)")
+    g.add_argument("--method", choices=("exact", "elle"), default="exact")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--noise-std", type=float, default=0.0, help="ELLE copy noise (method=elle)")
     args = parser.parse_args(argv)
     _setup_logging()
     from jaxcl.config import ConfigError
@@ -111,8 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "train":
             return cmd_run(args, method="joint")
+        if args.command == "grow":
+            return cmd_grow(args)
         return cmd_eval(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"jaxcl {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -205,3 +205,35 @@ def test_grown_model_exports_to_transformers_with_same_logits(tmp_path, family):
         ref = model(input_ids=torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(ref, logits(new_cfg, new_params, ids), atol=1e-4, rtol=0)
     np.testing.assert_allclose(ref, logits(cfg, params, ids), atol=1e-4, rtol=0)
+
+
+def test_grow_command_on_a_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    from jaxcl.hf import load_pretrained, save_pretrained
+
+    cfg = ModelConfig(family="llama", vocab_size=48, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24)
+    params = perturbed_params(cfg, 3)
+    save_pretrained(tmp_path / "small", cfg, params)
+    cmd = [sys.executable, "-m", "jaxcl.cli", "grow", str(tmp_path / "small"), str(tmp_path / "big"),
+           "--d-model", "32", "--n-heads", "8", "--n-kv-heads", "4", "--n-layers", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "L2/D16/H4/F24" in out.stdout and "L3/D32/H8/F24" in out.stdout
+    new_cfg, new_params = load_pretrained(tmp_path / "big")
+    ids = np.random.RandomState(0).randint(0, 48, (2, 6))
+    np.testing.assert_allclose(logits(new_cfg, new_params, ids), logits(cfg, params, ids), atol=1e-4, rtol=0)
+    bad = subprocess.run([*cmd[:4], str(tmp_path / "small"), str(tmp_path / "small")], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "is IN_DIR" in bad.stderr
+    shrink = subprocess.run([*cmd[:5], str(tmp_path / "x"), "--d-model", "8"], capture_output=True, text=True,
+                            timeout=300)
+    assert shrink.returncode == 2 and "d_model=8 would shrink" in shrink.stderr
+    # jaxcl runs LLaMA with d_model not divisible by n_heads (explicit head_dim); transformers refuses it,
+    # so the export fails with a clear error before writing anything.
+    odd = subprocess.run([*cmd[:4], str(tmp_path / "small"), str(tmp_path / "odd"), "--d-model", "28",
+                          "--n-heads", "8", "--n-kv-heads", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert odd.returncode == 2 and "transformers cannot represent this llama config" in odd.stderr
+    assert not (tmp_path / "odd" / "model.safetensors").exists()

@@ -220,6 +220,11 @@ def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict
             parts = [host[p] if layer is None else host[p][layer] for p in entry.params]
             tensors[_hf_key(entry, prefix, layer)] = entry.layout.to_hf(parts)
     assert set(p for e in table.entries for p in e.params) == set(shapes), "mapping table does not cover params"
+    try:      # before writing anything: transformers may refuse the config
+        hf_config = hf_config_from_model(cfg, table.architecture)
+    except Exception as e:   # transformers' config validators raise several error types
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"transformers cannot represent this {cfg.family} config: {reason[-300:]}") from None
     if jax.process_index() != 0:
         return directory
 
@@ -252,6 +257,5 @@ def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict
     for stale in [directory / SAFETENSORS_INDEX, *directory.glob("*.safetensors")]:
         if stale.name not in written and stale.exists():
             stale.unlink()
-    hf_config = hf_config_from_model(cfg, table.architecture)
     _atomic_write_bytes(directory / "config.json", hf_config.to_json_string(use_diff=False).encode())
     return directory
