@@ -49,7 +49,6 @@ def measure_matmul_peak(repeats: int) -> tuple[float, float]:
     import jax
     import jax.numpy as jnp
     import torch
-
     from common import time_call
 
     ka, kb = jax.random.split(jax.random.key(0))
@@ -68,8 +67,8 @@ def bench_jaxcl(train_step, tx, cfg, params, mesh, ids, repeats: int) -> tuple[l
     import jax
     import jax.numpy as jnp
     import numpy as np
-
     from common import time_call
+
     from jaxcl.parallel import batch_sharding
     from jaxcl.train import create_train_state
 
@@ -92,7 +91,6 @@ def bench_jaxcl(train_step, tx, cfg, params, mesh, ids, repeats: int) -> tuple[l
 def bench_torch(base_model, optim, ids, repeats: int) -> tuple[list[float], float]:
     """(losses of the first two steps, median step time) for a copy of `base_model` with a fresh AdamW."""
     import torch
-
     from common import time_call
 
     model = copy.deepcopy(base_model).train()
@@ -130,8 +128,8 @@ def main() -> None:
     import numpy as np
     import torch
     import transformers
-
     from common import machine_summary, print_table, write_json
+
     from jaxcl.config import MeshConfig, OptimConfig
     from jaxcl.hf import load_pretrained
     from jaxcl.parallel import make_mesh
@@ -177,9 +175,9 @@ def main() -> None:
         loss_diffs = [abs(a - b) for a, b in zip(jax_losses, torch_losses)]
         rows.append([f"{batch}x{seq}", tokens / t_jax, tokens / t_torch, t_torch / t_jax, f"{mfu_jax:.1%}",
                      f"{mfu_torch:.1%}", f"{jax_losses[0]:.4f}", f"{loss_diffs[0]:.1e}", f"{loss_diffs[1]:.1e}"])
-        records.append(dict(batch=batch, seq=seq, jaxcl_tokens_per_s=tokens / t_jax,
-                            torch_tokens_per_s=tokens / t_torch, ratio=t_torch / t_jax, jaxcl_mfu=mfu_jax,
-                            torch_mfu=mfu_torch, jaxcl_losses=jax_losses, torch_losses=torch_losses))
+        records.append({"batch": batch, "seq": seq, "jaxcl_tokens_per_s": tokens / t_jax,
+                        "torch_tokens_per_s": tokens / t_torch, "ratio": t_torch / t_jax, "jaxcl_mfu": mfu_jax,
+                        "torch_mfu": mfu_torch, "jaxcl_losses": jax_losses, "torch_losses": torch_losses})
     print_table(["batch x seq", "jaxcl tok/s", "torch tok/s", "jaxcl / torch", "jaxcl MFU", "torch MFU",
                  "loss step 1", "|Δloss| step 1", "|Δloss| step 2"], rows)
     write_json(args.json, {"benchmark": "train_step", "matmul_peak_flops": {"jax": peak_jax, "torch": peak_torch},
