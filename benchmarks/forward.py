@@ -9,7 +9,6 @@ one jitted call; PyTorch runs in `inference_mode` with its default attention (SD
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -18,16 +17,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1x128,8x128,4x512,16x256", help="comma list of BATCHxSEQ")
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    from common import gpt2_benchmark_args
+
+    args = gpt2_benchmark_args(__doc__, "1x128,8x128,4x512,16x256")
 
     import jax
     import jax.numpy as jnp
@@ -40,7 +32,7 @@ def main() -> None:
     from jaxcl.models import build
 
     torch.set_num_threads(args.threads)
-    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    sizes = args.sizes
     max_seq = max(s for _, s in sizes)
     hf_cfg = transformers.GPT2Config(vocab_size=args.vocab, n_embd=args.d_model, n_layer=args.layers,
                                      n_head=args.heads, n_positions=max_seq, bos_token_id=0, eos_token_id=0)
