@@ -88,3 +88,12 @@ def test_accuracy_summaries_golden():
     assert average_seen(ACC) == pytest.approx((0.6 + 0.85 + 0.9) / 3)
     assert accuracy_forgetting(ACC) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.85)) / 2)
     assert backward_transfer(ACC) == pytest.approx(((0.6 - 0.9) + (0.85 - 0.8)) / 2)
+
+
+def test_changed_config_keys_are_listed_for_the_resume_warning():
+    from jaxcl.train.loop import _changed_keys
+
+    old = {"train": {"steps": 100, "log_every": 10}, "data": {"domains": ["a", "b"]}}
+    new = {"train": {"steps": 200, "log_every": 10}, "data": {"domains": ["a", "b"]}, "run": {"seed": 1}}
+    assert _changed_keys(old, new) == ["run", "train.steps"]
+    assert _changed_keys(old, old) == []

@@ -176,6 +176,9 @@ class ContinualRun:
             if meta.get("domains") != list(self.domains):
                 raise ConfigError(f"{ckpt.directory} holds a run over domains {meta.get('domains')}, this config "
                                   f"has {list(self.domains)}: use another run.dir or checkpoint.resume=false")
+            changed = _changed_keys(meta.get("config", {}), config_to_dict(cfg))
+            if changed:
+                log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
             model_cfg = ModelConfig.from_dict(meta["model"])
             self.train_seconds = meta.get("train_seconds", 0.0)
             log.info("resuming from checkpoint %d (stage %d, step %d)", latest, meta["stage"], meta["stage_step"])
@@ -304,6 +307,14 @@ class ContinualRun:
             print(f"outputs in {self.run_dir}/: report.json, perplexity_matrix.png, training_loss.png, "
                   "metrics.jsonl, config.yaml")
         return report
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _architecture(model_cfg: ModelConfig) -> dict[str, Any]:
