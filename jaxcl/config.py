@@ -72,6 +72,14 @@ class TrainConfig:
     objective: Literal["clm", "mlm"] = "clm"
     mlm_probability: float = 0.15
 
+    def __post_init__(self):
+        if self.steps < 1 or (self.pretrain_steps is not None and self.pretrain_steps < 1):
+            raise ConfigError("train.steps and train.pretrain_steps must be at least 1")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be at least 1, got {self.log_every}")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0 (0 = only at stage ends), got {self.eval_every}")
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:

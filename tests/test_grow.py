@@ -140,9 +140,10 @@ def test_grow_jits_with_the_grown_models_shardings():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-def test_bert_exact_at_integer_width_multiples():
+@pytest.mark.parametrize("tied", [True, False])
+def test_bert_exact_at_integer_width_multiples(tied):
     cfg = ModelConfig(family="bert", vocab_size=40, d_model=16, n_layers=2, n_heads=2, d_ff=24, max_seq_len=16,
-                      pooler=True)
+                      pooler=True, tie_embeddings=tied)
     params = perturbed_params(cfg, 0)
     ids = np.random.RandomState(0).randint(0, 40, (2, 8))
     new_params, new_cfg = grow(params, cfg, d_model=48, n_heads=6, d_ff=80, rng=jax.random.key(0))

@@ -97,6 +97,14 @@ def test_sigkill_then_restart_resumes_and_matches_uninterrupted(uninterrupted, t
     np.testing.assert_allclose(resumed["matrix"], reference["matrix"], rtol=1e-5)
 
 
+def test_a_run_dir_is_never_reused_by_another_run(uninterrupted, tmp_path):
+    run_dir, _, _ = uninterrupted
+    joint = jaxcl("train", "configs/demo.yaml", *TINY, run_dir=run_dir)      # same dir, other method
+    assert joint.returncode == 2 and "holds a sequential run" in joint.stderr
+    fresh = jaxcl("run", "configs/demo.yaml", *TINY, "checkpoint.resume=false", run_dir=run_dir)
+    assert fresh.returncode == 2 and "already holds checkpoints" in fresh.stderr
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = jaxcl("run", "configs/demo.yaml", *TINY, "checkpoint.every=0", run_dir=tmp_path, wait=False)
     deadline = time.time() + 300
@@ -147,3 +155,19 @@ def test_bad_config_gives_one_line_error(tmp_path, overrides, message):
 def test_missing_config_file_is_named(tmp_path):
     out = jaxcl("run", "configs/nope.yaml", run_dir=tmp_path)
     assert out.returncode == 2 and "configs/nope.yaml" in out.stderr and "not found" in out.stderr
+
+
+def test_preemption_on_a_stages_last_step_saves_the_completed_stage(tmp_path):
+    from jaxcl.config import load_config
+    from jaxcl.train.checkpoint import Checkpointer
+    from jaxcl.train.loop import ContinualRun, MetricsLog, Preempted
+
+    overrides = [o for o in TINY if not o.startswith("train.pretrain_steps")] + \
+        ["train.pretrain_steps=1", f"run.dir={tmp_path}"]
+    runner = ContinualRun(load_config(ROOT / "configs/demo.yaml", overrides))
+    ckpt = Checkpointer(tmp_path / "checkpoints", runner.cfg.checkpoint)
+    with pytest.raises(Preempted):
+        runner._run(ckpt, MetricsLog(tmp_path / "metrics.jsonl"), {"signal": signal.SIGTERM})
+    ckpt.close()
+    meta = Checkpointer(tmp_path / "checkpoints").restore_meta(1)
+    assert meta["stage"] == 0 and meta["completed"] and len(meta["matrix"]) == 1

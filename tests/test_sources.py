@@ -31,6 +31,13 @@ def test_directory_source_reads_txt_and_compressed_jsonl(text_dir):
     assert source.documents("scripture", "train") == split_documents(load_text("bible", "valid")[:20000])
 
 
+def test_directory_domain_names_may_contain_dots_and_junk_is_ignored(text_dir):
+    (text_dir / "wiki.en.train.txt").write_text("Some text.")
+    (text_dir / ".scripture.train.txt.swp").write_text("editor swap file")
+    (text_dir / "notes.train.md").write_text("not a supported suffix")
+    assert open_source(str(text_dir)).domains() == ("manuals", "scripture", "wiki.en")
+
+
 def test_directory_source_errors_name_the_problem(text_dir):
     source = open_source(str(text_dir), text_field="text")
     with pytest.raises(ConfigError, match=r"manuals.train.jsonl.gz:1: record has no field 'text'"):

@@ -97,3 +97,39 @@ def test_changed_config_keys_are_listed_for_the_resume_warning():
     new = {"train": {"steps": 200, "log_every": 10}, "data": {"domains": ["a", "b"]}, "run": {"seed": 1}}
     assert _changed_keys(old, new) == ["run", "train.steps"]
     assert _changed_keys(old, old) == []
+
+
+def test_evaluation_is_deterministic_even_with_dropout():
+    from jaxcl.train import make_loss_fn
+
+    cfg = ModelConfig(family="gpt2", vocab_size=32, d_model=16, n_layers=1, n_heads=2, max_seq_len=16, dropout=0.3)
+    params = init_params(cfg, jax.random.key(0))
+    batch = {"input_ids": jnp.asarray(np.random.RandomState(0).randint(0, 32, (2, 8))),
+             "attention_mask": jnp.ones((2, 8), jnp.int32)}
+    loss_fn = make_loss_fn(cfg)
+    evals = [float(loss_fn(params, batch, jax.random.key(k), deterministic=True)[0]) for k in (0, 1)]
+    trains = [float(loss_fn(params, batch, jax.random.key(k))[0]) for k in (0, 1)]
+    assert evals[0] == evals[1] and trains[0] != trains[1]
+
+
+def test_checkpoint_meta_is_snapshotted_at_save(tmp_path):
+    from jaxcl.config import CheckpointConfig
+    from jaxcl.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, CheckpointConfig(async_save=True))
+    matrix = [[1.0]]
+    ckpt.save(1, {"x": jnp.zeros(3)}, {"matrix": matrix})
+    matrix.append([2.0])                    # the caller moves on while the async write runs
+    ckpt.wait()
+    assert ckpt.restore_meta(1) == {"matrix": [[1.0]]}
+    ckpt.close()
+
+
+@pytest.mark.parametrize("key,value,message", [("log_every", 0, "train.log_every must be at least 1"),
+                                               ("steps", 0, "train.steps and train.pretrain_steps"),
+                                               ("eval_every", -1, "train.eval_every must be >= 0")])
+def test_train_config_rejects_values_that_would_crash_the_loop(key, value, message):
+    from jaxcl.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{key: value})

@@ -67,7 +67,9 @@ class DirectorySource:
             raise ConfigError(f"data.source={str(directory)!r}: directory not found")
 
     def domains(self) -> tuple[str, ...]:
-        names = sorted({p.name.split(".")[0] for p in self.directory.iterdir() if ".train." in p.name})
+        names = sorted({p.name.split(".train.")[0] for p in self.directory.iterdir()
+                        if any(p.name.endswith(".train" + suffix) for suffix in self.SUFFIXES)
+                        and not p.name.startswith(".")})
         if not names:
             raise ConfigError(f"data.source={str(self.directory)!r} has no <domain>.train.txt|jsonl files")
         return tuple(names)

@@ -254,7 +254,7 @@ def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict
         _atomic_write_bytes(directory / SAFETENSORS_INDEX, json.dumps(index, indent=2).encode())
         written.add(SAFETENSORS_INDEX)
     # Weights of an earlier save in another layout would shadow or mix with the new ones.
-    for stale in [directory / SAFETENSORS_INDEX, *directory.glob("*.safetensors")]:
+    for stale in [directory / SAFETENSORS_INDEX, *directory.glob("model*.safetensors")]:
         if stale.name not in written and stale.exists():
             stale.unlink()
     _atomic_write_bytes(directory / "config.json", hf_config.to_json_string(use_diff=False).encode())

@@ -3,6 +3,7 @@ resume from the latest step onto whatever mesh the restoring run uses, preemptio
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,16 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = True) -> bool:
-        """Save (asynchronously when configured); `meta` must be JSON-serialisable."""
+        """Save (asynchronously when configured); `meta` must be JSON-serialisable.
+
+        `meta` is snapshotted now: the async writer serialises it later, after the caller may have
+        changed the lists inside it.
+        """
+        meta = json.loads(json.dumps(meta))
         saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                 meta=ocp.args.JsonSave(meta)), force=force)
         if saved:

@@ -143,7 +143,9 @@ class ContinualRun:
             for local in eval_batches(self.valid_sequences[d], self.cfg.data.batch_size):
                 s, c = eval_step(params, to_global(local, sharding))
                 nll, n = nll + float(s), n + float(c)
-            out[d] = {"perplexity": math.exp(nll / max(n, 1.0)), "nll": nll / max(n, 1.0), "tokens": n}
+            mean_nll = nll / max(n, 1.0)
+            perplexity = math.exp(mean_nll) if mean_nll < 700 else math.inf     # a diverged model must not crash
+            out[d] = {"perplexity": perplexity, "nll": mean_nll, "tokens": n}
         return out
 
     # ------------------------------------------------------------------ the loop
@@ -170,12 +172,16 @@ class ContinualRun:
         cfg = self.cfg
         start = time.time()
         model_cfg, params, meta = cfg.model, None, None
+        if not cfg.checkpoint.resume and ckpt.all_steps():
+            raise ConfigError(f"checkpoint.resume=false but {ckpt.directory} already holds checkpoints "
+                              f"{ckpt.all_steps()}: choose another run.dir (nothing was overwritten)")
         latest = ckpt.latest_step() if cfg.checkpoint.resume else None
         if latest is not None:
             meta = ckpt.restore_meta(latest)
-            if meta.get("domains") != list(self.domains):
-                raise ConfigError(f"{ckpt.directory} holds a run over domains {meta.get('domains')}, this config "
-                                  f"has {list(self.domains)}: use another run.dir or checkpoint.resume=false")
+            if (meta.get("method"), meta.get("stages"), meta.get("domains")) != \
+                    (self.method, list(self.stages), list(self.domains)):
+                raise ConfigError(f"{ckpt.directory} holds a {meta.get('method')} run over stages {meta.get('stages')}; "
+                                  f"this is a {self.method} run over {list(self.stages)}: use another run.dir")
             changed = _changed_keys(meta.get("config", {}), config_to_dict(cfg))
             if changed:
                 log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
@@ -204,6 +210,8 @@ class ContinualRun:
                 if resume_here:
                     stream.restore(meta["stream"])
                 meta = None          # the checkpoint is consumed; later stages continue in memory
+                if not resume_here:
+                    restored = None  # free the finished stage's optimizer moments
             if stage == 0 and initial is None:
                 state, shardings = create_train_state(model_cfg, tx, jax.random.key(cfg.run.seed), self.mesh,
                                                       self.rules)
@@ -219,8 +227,8 @@ class ContinualRun:
             if stage == first_stage:
                 log.info("model: %s, %.2f M params\n%s", model_cfg.family, model_cfg.num_params() / 1e6,
                          sharding_table(state.params, shardings.params))
-            state = self._train_stage(stage, domain, steps, model_cfg, tx, state, shardings, stream, ckpt, metrics,
-                                      stop, matrix, initial, architectures)
+            state, preempted = self._train_stage(stage, domain, steps, model_cfg, tx, state, shardings, stream, ckpt,
+                                                 metrics, stop, matrix, initial, architectures)
             params = state.params
             row = self.evaluate(model_cfg, params, shardings.params)
             for d, v in row.items():
@@ -232,6 +240,10 @@ class ContinualRun:
                       self._meta(stage, steps, True, model_cfg, stream, matrix, initial, architectures))
             log.info("after stage %d (%s): %s", stage, domain,
                      ", ".join(f"{d}={row[d]['perplexity']:.2f}" for d in self.domains))
+            if preempted:      # the signal came on the stage's last step: the stage is saved as completed
+                ckpt.wait()
+                log.warning("preempted at the end of stage %d: checkpoint saved, exiting", stage)
+                raise Preempted(self._global_step(stage, steps))
         ckpt.wait()
         return self._finish(matrix, initial, architectures, time.time() - start)
 
@@ -266,9 +278,11 @@ class ContinualRun:
                 for d, v in self.evaluate(model_cfg, state.params, shardings.params).items():
                     metrics.write(kind="eval_step", stage=domain, stage_index=stage, domain=d, step=done,
                                   global_step=self._global_step(stage, done), **v)
-            preempted = stop["signal"] is not None or ckpt.reached_preemption(self._global_step(stage, done))
-            periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < steps
-            if (periodic or preempted) and done < steps:
+            preempted = _agreed_stop(stop) or ckpt.reached_preemption(self._global_step(stage, done))
+            if done == steps:
+                break           # the caller evaluates and saves the completed stage (then honours `preempted`)
+            periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
+            if periodic or preempted:
                 ckpt.save(self._global_step(stage, done), state,
                           self._meta(stage, done, False, model_cfg, stream, matrix, initial, architectures))
             if preempted:
@@ -277,10 +291,11 @@ class ContinualRun:
                 log.warning("preempted at global step %d: checkpoint saved, exiting", self._global_step(stage, done))
                 raise Preempted(self._global_step(stage, done))
         bar.close()
-        return state
+        return state, first < steps and preempted
 
     def _meta(self, stage, stage_step, completed, model_cfg, stream, matrix, initial, architectures):
-        return {"stage": stage, "stage_step": stage_step, "completed": completed, "domains": list(self.domains),
+        return {"stage": stage, "stage_step": stage_step, "completed": completed, "method": self.method,
+                "stages": list(self.stages), "domains": list(self.domains),
                 "model": config_to_dict(model_cfg), "stream": stream.state(), "matrix": matrix, "initial": initial,
                 "architectures": architectures, "train_seconds": self.train_seconds,
                 "config": config_to_dict(self.cfg)}
@@ -309,6 +324,16 @@ class ContinualRun:
         return report
 
 
+def _agreed_stop(stop: dict) -> bool:
+    """Whether to stop now; in multi-process runs every process must agree (SIGTERM reaches hosts at
+    different steps, and a save is a collective)."""
+    local = stop["signal"] is not None
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two config trees."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -329,6 +354,8 @@ class JointRun(ContinualRun):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
+        if not cfg.run.dir:      # never share (and resume) the sequential run's directory
+            self.run_dir = Path("runs") / f"{cfg.run.name}-joint"
         self.train_sequences["joint"] = np.concatenate([self.train_sequences[d] for d in self.domains])
         self.stages = ("joint",)
 

@@ -19,12 +19,15 @@ Batch = dict[str, jax.Array]   # input_ids [batch, seq] int32, attention_mask [b
 
 def make_loss_fn(cfg: ModelConfig, objective: str = "clm", *, mask_token_id: int | None = None,
                  mlm_probability: float = 0.15) -> Callable:
-    """loss_fn(params, batch, rng) -> (mean NLL, (nll_sum, n_tokens)) for the objective."""
+    """loss_fn(params, batch, rng, deterministic=False) -> (mean NLL, (nll_sum, n_tokens)).
+
+    Dropout is active only when training (`deterministic=False`) and the model has dropout.
+    """
     model = build(cfg)
 
-    def loss_fn(params, batch: Batch, rng: jax.Array):
+    def loss_fn(params, batch: Batch, rng: jax.Array, deterministic: bool = False):
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        deterministic = cfg.dropout == 0.0
+        deterministic = deterministic or cfg.dropout == 0.0
         rngs = None if deterministic else {"dropout": jax.random.fold_in(rng, 1)}
         if objective == "clm":
             out = model.apply({"params": params}, ids, mask, deterministic=deterministic, rngs=rngs)
@@ -63,7 +66,7 @@ def make_eval_step(cfg: ModelConfig, mesh: Mesh, param_shardings: Any, rules=Non
     loss_fn = loss_fn or make_loss_fn(cfg)
 
     def evaluate(params, batch: Batch):
-        _, (nll_sum, n) = loss_fn(params, batch, jax.random.key(0))
+        _, (nll_sum, n) = loss_fn(params, batch, jax.random.key(0), deterministic=True)
         return nll_sum, n
 
     batch_sh = {"input_ids": batch_sharding(mesh, rules), "attention_mask": batch_sharding(mesh, rules)}

@@ -90,7 +90,9 @@ def grow_copy_width(params: Params, cfg: ModelConfig, new: ModelConfig, rand, *,
     if "mlm_dense" in params:     # BERT MLM head: dense D->D, then a norm divided by c so tied logits add up
         out["mlm_dense"] = {"kernel": copy(split(params["mlm_dense"]["kernel"], gD, cD, 0, **noisy), gD, 1),
                             "bias": copy(params["mlm_dense"]["bias"], gD, 0)}
-        out["mlm_norm"] = norm(params["mlm_norm"], divide=True)
+        # Tied output: copied embedding columns are summed c times, so the norm divides by c. An untied
+        # lm_head is already SPLIT (divided) above: dividing the norm too would scale logits by 1/c.
+        out["mlm_norm"] = norm(params["mlm_norm"], divide="lm_head" not in params)
         out["mlm_bias"] = params["mlm_bias"]
     if "pooler" in params:
         out["pooler"] = {"kernel": copy(split(params["pooler"]["kernel"], gD, cD, 0, **noisy), gD, 1),
