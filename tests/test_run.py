@@ -77,7 +77,9 @@ def test_train_command_runs_one_joint_stage(tmp_path):
     assert max(report["matrix"][0]) < 0.5 * min(report["initial_perplexity"])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     periodic = [r for r in records if r["kind"] == "eval_step"]
-    assert sorted({r["step"] for r in periodic}) == [10, 20] and {r["domain"] for r in periodic} == {"bible", "manpages"}
+    assert sorted({r["step"] for r in periodic}) == [10, 20, 30, 40, 50] and \
+        {r["domain"] for r in periodic} == {"bible", "manpages"}
+    assert report["train_tokens"] == [60 * 8 * 32]        # the sequential run's total: 30 + 30 steps
 
 
 def test_sigkill_then_restart_resumes_and_matches_uninterrupted(uninterrupted, tmp_path):

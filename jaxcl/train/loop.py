@@ -348,7 +348,8 @@ def _architecture(model_cfg: ModelConfig) -> dict[str, Any]:
 
 
 class JointRun(ContinualRun):
-    """One stage on the union of all domains (shuffled together): the multitask reference point."""
+    """One stage on the union of all domains (shuffled together): the multitask reference point, with
+    the same number of steps as the whole sequential run (pretraining stage + every later stage)."""
 
     method = "joint"
 
@@ -358,6 +359,9 @@ class JointRun(ContinualRun):
             self.run_dir = Path("runs") / f"{cfg.run.name}-joint"
         self.train_sequences["joint"] = np.concatenate([self.train_sequences[d] for d in self.domains])
         self.stages = ("joint",)
+
+    def stage_steps(self, stage: int) -> int:
+        return sum(ContinualRun.stage_steps(self, i) for i in range(len(self.domains)))
 
 
 RUNNERS: dict[str, type[ContinualRun]] = {"sequential": ContinualRun, "joint": JointRun}
