@@ -29,7 +29,7 @@ from jaxcl.data.sources import open_source
 from jaxcl.data.stream import SequenceStream, eval_batches, pack_sequences, to_global
 from jaxcl.data.tokenizer import load_tokenizer
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_training_curves, write_report
-from jaxcl.models import ModelConfig, abstract_params
+from jaxcl.models import ModelConfig, abstract_params, init_params
 from jaxcl.parallel import batch_sharding, describe_mesh, make_mesh, resolve_rules, sharding_table
 from jaxcl.train.checkpoint import Checkpointer, abstract_like
 from jaxcl.train.optimizer import learning_rate_schedule, make_optimizer
@@ -212,11 +212,10 @@ class ContinualRun:
                 meta = None          # the checkpoint is consumed; later stages continue in memory
                 if not resume_here:
                     restored = None  # free the finished stage's optimizer moments
-            if stage == 0 and initial is None:
-                state, shardings = create_train_state(model_cfg, tx, jax.random.key(cfg.run.seed), self.mesh,
-                                                      self.rules)
-                params = state.params
-                initial = {d: v["perplexity"] for d, v in self.evaluate(model_cfg, params, shardings.params).items()}
+            if stage == 0 and initial is None:      # only the params: the optimizer state is created below
+                param_shardings = state_shardings(model_cfg, tx, self.mesh, self.rules).params
+                params = init_params(model_cfg, jax.random.key(cfg.run.seed), out_shardings=param_shardings)
+                initial = {d: v["perplexity"] for d, v in self.evaluate(model_cfg, params, param_shardings).items()}
                 metrics.write(kind="eval_initial", perplexity=initial)
             if not resume_here:
                 model_cfg, params = self.stage_model(stage, model_cfg, params)
