@@ -35,7 +35,7 @@ def _load(args) -> "Config":  # noqa: F821
 
 def cmd_run(args, method: str | None = None) -> int:
     from jaxcl.parallel import initialize_distributed
-    from jaxcl.train.loop import run_config
+    from jaxcl.runs import run_config
 
     initialize_distributed()
     cfg = _load(args)

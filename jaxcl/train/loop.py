@@ -363,15 +363,4 @@ class JointRun(ContinualRun):
         return sum(ContinualRun.stage_steps(self, i) for i in range(len(self.domains)))
 
 
-RUNNERS: dict[str, type[ContinualRun]] = {"sequential": ContinualRun, "joint": JointRun}
-
-
-def run_config(cfg: Config) -> dict[str, Any]:
-    """Run the job `cfg.run.method` names."""
-    runners = RUNNERS
-    if cfg.run.method not in runners:
-        raise ConfigError(f"run.method={cfg.run.method!r} is not available (available: {', '.join(runners)})")
-    return runners[cfg.run.method](cfg).run()
-
-
-__all__ = ["ContinualRun", "JointRun", "Preempted", "RUNNERS", "run_config"]
+__all__ = ["ContinualRun", "JointRun", "Preempted"]

@@ -1,0 +1,38 @@
+"""Which runner a `run.method` names.
+
+The registry maps a method name to "module:Class" and imports lazily, so `jaxcl.train` never imports
+the method packages (the dependency direction is cli -> elle|memory|slm -> train). Every runner takes a
+`Config` and its `.run()` returns the report dict it also writes to `report.json`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from jaxcl.config import Config
+from jaxcl.models.config import ConfigError
+
+RUNNERS: dict[str, str] = {
+    "sequential": "jaxcl.train.loop:ContinualRun",
+    "joint": "jaxcl.train.loop:JointRun",
+    "elle": "jaxcl.elle.run:ElleRun",
+    "semem": "jaxcl.memory.run:SememRun",
+    "slm": "jaxcl.slm.run:SlmRun",
+}
+
+
+def runner_class(method: str) -> type:
+    """Import the runner class for `method`; an unknown name is a config error naming the key."""
+    if method not in RUNNERS:
+        raise ConfigError(f"run.method={method!r} is not available (available: {', '.join(RUNNERS)})")
+    module, _, name = RUNNERS[method].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_config(cfg: Config) -> dict[str, Any]:
+    """Run the job `cfg.run.method` names and return its report."""
+    return runner_class(cfg.run.method)(cfg).run()
+
+
+__all__ = ["RUNNERS", "run_config", "runner_class"]
