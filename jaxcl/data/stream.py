@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Sharding
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from jaxcl.config import ConfigError
 
@@ -92,5 +92,14 @@ def eval_batches(sequences: np.ndarray, global_batch: int, *, process_index: int
 
 
 def to_global(local_batch: dict[str, np.ndarray], sharding: Sharding) -> dict[str, jax.Array]:
-    """Assemble the global batch from every process's local rows (no host sees the whole batch)."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+    """Assemble the global batch from every process's local rows (no host sees the whole batch).
+
+    `sharding` is that of `[batch, seq]` arrays; per-row arrays (`[batch]`, e.g. prompt ids) use its
+    batch axis only.
+    """
+    def for_rank(ndim: int) -> Sharding:
+        if isinstance(sharding, NamedSharding) and len(sharding.spec) > ndim:
+            return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:ndim]))
+        return sharding
+
+    return {k: jax.make_array_from_process_local_data(for_rank(np.ndim(v)), v) for k, v in local_batch.items()}

@@ -208,6 +208,10 @@ def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict
     from safetensors.numpy import save
 
     directory = Path(directory)
+    if cfg.num_prompts:
+        raise CheckpointError(f"the model has learned prompts (model.num_prompts={cfg.num_prompts}), which Hugging "
+                              "Face checkpoints cannot hold: export the backbone with "
+                              "jaxcl.models.without_prompts(cfg, params)")
     flat = _flatten(params)
     shapes = _check_params(cfg, flat)
     table = table_for(cfg)

@@ -21,7 +21,7 @@ from jaxcl.models.encoder import Encoder, mean_pool
 from jaxcl.models.outputs import ModelOutput
 
 __all__ = ["ConfigError", "ModelConfig", "ModelOutput", "build", "init_params", "param_axes", "abstract_params",
-           "mean_pool", "example_input_ids", "Decoder", "Encoder"]
+           "mean_pool", "example_input_ids", "without_prompts", "Decoder", "Encoder"]
 
 
 def build(cfg: ModelConfig) -> nn.Module:
@@ -59,3 +59,9 @@ def param_axes(cfg: ModelConfig) -> dict[str, Any]:
     """
     boxed = jax.eval_shape(lambda r: build(cfg).init(r, example_input_ids(cfg))["params"], jax.random.key(0))
     return nn.get_partition_spec(boxed)
+
+
+def without_prompts(cfg: ModelConfig, params: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any]]:
+    """The backbone alone (prompt table dropped): what `save_pretrained` can export. Without prompt_ids
+    a model with prompts computes exactly what this backbone computes."""
+    return cfg.replace(num_prompts=0), {k: v for k, v in params.items() if k != "prompt_embed"}

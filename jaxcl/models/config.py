@@ -60,6 +60,8 @@ class ModelConfig:
     mlm_head: bool = True              # BERT: BertForMaskedLM head (transform + tied decoder)
     pooler: bool = False               # BERT: tanh pooler on [CLS] (BertModel)
     dropout: float = 0.0               # residual / embedding dropout when deterministic=False
+    num_prompts: int = 0               # learned prompt tables (ELLE: one per domain); 0 = none
+    prompt_length: int = 1             # prompt vectors per table, prepended when `prompt_ids` is given
     dtype: str = "float32"             # compute dtype; parameters are always float32
     initializer_range: float = 0.02
     pad_token_id: int | None = None
@@ -107,6 +109,10 @@ class ModelConfig:
             raise ConfigError(f"model.norm_eps must be a positive float, got {self.norm_eps!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.num_prompts, int) and self.num_prompts >= 0):
+            raise ConfigError(f"model.num_prompts must be a non-negative integer, got {self.num_prompts!r}")
+        if not (isinstance(self.prompt_length, int) and self.prompt_length >= 1):
+            raise ConfigError(f"model.prompt_length must be a positive integer, got {self.prompt_length!r}")
         if self.rope_scaling is not None:
             rope_type = dict(self.rope_scaling).get("rope_type", "default")
             if rope_type not in ROPE_TYPES:
@@ -156,7 +162,7 @@ class ModelConfig:
         n_in = 2 if self.family == "llama" else 1
         mlp = n_in * d * f + f * d + ((n_in * f + d) if self.mlp_bias else 0)
         norm = d if self.family == "llama" else 2 * d
-        total = self.n_layers * (attn + mlp + 2 * norm) + self.vocab_size * d
+        total = self.n_layers * (attn + mlp + 2 * norm) + (self.vocab_size + self.num_prompts * self.prompt_length) * d
         if self.family in ("gpt2", "bert"):
             total += self.max_seq_len * d
         if self.family == "bert":

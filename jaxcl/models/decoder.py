@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from jaxcl.models.config import ModelConfig
 from jaxcl.models.layers import POSITION_AXIS, Dense, build_attention_mask, compute_dtype, embedding_table, \
-    make_norm, stacked_layers
+    make_norm, prepend_prompts, prompt_table, stacked_layers
 from jaxcl.models.outputs import ModelOutput
 
 
@@ -35,25 +35,33 @@ def checked_positions(cfg: ModelConfig, input_ids: jax.Array, positions: jax.Arr
 
 
 class Decoder(nn.Module):
-    """A causal LM; `__call__(input_ids [b, s], attention_mask [b, s] | None) -> ModelOutput`."""
+    """A causal LM; `__call__(input_ids [b, s], attention_mask [b, s] | None) -> ModelOutput`.
+
+    With `prompt_ids` [b] (and `cfg.num_prompts` > 0) each row is prefixed by its learned prompt;
+    outputs still cover only the `s` text positions.
+    """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, deterministic: bool = True) -> ModelOutput:
+                 positions: jax.Array | None = None, deterministic: bool = True,
+                 prompt_ids: jax.Array | None = None) -> ModelOutput:
         cfg = self.cfg
         positions = checked_positions(cfg, input_ids, positions)
         dtype = compute_dtype(cfg)
-        b, s = input_ids.shape
         embed = embedding_table(cfg, cfg.vocab_size, "vocab", "embed")
         x = embed(input_ids)                                                   # [b, s, d]
+        x, attention_mask, positions, n_prefix = prepend_prompts(cfg, prompt_table(cfg), prompt_ids, x, attention_mask,
+                                                                 positions, self.is_initializing())
+        b, s = x.shape[:2]                                                     # s includes the prompt
         if cfg.family == "gpt2":
             x = x + embedding_table(cfg, cfg.max_seq_len, POSITION_AXIS, "pos_embed")(positions)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
         mask = build_attention_mask(attention_mask, b, s, causal=True)
         (x, ffn_in), _ = stacked_layers(cfg, deterministic)((x, jnp.zeros_like(x)), mask, positions)
-        hidden = make_norm(cfg, "final_norm")(x)
+        hidden = make_norm(cfg, "final_norm")(x)[:, n_prefix:]               # [b, s_text, d]
+        ffn_in = ffn_in[:, n_prefix:]
         if cfg.tie_embeddings:
             logits = embed.attend(hidden)
         else:

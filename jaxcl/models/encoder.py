@@ -9,7 +9,7 @@ from flax import linen as nn
 from jaxcl.models.config import ModelConfig
 from jaxcl.models.decoder import checked_positions
 from jaxcl.models.layers import ACTIVATION_FNS, POSITION_AXIS, Dense, build_attention_mask, compute_dtype, \
-    embedding_table, make_norm, stacked_layers
+    embedding_table, make_norm, prepend_prompts, prompt_table, stacked_layers
 from jaxcl.models.outputs import ModelOutput
 
 
@@ -29,20 +29,26 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, token_type_ids: jax.Array | None = None,
-                 deterministic: bool = True) -> ModelOutput:
+                 deterministic: bool = True, prompt_ids: jax.Array | None = None) -> ModelOutput:
         cfg = self.cfg
         positions = checked_positions(cfg, input_ids, positions)
         dtype = compute_dtype(cfg)
-        b, s = input_ids.shape
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         embed = embedding_table(cfg, cfg.vocab_size, "vocab", "embed")
-        x = embed(input_ids) + embedding_table(cfg, cfg.max_seq_len, POSITION_AXIS, "pos_embed")(positions)
+        x, attention_mask, positions, n_prefix = prepend_prompts(cfg, prompt_table(cfg), prompt_ids, embed(input_ids),
+                                                                 attention_mask, positions, self.is_initializing())
+        if n_prefix:
+            token_type_ids = jnp.concatenate([jnp.zeros((x.shape[0], n_prefix), token_type_ids.dtype),
+                                              token_type_ids], axis=1)
+        b, s = x.shape[:2]                                                     # s includes the prompt
+        x = x + embedding_table(cfg, cfg.max_seq_len, POSITION_AXIS, "pos_embed")(positions)
         x = x + embedding_table(cfg, cfg.type_vocab_size, None, "type_embed")(token_type_ids)
         x = make_norm(cfg, "embed_norm")(x)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
         mask = build_attention_mask(attention_mask, b, s, causal=False)
         (hidden, ffn_in), _ = stacked_layers(cfg, deterministic)((x, jnp.zeros_like(x)), mask, positions)
+        hidden, ffn_in = hidden[:, n_prefix:], ffn_in[:, n_prefix:]            # [b, s_text, d]
 
         logits = None
         if cfg.mlm_head:

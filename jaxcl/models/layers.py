@@ -102,6 +102,43 @@ def embedding_table(cfg: ModelConfig, num_embeddings: int, axis: str | None, nam
                     embedding_init=nn.with_logical_partitioning(normal_init(cfg.initializer_range), (axis, "embed")))
 
 
+def prompt_table(cfg: ModelConfig) -> nn.Embed | None:
+    """The learned prompts, `[num_prompts * prompt_length, d_model]` (rows p*P .. p*P+P-1 are prompt p)."""
+    if not cfg.num_prompts:
+        return None
+    return embedding_table(cfg, cfg.num_prompts * cfg.prompt_length, None, "prompt_embed")
+
+
+def prepend_prompts(cfg: ModelConfig, table: nn.Embed | None, prompt_ids: jax.Array | None, x: jax.Array,
+                    attention_mask: jax.Array | None, positions: jax.Array,
+                    initializing: bool) -> tuple[jax.Array, jax.Array | None, jax.Array, int]:
+    """Put prompt `prompt_ids[b]`'s vectors in front of row b; returns (x, mask, positions, n_prefix).
+
+    `x` is `[b, s, d]` token embeddings and `positions` the text's `[b, s]` positions; the prompt takes
+    positions 0..P-1 and the text moves up by P (as a prepended token would). Without `prompt_ids` the
+    model runs unchanged (the table is only touched at init, so it exists in the parameters).
+    """
+    if prompt_ids is None:
+        if table is not None and initializing:
+            table(jnp.zeros((1,), jnp.int32))
+        return x, attention_mask, positions, 0
+    if table is None:
+        raise ValueError("prompt_ids were given but the model has no prompts (model.num_prompts=0)")
+    b, s, _ = x.shape
+    if prompt_ids.shape != (b,):
+        raise ValueError(f"prompt_ids must be [batch]={b}, got shape {tuple(prompt_ids.shape)}")
+    n = cfg.prompt_length
+    if cfg.family != "llama" and s + n > cfg.max_seq_len:
+        raise ValueError(f"input_ids has seq={s}, plus {n} prompt vectors > model.max_seq_len={cfg.max_seq_len}")
+    rows = prompt_ids[:, None].astype(jnp.int32) * n + jnp.arange(n, dtype=jnp.int32)[None, :]   # [b, P]
+    x = jnp.concatenate([table(rows).astype(x.dtype), x], axis=1)                              # [b, P+s, d]
+    if attention_mask is not None:
+        attention_mask = jnp.concatenate([jnp.ones((b, n), attention_mask.dtype), attention_mask], axis=1)
+    prefix_positions = jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype)[None, :], (b, n))
+    positions = jnp.concatenate([prefix_positions, positions + n], axis=1)                    # [b, P+s]
+    return x, attention_mask, positions, n
+
+
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     """The family's norm: RMSNorm for LLaMA, LayerNorm otherwise."""
     cls = RMSNorm if cfg.family == "llama" else LayerNorm

@@ -179,8 +179,9 @@ def _exact_width(params: Params, cfg: ModelConfig, new: ModelConfig, keys: _Rand
         return _grow_axis(x, -1, D, write)
 
     out: Params = {"embed": {"embedding": writes(params["embed"]["embedding"])}}
-    if "pos_embed" in params:
-        out["pos_embed"] = {"embedding": writes(params["pos_embed"]["embedding"])}
+    for name in ("pos_embed", "prompt_embed"):
+        if name in params:
+            out[name] = {"embedding": writes(params[name]["embedding"])}
     out["final_norm"] = norm(params["final_norm"])
     if "lm_head" in params:
         out["lm_head"] = {"kernel": reads(params["lm_head"]["kernel"], 0)}

@@ -79,7 +79,7 @@ def grow_copy_width(params: Params, cfg: ModelConfig, new: ModelConfig, rand, *,
         return {k: v / cD for k, v in out.items()} if divide else out
 
     out: Params = {"embed": {"embedding": copy(params["embed"]["embedding"], gD, 1)}}
-    for name in ("pos_embed", "type_embed"):
+    for name in ("pos_embed", "type_embed", "prompt_embed"):
         if name in params:
             out[name] = {"embedding": copy(params[name]["embedding"], gD, 1)}
     for name in ("embed_norm", "final_norm"):
