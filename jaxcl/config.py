@@ -21,7 +21,7 @@ import yaml
 from jaxcl.models.config import ConfigError, ModelConfig
 
 __all__ = ["ConfigError", "Config", "RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "MeshConfig",
-           "CheckpointConfig", "load_config", "config_from_dict", "config_to_dict", "parse_overrides", "save_config"]
+           "CheckpointConfig", "ElleConfig", "GrowthTarget", "load_config", "config_from_dict", "config_to_dict", "parse_overrides", "save_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +109,53 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GrowthTarget:
+    """One stage's architecture in an ELLE growth schedule; fields left out keep their current value."""
+
+    n_layers: int | None = None
+    d_model: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    d_ff: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ElleConfig:
+    """ELLE: growth schedule, domain prompts, replay memory and function-recovering warmup.
+
+    Each part can be switched off (empty schedule, prompt_length 0, replay_ratio 0, warmup_steps 0),
+    which is how the ablations and the "small model + replay" baseline run through the same code.
+    """
+
+    schedule: tuple[GrowthTarget, ...] = ()   # architecture of stages 1, 2, ... (one per later domain)
+    grow_method: Literal["exact", "elle"] = "elle"
+    noise_std: float = 0.0               # ELLE's copy noise (method elle); the GPT scripts use 0.01
+    prompt_length: int = 1               # prompt vectors per domain (ELLE: 1); 0 = no domain prompts
+    memory_fraction: float = 0.1         # share of each domain's training sequences kept for replay
+    replay_ratio: float = 0.1            # expected share of micro-batches replaced by memory batches
+    micro_batches: int = 16              # micro-batches per global batch (the replay granularity)
+    adaptive_every: int = 50             # steps between adaptive replay-weight updates (0 = uniform)
+    adaptive_eval_batches: int = 2       # validation batches per old domain for each update
+    warmup_steps: int = 50               # function-recovering warmup after each growth (0 = none)
+
+    def __post_init__(self):
+        if self.prompt_length < 0:
+            raise ConfigError(f"elle.prompt_length must be >= 0, got {self.prompt_length}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ConfigError(f"elle.memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if not 0.0 <= self.replay_ratio < 1.0:
+            raise ConfigError(f"elle.replay_ratio must be in [0, 1), got {self.replay_ratio}")
+        for key in ("micro_batches", "adaptive_eval_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"elle.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("adaptive_every", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"elle.{key} must be >= 0, got {getattr(self, key)}")
+        if self.noise_std < 0:
+            raise ConfigError(f"elle.noise_std must be >= 0, got {self.noise_std}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a `jaxcl run` needs."""
 
@@ -119,6 +166,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
+    elle: ElleConfig = ElleConfig()
 
     def run_dir(self) -> Path:
         return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name

@@ -34,7 +34,7 @@ from jaxcl.parallel import batch_sharding, describe_mesh, make_mesh, resolve_rul
 from jaxcl.train.checkpoint import Checkpointer, abstract_like
 from jaxcl.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxcl.train.state import TrainState, create_train_state, state_shardings
-from jaxcl.train.step import make_eval_step, make_loss_fn, make_train_step
+from jaxcl.train.step import DEFAULT_BATCH_KEYS, make_eval_step, make_loss_fn, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class ContinualRun:
         self.train_sequences, self.valid_sequences = self._tokenize(source)
         self.stages: tuple[str, ...] = self.domains      # what each stage trains on (keys of train_sequences)
         self.train_seconds = 0.0
+        self.stage_flops: list[float] = []     # training FLOPs per stage (growth warmups included)
 
     # ------------------------------------------------------------------ data
     def _tokenize(self, source) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -129,20 +130,65 @@ class ContinualRun:
         """This process's rows of the next batch (replay methods mix memory batches in here)."""
         return stream.next_local()
 
+    def domain_batch(self, domain: str, local: dict[str, np.ndarray], model_cfg: ModelConfig) -> dict[str, np.ndarray]:
+        """A batch of `domain` with what the model needs to know about its domain: a model with learned
+        prompts gets the domain's prompt (prompt p = the p-th domain of the stream)."""
+        if not model_cfg.num_prompts or "prompt_ids" in local:
+            return local
+        index = self.domains.index(domain)
+        if index >= model_cfg.num_prompts:
+            raise ConfigError(f"model.num_prompts={model_cfg.num_prompts} but the stream has {len(self.domains)} "
+                              f"domains: domain {domain!r} has no prompt")
+        return {**local, "prompt_ids": np.full((len(local["input_ids"]),), index, np.int32)}
+
+    def after_step(self, stage: int, step: int, steps: int, model_cfg: ModelConfig, state: TrainState,
+                   shardings: TrainState) -> None:
+        """Called after every optimizer step of a stage (ELLE updates its replay weights here)."""
+
+    def method_state(self) -> dict[str, Any]:
+        """JSON state a method keeps across steps; saved in every checkpoint's meta."""
+        return {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Restore what `method_state` returned (on resume)."""
+
+    @staticmethod
+    def batch_keys(model_cfg: ModelConfig) -> tuple[str, ...]:
+        """The arrays a batch carries: models with learned prompts also take `prompt_ids`."""
+        return DEFAULT_BATCH_KEYS + (("prompt_ids",) if model_cfg.num_prompts else ())
+
+    def step_flops(self, model_cfg: ModelConfig) -> float:
+        """Training FLOPs of one optimizer step of `model_cfg` on this run's batches."""
+        context = self.cfg.data.seq_len + (model_cfg.prompt_length if model_cfg.num_prompts else 0)
+        return model_cfg.train_flops_per_token(context) * self.cfg.data.batch_size * self.cfg.data.seq_len
+
     # ------------------------------------------------------------------ evaluation
+    def eval_step_fn(self, model_cfg: ModelConfig, param_shardings: Any):
+        """The jitted (params, batch) -> (nll_sum, tokens) used for perplexities."""
+        return make_eval_step(model_cfg, self.mesh, param_shardings, self.rules,
+                              loss_fn=make_loss_fn(model_cfg, self.cfg.train.objective,
+                                                   mask_token_id=self.tokenizer.mask_id,
+                                                   mlm_probability=self.cfg.train.mlm_probability),
+                              batch_keys=self.batch_keys(model_cfg))
+
+    def domain_nll(self, eval_step, model_cfg: ModelConfig, params: Any, domain: str,
+                   max_batches: int | None = None) -> tuple[float, float]:
+        """(summed NLL, tokens) of `domain`'s validation split (its first `max_batches` batches)."""
+        sharding = batch_sharding(self.mesh, self.rules)
+        nll, n = 0.0, 0.0
+        for i, local in enumerate(eval_batches(self.valid_sequences[domain], self.cfg.data.batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            s, c = eval_step(params, to_global(self.domain_batch(domain, local, model_cfg), sharding))
+            nll, n = nll + float(s), n + float(c)
+        return nll, n
+
     def evaluate(self, model_cfg: ModelConfig, params: Any, param_shardings: Any) -> dict[str, dict[str, float]]:
         """Perplexity of every domain's validation split."""
-        eval_step = make_eval_step(model_cfg, self.mesh, param_shardings, self.rules,
-                                   loss_fn=make_loss_fn(model_cfg, self.cfg.train.objective,
-                                                        mask_token_id=self.tokenizer.mask_id,
-                                                        mlm_probability=self.cfg.train.mlm_probability))
-        sharding = batch_sharding(self.mesh, self.rules)
+        eval_step = self.eval_step_fn(model_cfg, param_shardings)
         out = {}
         for d in self.domains:
-            nll, n = 0.0, 0.0
-            for local in eval_batches(self.valid_sequences[d], self.cfg.data.batch_size):
-                s, c = eval_step(params, to_global(local, sharding))
-                nll, n = nll + float(s), n + float(c)
+            nll, n = self.domain_nll(eval_step, model_cfg, params, d)
             mean_nll = nll / max(n, 1.0)
             perplexity = math.exp(mean_nll) if mean_nll < 700 else math.inf     # a diverged model must not crash
             out[d] = {"perplexity": perplexity, "nll": mean_nll, "tokens": n}
@@ -187,6 +233,8 @@ class ContinualRun:
                 log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
             model_cfg = ModelConfig.from_dict(meta["model"])
             self.train_seconds = meta.get("train_seconds", 0.0)
+            self.stage_flops = list(meta.get("stage_flops", []))
+            self.load_method_state(meta.get("method_state", {}))
             log.info("resuming from checkpoint %d (stage %d, step %d)", latest, meta["stage"], meta["stage_step"])
         matrix = meta["matrix"] if meta else []
         initial = meta.get("initial") if meta else None
@@ -251,7 +299,11 @@ class ContinualRun:
         cfg = self.cfg
         loss_fn = make_loss_fn(model_cfg, cfg.train.objective, mask_token_id=self.tokenizer.mask_id,
                                mlm_probability=cfg.train.mlm_probability)
-        train_step = make_train_step(model_cfg, tx, self.mesh, shardings, self.rules, loss_fn=loss_fn)
+        train_step = make_train_step(model_cfg, tx, self.mesh, shardings, self.rules, loss_fn=loss_fn,
+                                     batch_keys=self.batch_keys(model_cfg))
+        while len(self.stage_flops) <= stage:
+            self.stage_flops.append(0.0)
+        flops = self.step_flops(model_cfg)
         schedule = learning_rate_schedule(cfg.optim, steps)
         sharding = batch_sharding(self.mesh, self.rules)
         rng = jax.random.fold_in(jax.random.key(cfg.run.seed), stage)
@@ -259,10 +311,13 @@ class ContinualRun:
         bar = _progress(steps, first, f"stage {stage} {domain}")
         t_last, tokens_since = time.time(), 0.0
         for step in range(first, steps):
-            state, m = train_step(state, to_global(self.local_batch(stage, stream), sharding), rng)
+            local = self.domain_batch(domain, self.local_batch(stage, stream), model_cfg)
+            state, m = train_step(state, to_global(local, sharding), rng)
             tokens_since += cfg.data.batch_size * cfg.data.seq_len
+            self.stage_flops[stage] += flops
             bar.update()
             done = step + 1
+            self.after_step(stage, done, steps, model_cfg, state, shardings)
             if done % cfg.train.log_every == 0 or done == steps:
                 m = jax.device_get(m)
                 now = time.time()
@@ -297,11 +352,12 @@ class ContinualRun:
                 "stages": list(self.stages), "domains": list(self.domains),
                 "model": config_to_dict(model_cfg), "stream": stream.state(), "matrix": matrix, "initial": initial,
                 "architectures": architectures, "train_seconds": self.train_seconds,
+                "stage_flops": self.stage_flops, "method_state": self.method_state(),
                 "config": config_to_dict(self.cfg)}
 
     def report_extras(self, architectures) -> dict[str, Any]:
-        """Method-specific report keys (ELLE adds architectures and FLOPs, ...)."""
-        return {}
+        """Method-specific report keys; every stage loop reports its architectures and training FLOPs."""
+        return {"architectures": architectures, "train_flops": self.stage_flops}
 
     def _finish(self, matrix, initial, architectures, wall) -> dict[str, Any]:
         tokens = [self.stage_steps(i) * self.cfg.data.batch_size * self.cfg.data.seq_len
@@ -354,6 +410,9 @@ class JointRun(ContinualRun):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
+        if cfg.model.num_prompts:
+            raise ConfigError("model.num_prompts: joint training mixes domains in one stage, so it cannot take "
+                              "per-domain prompts; set model.num_prompts=0")
         if not cfg.run.dir:      # never share (and resume) the sequential run's directory
             self.run_dir = Path("runs") / f"{cfg.run.name}-joint"
         self.train_sequences["joint"] = np.concatenate([self.train_sequences[d] for d in self.domains])

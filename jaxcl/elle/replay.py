@@ -1,0 +1,107 @@
+"""ELLE's replay memory: per-domain memory banks, micro-batch replacement and adaptive domain weights.
+
+Every update, r = floor(ratio * m + u) of the batch's m micro-batches (u ~ U[0, 1), so r is ratio * m
+in expectation) are replaced by memory micro-batches; each comes from an old domain d drawn with
+probability proportional to w_d. The weights follow ELLE's code: every few steps,
+
+    w_d = (loss_d(before) - loss_d(now)) / tokens_d(replayed since before)
+
+so replay goes to domains whose validation loss still improves per replayed token; a domain whose
+loss rises gets the largest weight in the first half of a stage (and during warmup), and none later.
+All draws are a pure function of (seed, stage, phase, step), so resuming replays exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxcl.config import ConfigError
+
+
+def memory_rows(n_sequences: int, fraction: float, seed: int) -> np.ndarray:
+    """Indices of the sequences a domain keeps in memory: a fixed random `fraction` (at least one)."""
+    if n_sequences < 1:
+        raise ConfigError("replay memory: a domain has no training sequences")
+    keep = max(1, int(math.ceil(fraction * n_sequences)))
+    return np.sort(np.random.default_rng(seed).permutation(n_sequences)[:keep])
+
+
+def replay_plan(rng: np.random.Generator, micro_batches: int, ratio: float,
+                weights: Sequence[float]) -> list[tuple[int, int]]:
+    """[(micro-batch slot, index into `weights`)] to replace in one update (empty when nothing to replay)."""
+    if not len(weights) or ratio <= 0:
+        return []
+    n_replace = min(micro_batches, int(math.floor(ratio * micro_batches + rng.random())))
+    if n_replace == 0:
+        return []
+    w = np.maximum(np.asarray(weights, np.float64), 0.0)
+    p = w / w.sum() if w.sum() > 0 else np.full(len(w), 1.0 / len(w))
+    slots = np.sort(rng.choice(micro_batches, size=n_replace, replace=False))
+    sources = rng.choice(len(w), size=n_replace, p=p)
+    return [(int(s), int(d)) for s, d in zip(slots, sources)]
+
+
+def adaptive_weights(previous_loss: Sequence[float], loss: Sequence[float], tokens: Sequence[float],
+                     first_half: bool) -> list[float]:
+    """ELLE's replay weights from the change of each old domain's validation loss per replayed token.
+
+    Domains that got worse (or did not improve) take the largest improving weight in the first half
+    of a stage (or in warmup) and ~0 in the second half; every weight stays >= 1e-9.
+    """
+    gains = [(p - l) / max(t, 1.0) for p, l, t in zip(previous_loss, loss, tokens)]
+    best = max([g for g in gains if g > 0], default=1.0)
+    out = []
+    for g in gains:
+        if g <= 0:
+            g = best if first_half else 0.0
+        out.append(max(g, 1e-9))
+    return out
+
+
+class ReplayMemory:
+    """Memory banks of the domains seen so far and the replacement of micro-batches by memory rows."""
+
+    def __init__(self, train_sequences: dict[str, np.ndarray], domains: Sequence[str], fraction: float, seed: int):
+        self.domains = tuple(domains)
+        self.banks = {d: train_sequences[d][memory_rows(len(train_sequences[d]), fraction, seed * 7919 + i)]
+                      for i, d in enumerate(self.domains)}        # [n_memory, seq]
+
+    def size(self, domain: str) -> int:
+        return len(self.banks[domain])
+
+    def mix(self, local: dict[str, np.ndarray], rows: np.ndarray, global_batch: int, old_domains: Sequence[str],
+            weights: Sequence[float], ratio: float, micro_batches: int,
+            rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """Replace this process's rows that fall in replayed micro-batches; returns (batch, rows per domain).
+
+        `local` holds the rows `rows` (a slice or index array of global rows) of the batch, with their `prompt_ids`; the
+        plan is drawn from `rng` identically on every process. Counts cover the whole global batch.
+        """
+        if global_batch % micro_batches:
+            raise ConfigError(f"elle.micro_batches={micro_batches} must divide data.batch_size={global_batch}")
+        per_micro = global_batch // micro_batches
+        rows = np.arange(global_batch)[rows]                                  # global index of each local row
+        out = {k: v.copy() for k, v in local.items()}
+        counts: dict[str, int] = {}
+        for slot, source in replay_plan(rng, micro_batches, ratio, weights):
+            domain = old_domains[source]
+            picks = rng.integers(0, len(self.banks[domain]), size=per_micro)     # drawn on every process
+            counts[domain] = counts.get(domain, 0) + per_micro
+            local_rows = np.nonzero((rows >= slot * per_micro) & (rows < (slot + 1) * per_micro))[0]
+            chosen = picks[rows[local_rows] - slot * per_micro]
+            out["input_ids"][local_rows] = self.banks[domain][chosen]
+            out["attention_mask"][local_rows] = 1
+            if "prompt_ids" in out:
+                out["prompt_ids"][local_rows] = self.domains.index(domain)
+        return out, counts
+
+
+def stage_rng(seed: int, stage: int, phase: int, step: int) -> np.random.Generator:
+    """The replay generator of one update (phase 0 = warmup, 1 = the stage proper)."""
+    return np.random.default_rng([seed, stage, phase, step])
+
+
+__all__ = ["ReplayMemory", "adaptive_weights", "memory_rows", "replay_plan", "stage_rng"]

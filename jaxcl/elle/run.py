@@ -1,0 +1,209 @@
+"""The ELLE stage loop: grow -> function-recovering warmup -> train with domain prompts and replay.
+
+    stage 0:      add the domain prompts; train on domain 0
+    stage i >= 1: grow to elle.schedule[i-1]; warm up on domain i-1's memory (+ replay of older
+                  memories) with a fresh optimizer; train on domain i, replacing ~replay_ratio of the
+                  micro-batches by memory micro-batches of domains < i (adaptive domain weights)
+
+Everything else (evaluation of every domain after every stage, checkpoints, resume, reports) is the
+shared `ContinualRun`. The report adds `architectures` and `train_flops` per stage (warmup included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxcl.config import Config, ConfigError
+from jaxcl.data.stream import SequenceStream, to_global
+from jaxcl.elle.replay import ReplayMemory, adaptive_weights, stage_rng
+from jaxcl.models import ModelConfig, abstract_params, param_axes
+from jaxcl.parallel import batch_sharding, logical_to_sharding
+from jaxcl.train.loop import ContinualRun, MetricsLog, _progress
+from jaxcl.train.optimizer import make_optimizer
+from jaxcl.train.state import create_train_state
+from jaxcl.train.step import make_loss_fn, make_train_step
+from jaxcl.transforms import add_prompts, grow, grown_config
+
+log = logging.getLogger(__name__)
+
+WARMUP, MAIN = 0, 1          # replay phases (the replay generator and the adaptive rule depend on them)
+
+
+class ElleRun(ContinualRun):
+    """ELLE over `cfg.data.domains` with the growth schedule, prompts, replay and warmup of `cfg.elle`."""
+
+    method = "elle"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        e = cfg.elle
+        if e.schedule and len(e.schedule) != len(self.domains) - 1:
+            raise ConfigError(f"elle.schedule has {len(e.schedule)} entries; the stream has {len(self.domains)} "
+                              f"domains, so it needs {len(self.domains) - 1} (one per domain after the first)")
+        if cfg.model.num_prompts:
+            raise ConfigError("model.num_prompts: ELLE adds its domain prompts itself (elle.prompt_length); "
+                              "leave model.num_prompts at 0")
+        if cfg.data.batch_size % e.micro_batches:
+            raise ConfigError(f"elle.micro_batches={e.micro_batches} must divide data.batch_size={cfg.data.batch_size}")
+        model_cfg = cfg.model
+        for i, target in enumerate(e.schedule):      # fail before any training on an impossible schedule
+            model_cfg = grown_config(model_cfg, method=e.grow_method, **_target(target))
+            log.debug("stage %d architecture: %s", i + 1, model_cfg)
+        self.memory = ReplayMemory(self.train_sequences, self.domains, e.memory_fraction, cfg.run.seed)
+        self.replay: dict[str, Any] = {}         # weights / loss at last update / tokens replayed since
+        self._eval_steps: dict[ModelConfig, Any] = {}
+        self._metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+
+    # ------------------------------------------------------------------ model between stages
+    def stage_model(self, stage: int, model_cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+        e, seed = self.cfg.elle, self.cfg.run.seed
+        if stage == 0:
+            if e.prompt_length:
+                params, model_cfg = add_prompts(params, model_cfg, num_prompts=len(self.domains),
+                                                prompt_length=e.prompt_length,
+                                                rng=jax.random.fold_in(jax.random.key(seed), 7_000))
+            params = self._place(model_cfg, params)
+        else:
+            if e.schedule:
+                model_cfg, params = self._grow(stage, model_cfg, params)
+            if e.warmup_steps:
+                params = self._warmup(stage, model_cfg, params)
+        self._begin_replay(stage, MAIN, model_cfg, params, self._param_shardings(model_cfg))
+        return model_cfg, params
+
+    def _place(self, model_cfg: ModelConfig, params: Any) -> Any:
+        return jax.device_put(params, self._param_shardings(model_cfg))
+
+    def _param_shardings(self, model_cfg: ModelConfig) -> Any:
+        return logical_to_sharding(param_axes(model_cfg), self.mesh, self.rules, shapes=abstract_params(model_cfg))
+
+    def _grow(self, stage: int, model_cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
+        """Grow to this stage's architecture inside one jit that lays the result out on the new shardings."""
+        e = self.cfg.elle
+        target = _target(e.schedule[stage - 1])
+        new_cfg = grown_config(model_cfg, method=e.grow_method, **target)
+        rng = jax.random.fold_in(jax.random.key(self.cfg.run.seed), 1_000 + stage)
+        grown = jax.jit(lambda p, r: grow(p, model_cfg, **target, rng=r, method=e.grow_method,
+                                          noise_std=e.noise_std)[0],
+                        out_shardings=self._param_shardings(new_cfg))(params, rng)
+        log.info("stage %d: grew %s -> %s (%.2f M -> %.2f M params, method=%s)", stage, _arch(model_cfg),
+                 _arch(new_cfg), model_cfg.num_params() / 1e6, new_cfg.num_params() / 1e6, e.grow_method)
+        return new_cfg, grown
+
+    def _warmup(self, stage: int, model_cfg: ModelConfig, params: Any) -> Any:
+        """Function-recovering warmup: train on the previous domain's memory (plus replay of older ones)
+        with a fresh optimizer whose schedule is the upcoming stage's, cut after `warmup_steps`."""
+        cfg, e = self.cfg, self.cfg.elle
+        previous = self.domains[stage - 1]
+        tx = make_optimizer(cfg.optim, self.stage_steps(stage))
+        rng = jax.random.fold_in(jax.random.key(cfg.run.seed), 2_000 + stage)
+        state, shardings = create_train_state(model_cfg, tx, rng, self.mesh, self.rules, params=params)
+        loss_fn = make_loss_fn(model_cfg, cfg.train.objective, mask_token_id=self.tokenizer.mask_id,
+                               mlm_probability=cfg.train.mlm_probability)
+        train_step = make_train_step(model_cfg, tx, self.mesh, shardings, self.rules, loss_fn=loss_fn,
+                                     batch_keys=self.batch_keys(model_cfg))
+        stream = SequenceStream(self.memory.banks[previous], cfg.data.batch_size, seed=cfg.run.seed * 1000 + 500 + stage)
+        self._begin_replay(stage, WARMUP, model_cfg, state.params, shardings.params)
+        while len(self.stage_flops) <= stage:
+            self.stage_flops.append(0.0)
+        flops, sharding = self.step_flops(model_cfg), batch_sharding(self.mesh, self.rules)
+        start, bar = time.time(), _progress(e.warmup_steps, 0, f"stage {stage} warmup on {previous} memory")
+        for step in range(e.warmup_steps):
+            local = self._replayed(stage, WARMUP, step, stream, previous)
+            state, m = train_step(state, to_global(local, sharding), rng)
+            self.stage_flops[stage] += flops
+            bar.update()
+            self._maybe_adapt(stage, WARMUP, step + 1, e.warmup_steps, model_cfg, state.params, shardings.params)
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == e.warmup_steps:
+                m = jax.device_get(m)
+                bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+                self._metrics.write(kind="warmup", stage=self.stages[stage], stage_index=stage, step=step + 1,
+                                    loss=float(m["loss"]), grad_norm=float(m["grad_norm"]))
+        bar.close()
+        self.train_seconds += time.time() - start
+        return state.params
+
+    # ------------------------------------------------------------------ replay
+    def local_batch(self, stage: int, stream: SequenceStream) -> dict[str, np.ndarray]:
+        step = stream.position // self.cfg.data.batch_size
+        return self._replayed(stage, MAIN, step, stream, self.stages[stage])
+
+    def _replayed(self, stage: int, phase: int, step: int, stream: SequenceStream, domain: str) -> dict[str, np.ndarray]:
+        """The next batch of `domain` (with its prompt) with memory micro-batches of older domains mixed in."""
+        e = self.cfg.elle
+        local = stream.next_local()
+        if e.prompt_length:
+            local["prompt_ids"] = np.full((len(local["input_ids"]),), self.domains.index(domain), np.int32)
+        old = self._old_domains(stage, phase)
+        if not old or e.replay_ratio == 0:
+            return local
+        weights = [self.replay["weights"][d] for d in old]
+        local, counts = self.memory.mix(local, stream.rows, self.cfg.data.batch_size, old, weights, e.replay_ratio,
+                                        e.micro_batches, stage_rng(self.cfg.run.seed, stage, phase, step))
+        for d, n in counts.items():
+            self.replay["tokens"][d] += n * self.cfg.data.seq_len
+        return local
+
+    def _old_domains(self, stage: int, phase: int) -> tuple[str, ...]:
+        """Domains replayed in this phase: before stage i, during warmup before stage i - 1."""
+        return self.domains[:stage - 1] if phase == WARMUP else self.domains[:stage]
+
+    def _begin_replay(self, stage: int, phase: int, model_cfg: ModelConfig, params: Any, param_shardings: Any) -> None:
+        """Uniform weights and the reference losses for the adaptive rule, at the start of a phase."""
+        old = self._old_domains(stage, phase)
+        self.replay = {"stage": stage, "phase": phase, "weights": {d: 1.0 for d in old},
+                       "tokens": {d: 0.0 for d in old},
+                       "loss": self._old_losses(old, model_cfg, params, param_shardings)}
+
+    def _old_losses(self, old, model_cfg, params, param_shardings) -> dict[str, float]:
+        e = self.cfg.elle
+        if not old or not e.adaptive_every or e.replay_ratio == 0:
+            return {}
+        if model_cfg not in self._eval_steps:
+            self._eval_steps[model_cfg] = self.eval_step_fn(model_cfg, param_shardings)
+        out = {}
+        for d in old:
+            nll, n = self.domain_nll(self._eval_steps[model_cfg], model_cfg, params, d, e.adaptive_eval_batches)
+            out[d] = nll / max(n, 1.0)
+        return out
+
+    def _maybe_adapt(self, stage, phase, done, steps, model_cfg, params, param_shardings) -> None:
+        e = self.cfg.elle
+        old = self._old_domains(stage, phase)
+        if not old or not e.adaptive_every or e.replay_ratio == 0 or done % e.adaptive_every:
+            return
+        loss = self._old_losses(old, model_cfg, params, param_shardings)
+        first_half = phase == WARMUP or done < steps / 2
+        weights = adaptive_weights([self.replay["loss"][d] for d in old], [loss[d] for d in old],
+                                   [self.replay["tokens"][d] for d in old], first_half)
+        self.replay.update(weights=dict(zip(old, weights)), loss=loss, tokens={d: 0.0 for d in old})
+        self._metrics.write(kind="replay_weights", stage=self.stages[stage], stage_index=stage,
+                            phase="warmup" if phase == WARMUP else "train", step=done,
+                            weights=self.replay["weights"], valid_loss=loss)
+
+    # ------------------------------------------------------------------ hooks of the shared loop
+    def after_step(self, stage, step, steps, model_cfg, state, shardings) -> None:
+        self._maybe_adapt(stage, MAIN, step, steps, model_cfg, state.params, shardings.params)
+
+    def method_state(self) -> dict[str, Any]:
+        return {"replay": self.replay}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.replay = dict(state.get("replay", {}))
+
+
+def _target(target) -> dict[str, int]:
+    return {k: v for k, v in dataclasses.asdict(target).items() if v is not None}
+
+
+def _arch(cfg: ModelConfig) -> str:
+    return f"L{cfg.n_layers}/D{cfg.d_model}/H{cfg.n_heads}/F{cfg.d_ff}"
+
+
+__all__ = ["ElleRun"]
