@@ -67,6 +67,7 @@ class TrainConfig:
 
     steps: int = 200                   # optimizer steps per stage
     pretrain_steps: int | None = None  # steps of the first stage (default: `steps`)
+    stage_steps: tuple[int, ...] = ()  # steps of every stage, overriding both (e.g. for equal-FLOPs runs)
     log_every: int = 10
     eval_every: int = 0                # also evaluate every domain every N steps (0 = only at stage ends)
     objective: Literal["clm", "mlm"] = "clm"
@@ -75,6 +76,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1 or (self.pretrain_steps is not None and self.pretrain_steps < 1):
             raise ConfigError("train.steps and train.pretrain_steps must be at least 1")
+        if any(n < 1 for n in self.stage_steps):
+            raise ConfigError(f"train.stage_steps must all be at least 1, got {list(self.stage_steps)}")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every must be at least 1, got {self.log_every}")
         if self.eval_every < 0:

@@ -5,6 +5,6 @@ this package holds the pieces that need the trainer: replay memory and the stage
 """
 
 from jaxcl.elle.replay import ReplayMemory, adaptive_weights, memory_rows, replay_plan
-from jaxcl.elle.run import ElleRun
+from jaxcl.elle.run import ElleRun, planned_stage_flops
 
-__all__ = ["ElleRun", "ReplayMemory", "adaptive_weights", "memory_rows", "replay_plan"]
+__all__ = ["ElleRun", "planned_stage_flops", "ReplayMemory", "adaptive_weights", "memory_rows", "replay_plan"]

@@ -14,7 +14,7 @@ All draws are a pure function of (seed, stage, phase, step), so resuming replays
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

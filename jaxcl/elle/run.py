@@ -24,10 +24,9 @@ from jaxcl.data.stream import SequenceStream, to_global
 from jaxcl.elle.replay import ReplayMemory, adaptive_weights, stage_rng
 from jaxcl.models import ModelConfig, abstract_params, param_axes
 from jaxcl.parallel import batch_sharding, logical_to_sharding
-from jaxcl.train.loop import ContinualRun, MetricsLog, _progress
+from jaxcl.train.loop import ContinualRun, MetricsLog, _progress, steps_of_stage, train_step_flops
 from jaxcl.train.optimizer import make_optimizer
 from jaxcl.train.state import create_train_state
-from jaxcl.train.step import make_loss_fn, make_train_step
 from jaxcl.transforms import add_prompts, grow, grown_config
 
 log = logging.getLogger(__name__)
@@ -41,23 +40,21 @@ class ElleRun(ContinualRun):
     method = "elle"
 
     def __init__(self, cfg: Config):
-        super().__init__(cfg)
         e = cfg.elle
-        if e.schedule and len(e.schedule) != len(self.domains) - 1:
-            raise ConfigError(f"elle.schedule has {len(e.schedule)} entries; the stream has {len(self.domains)} "
-                              f"domains, so it needs {len(self.domains) - 1} (one per domain after the first)")
-        if cfg.model.num_prompts:
+        if cfg.model.num_prompts:        # config-only checks come before the corpus is tokenized
             raise ConfigError("model.num_prompts: ELLE adds its domain prompts itself (elle.prompt_length); "
                               "leave model.num_prompts at 0")
         if cfg.data.batch_size % e.micro_batches:
             raise ConfigError(f"elle.micro_batches={e.micro_batches} must divide data.batch_size={cfg.data.batch_size}")
         model_cfg = cfg.model
-        for i, target in enumerate(e.schedule):      # fail before any training on an impossible schedule
-            model_cfg = grown_config(model_cfg, method=e.grow_method, **_target(target))
-            log.debug("stage %d architecture: %s", i + 1, model_cfg)
+        for target in e.schedule:         # fail before any training on an impossible schedule
+            model_cfg = grown_config(model_cfg, method=e.grow_method, **target_sizes(target))
+        super().__init__(cfg)
+        if e.schedule and len(e.schedule) != len(self.domains) - 1:
+            raise ConfigError(f"elle.schedule has {len(e.schedule)} entries; the stream has {len(self.domains)} "
+                              f"domains, so it needs {len(self.domains) - 1} (one per domain after the first)")
         self.memory = ReplayMemory(self.train_sequences, self.domains, e.memory_fraction, cfg.run.seed)
         self.replay: dict[str, Any] = {}         # weights / loss at last update / tokens replayed since
-        self._eval_steps: dict[ModelConfig, Any] = {}
         self._metrics = MetricsLog(self.run_dir / "metrics.jsonl")
 
     # ------------------------------------------------------------------ model between stages
@@ -86,7 +83,7 @@ class ElleRun(ContinualRun):
     def _grow(self, stage: int, model_cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
         """Grow to this stage's architecture inside one jit that lays the result out on the new shardings."""
         e = self.cfg.elle
-        target = _target(e.schedule[stage - 1])
+        target = target_sizes(e.schedule[stage - 1])
         new_cfg = grown_config(model_cfg, method=e.grow_method, **target)
         rng = jax.random.fold_in(jax.random.key(self.cfg.run.seed), 1_000 + stage)
         grown = jax.jit(lambda p, r: grow(p, model_cfg, **target, rng=r, method=e.grow_method,
@@ -104,10 +101,7 @@ class ElleRun(ContinualRun):
         tx = make_optimizer(cfg.optim, self.stage_steps(stage))
         rng = jax.random.fold_in(jax.random.key(cfg.run.seed), 2_000 + stage)
         state, shardings = create_train_state(model_cfg, tx, rng, self.mesh, self.rules, params=params)
-        loss_fn = make_loss_fn(model_cfg, cfg.train.objective, mask_token_id=self.tokenizer.mask_id,
-                               mlm_probability=cfg.train.mlm_probability)
-        train_step = make_train_step(model_cfg, tx, self.mesh, shardings, self.rules, loss_fn=loss_fn,
-                                     batch_keys=self.batch_keys(model_cfg))
+        train_step = self.train_step_fn(model_cfg, tx, shardings, self.stage_steps(stage))
         stream = SequenceStream(self.memory.banks[previous], cfg.data.batch_size, seed=cfg.run.seed * 1000 + 500 + stage)
         self._begin_replay(stage, WARMUP, model_cfg, state.params, shardings.params)
         while len(self.stage_flops) <= stage:
@@ -165,11 +159,10 @@ class ElleRun(ContinualRun):
         e = self.cfg.elle
         if not old or not e.adaptive_every or e.replay_ratio == 0:
             return {}
-        if model_cfg not in self._eval_steps:
-            self._eval_steps[model_cfg] = self.eval_step_fn(model_cfg, param_shardings)
+        eval_step = self.eval_step_fn(model_cfg, param_shardings)
         out = {}
         for d in old:
-            nll, n = self.domain_nll(self._eval_steps[model_cfg], model_cfg, params, d, e.adaptive_eval_batches)
+            nll, n = self.domain_nll(eval_step, model_cfg, params, d, e.adaptive_eval_batches)
             out[d] = nll / max(n, 1.0)
         return out
 
@@ -198,7 +191,27 @@ class ElleRun(ContinualRun):
         self.replay = dict(state.get("replay", {}))
 
 
-def _target(target) -> dict[str, int]:
+def planned_stage_flops(cfg: Config, n_stages: int) -> list[float]:
+    """Training FLOPs of every stage an ELLE run of `cfg` will spend (warmups included), from the
+    config alone: what equal-compute baselines are given (the adaptive-replay evaluations are not
+    training and are not counted)."""
+    e = cfg.elle
+    model_cfg = cfg.model
+    if e.prompt_length:
+        model_cfg = model_cfg.replace(num_prompts=n_stages, prompt_length=e.prompt_length)
+    out = []
+    for stage in range(n_stages):
+        steps = steps_of_stage(cfg.train, stage)
+        if stage > 0:
+            if e.schedule:
+                model_cfg = grown_config(model_cfg, method=e.grow_method, **target_sizes(e.schedule[stage - 1]))
+            steps += e.warmup_steps
+        out.append(steps * train_step_flops(model_cfg, cfg.data.batch_size, cfg.data.seq_len))
+    return out
+
+
+def target_sizes(target) -> dict[str, int]:
+    """The non-None sizes of a `GrowthTarget`, as `grow` keyword arguments."""
     return {k: v for k, v in dataclasses.asdict(target).items() if v is not None}
 
 
@@ -206,4 +219,4 @@ def _arch(cfg: ModelConfig) -> str:
     return f"L{cfg.n_layers}/D{cfg.d_model}/H{cfg.n_heads}/F{cfg.d_ff}"
 
 
-__all__ = ["ElleRun"]
+__all__ = ["ElleRun", "planned_stage_flops", "target_sizes"]

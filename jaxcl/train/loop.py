@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl.config import Config, ConfigError, config_to_dict, save_config
+from jaxcl.config import Config, ConfigError, TrainConfig, config_to_dict, save_config
 from jaxcl.data.sources import open_source
 from jaxcl.data.stream import SequenceStream, eval_batches, pack_sequences, to_global
 from jaxcl.data.tokenizer import load_tokenizer
@@ -95,8 +95,13 @@ class ContinualRun:
                 raise ConfigError(f"data.domains: unknown domain {d!r} (available: {', '.join(available)})")
         self.train_sequences, self.valid_sequences = self._tokenize(source)
         self.stages: tuple[str, ...] = self.domains      # what each stage trains on (keys of train_sequences)
+        if cfg.train.stage_steps and len(cfg.train.stage_steps) != len(self.domains):
+            raise ConfigError(f"train.stage_steps has {len(cfg.train.stage_steps)} entries for "
+                              f"{len(self.domains)} domains")
         self.train_seconds = 0.0
         self.stage_flops: list[float] = []     # training FLOPs per stage (growth warmups included)
+        self._eval_steps: dict[ModelConfig, Any] = {}
+        self._train_steps: dict[tuple[ModelConfig, int], Any] = {}
 
     # ------------------------------------------------------------------ data
     def _tokenize(self, source) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -118,9 +123,7 @@ class ContinualRun:
 
     # ------------------------------------------------------------------ hooks for methods
     def stage_steps(self, stage: int) -> int:
-        if stage == 0 and self.cfg.train.pretrain_steps is not None:
-            return self.cfg.train.pretrain_steps
-        return self.cfg.train.steps
+        return steps_of_stage(self.cfg.train, stage)
 
     def stage_model(self, stage: int, model_cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
         """Change the model between stages (ELLE grows it here). Sequential: unchanged."""
@@ -159,17 +162,31 @@ class ContinualRun:
 
     def step_flops(self, model_cfg: ModelConfig) -> float:
         """Training FLOPs of one optimizer step of `model_cfg` on this run's batches."""
-        context = self.cfg.data.seq_len + (model_cfg.prompt_length if model_cfg.num_prompts else 0)
-        return model_cfg.train_flops_per_token(context) * self.cfg.data.batch_size * self.cfg.data.seq_len
+        return train_step_flops(model_cfg, self.cfg.data.batch_size, self.cfg.data.seq_len)
 
     # ------------------------------------------------------------------ evaluation
+    def loss_fn(self, model_cfg: ModelConfig):
+        return make_loss_fn(model_cfg, self.cfg.train.objective, mask_token_id=self.tokenizer.mask_id,
+                            mlm_probability=self.cfg.train.mlm_probability)
+
     def eval_step_fn(self, model_cfg: ModelConfig, param_shardings: Any):
-        """The jitted (params, batch) -> (nll_sum, tokens) used for perplexities."""
-        return make_eval_step(model_cfg, self.mesh, param_shardings, self.rules,
-                              loss_fn=make_loss_fn(model_cfg, self.cfg.train.objective,
-                                                   mask_token_id=self.tokenizer.mask_id,
-                                                   mlm_probability=self.cfg.train.mlm_probability),
-                              batch_keys=self.batch_keys(model_cfg))
+        """The jitted (params, batch) -> (nll_sum, tokens) used for perplexities (one per architecture,
+        so repeated evaluations never recompile)."""
+        if model_cfg not in self._eval_steps:
+            self._eval_steps[model_cfg] = make_eval_step(model_cfg, self.mesh, param_shardings, self.rules,
+                                                         loss_fn=self.loss_fn(model_cfg),
+                                                         batch_keys=self.batch_keys(model_cfg))
+        return self._eval_steps[model_cfg]
+
+    def train_step_fn(self, model_cfg: ModelConfig, tx, shardings: TrainState, schedule_steps: int):
+        """The jitted train step for an architecture and an optimizer built for `schedule_steps` (ELLE's
+        warmup and the stage after it share one: same model, same schedule, one compilation)."""
+        key = (model_cfg, schedule_steps)
+        if key not in self._train_steps:
+            self._train_steps[key] = make_train_step(model_cfg, tx, self.mesh, shardings, self.rules,
+                                                     loss_fn=self.loss_fn(model_cfg),
+                                                     batch_keys=self.batch_keys(model_cfg))
+        return self._train_steps[key]
 
     def domain_nll(self, eval_step, model_cfg: ModelConfig, params: Any, domain: str,
                    max_batches: int | None = None) -> tuple[float, float]:
@@ -297,10 +314,7 @@ class ContinualRun:
     def _train_stage(self, stage, domain, steps, model_cfg, tx, state, shardings, stream, ckpt, metrics, stop,
                      matrix, initial, architectures) -> TrainState:
         cfg = self.cfg
-        loss_fn = make_loss_fn(model_cfg, cfg.train.objective, mask_token_id=self.tokenizer.mask_id,
-                               mlm_probability=cfg.train.mlm_probability)
-        train_step = make_train_step(model_cfg, tx, self.mesh, shardings, self.rules, loss_fn=loss_fn,
-                                     batch_keys=self.batch_keys(model_cfg))
+        train_step = self.train_step_fn(model_cfg, tx, shardings, steps)
         while len(self.stage_flops) <= stage:
             self.stage_flops.append(0.0)
         flops = self.step_flops(model_cfg)
@@ -379,6 +393,21 @@ class ContinualRun:
         return report
 
 
+def steps_of_stage(train: TrainConfig, stage: int) -> int:
+    """Optimizer steps of stage `stage`: train.stage_steps, else pretrain_steps (stage 0) or steps."""
+    if train.stage_steps:
+        return train.stage_steps[stage]
+    if stage == 0 and train.pretrain_steps is not None:
+        return train.pretrain_steps
+    return train.steps
+
+
+def train_step_flops(model_cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
+    """Training FLOPs of one step on `batch_size` sequences of `seq_len` tokens (plus any prompt)."""
+    context = seq_len + (model_cfg.prompt_length if model_cfg.num_prompts else 0)
+    return model_cfg.train_flops_per_token(context) * batch_size * seq_len
+
+
 def _agreed_stop(stop: dict) -> bool:
     """Whether to stop now; in multi-process runs every process must agree (SIGTERM reaches hosts at
     different steps, and a save is a collective)."""
@@ -422,4 +451,4 @@ class JointRun(ContinualRun):
         return sum(ContinualRun.stage_steps(self, i) for i in range(len(self.domains)))
 
 
-__all__ = ["ContinualRun", "JointRun", "Preempted"]
+__all__ = ["ContinualRun", "JointRun", "Preempted", "steps_of_stage", "train_step_flops"]
