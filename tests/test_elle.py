@@ -216,3 +216,28 @@ def test_elle_resumes_mid_stage_to_the_same_result(elle_run, tmp_path):
 def test_bad_elle_configs_name_the_key(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         ElleRun(load_config(ROOT / "configs/elle/demo.yaml", TINY_ELLE + overrides + [f"run.dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize("name", ["demo", "paper_gpt", "paper_bert"])
+def test_elle_configs_load_and_their_schedules_grow(name):
+    """Every shipped ELLE config resolves, and its growth schedule is valid end to end (sizes only)."""
+    cfg = load_config(ROOT / f"configs/elle/{name}.yaml")
+    assert cfg.run.method == "elle" and len(cfg.elle.schedule) == 4
+    flops = planned_stage_flops(cfg, 5)
+    assert all(f > 0 for f in flops)
+    if name.startswith("paper"):     # the paper's GPT/BERT-base schedule ends at L12/D768/H12/F3072
+        from jaxcl.elle.run import target_sizes
+        from jaxcl.transforms import grown_config
+        model = cfg.model
+        for target in cfg.elle.schedule:
+            model = grown_config(model, method="elle", **target_sizes(target))
+        assert (model.n_layers, model.d_model, model.n_heads, model.d_ff) == (12, 768, 12, 3072)
+
+
+def test_training_flops_per_token_golden():
+    # attention 4*32*32, MLP 2*32*128, logits 32*61; scores+values 4 * layers * context * 32
+    cfg = ModelConfig(family="gpt2", vocab_size=61, d_model=32, n_layers=2, n_heads=4, d_ff=128, max_seq_len=32)
+    assert cfg.train_flops_per_token(16) == 3 * (2 * (2 * (4096 + 8192) + 1952) + 4 * 2 * 16 * 32)
+    llama = ModelConfig(family="llama", vocab_size=61, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64)
+    # q,o: 32*32 each; k,v: 32*16 each; SwiGLU: 3*32*64
+    assert llama.train_flops_per_token(8) == 3 * (2 * (2048 + 1024 + 6144 + 32 * 61) + 4 * 1 * 8 * 32)
