@@ -30,6 +30,11 @@ TINY_ELLE = ["model.max_seq_len=64", "data.seq_len=32", "data.batch_size=8", "da
              "elle.adaptive_eval_batches=1", "elle.memory_fraction=0.05"]
 
 
+def tiny_arch(n_layers, d_model, n_heads, d_ff):
+    return ModelConfig(family="gpt2", vocab_size=8192, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       d_ff=d_ff, max_seq_len=64, num_prompts=3)
+
+
 def tiny(family, **kw):
     base = dict(family=family, vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
     return ModelConfig(**(base | kw))
@@ -123,12 +128,16 @@ def test_replay_plan_replaces_the_expected_share_with_weighted_domains():
     assert replay_plan(rng, 16, 0.1, []) == [] and replay_plan(rng, 16, 0.0, [1.0]) == []
 
 
-def test_adaptive_weights_follow_loss_improvement_per_token():
-    # domain 0 improved by 0.2 over 100 tokens, domain 1 by 0.3 over 300, domain 2 got worse
-    early = adaptive_weights([5.0, 4.0, 3.0], [4.8, 3.7, 3.1], [100, 300, 50], first_half=True)
-    np.testing.assert_allclose(early, [0.002, 0.001, 0.002])     # worse -> the best weight early on
-    late = adaptive_weights([5.0, 4.0, 3.0], [4.8, 3.7, 3.1], [100, 300, 50], first_half=False)
-    np.testing.assert_allclose(late, [0.002, 0.001, 1e-9])       # ... and ~0 in the second half
+def test_adaptive_weights_follow_elles_rule():
+    # domain 0 improved by 20 ppl over 100 tokens, domain 1 by 30 over 300, domain 2 got worse
+    prev, now, tokens, w = [500.0, 400.0, 300.0], [480.0, 370.0, 310.0], [100, 300, 50], [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(adaptive_weights(prev, now, tokens, w, first_half=True), [0.2, 0.1, 0.2])
+    np.testing.assert_allclose(adaptive_weights(prev, now, tokens, w, first_half=False), [0.2, 0.1, 1e-9])
+    # the first update of a stage (no previous perplexity) gives 1, as in ELLE's code
+    np.testing.assert_allclose(adaptive_weights([None, None], [9.0, 3.0], [0, 10], [0.5, 0.5], True), [1.0, 1.0])
+    # a domain that was not replayed since the last update keeps its weight instead of dominating
+    np.testing.assert_allclose(adaptive_weights([30.0, 30.0], [29.9, 29.0], [0, 12800], [1e-9, 0.3], False),
+                               [1e-9, 1.0 / 12800])
 
 
 def test_memory_is_a_fixed_fraction_and_mixing_is_the_same_on_every_process():
@@ -165,18 +174,45 @@ class _StopAt(ElleRun):
             self._stop["signal"] = signal.SIGTERM
 
 
+class _Recording(ElleRun):
+    """Records (stage, phase, input_ids, prompt_ids) of every batch the train steps receive."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.batches = []
+
+    def train_step_fn(self, model_cfg, tx, shardings):
+        step = super().train_step_fn(model_cfg, tx, shardings)
+
+        def recorded(state, batch, rng):
+            self.batches.append((self.replay["stage"], self.replay["phase"], np.asarray(batch["input_ids"]),
+                                 np.asarray(batch["prompt_ids"])))
+            return step(state, batch, rng)
+
+        return recorded
+
+
 @pytest.fixture(scope="module")
 def elle_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("elle")
     cfg = load_config(ROOT / "configs/elle/demo.yaml", TINY_ELLE + [f"run.dir={run_dir}"])
-    return cfg, ElleRun(cfg).run(), run_dir
+    runner = _Recording(cfg)
+    return cfg, runner.run(), run_dir, runner
 
 
 def test_elle_run_grows_warms_up_replays_and_accounts_flops(elle_run):
-    cfg, report, run_dir = elle_run
+    cfg, report, run_dir, _ = elle_run
     assert report["method"] == "elle" and np.array(report["matrix"]).shape == (3, 3)
     assert [(a["n_layers"], a["d_model"]) for a in report["architectures"]] == [(2, 64), (3, 96), (3, 128)]
     np.testing.assert_allclose(report["train_flops"], planned_stage_flops(cfg, 3), rtol=1e-9)
+    # by hand: 8 sequences x (32 text + 1 prompt position) through the layers, logits for the 32 text tokens
+    archs = [tiny_arch(2, 64, 2, 256), tiny_arch(3, 96, 3, 384), tiny_arch(3, 128, 4, 512)]
+    steps = [12, 12 + 4, 12 + 4]                     # warmup steps count toward the stage they precede
+    expected = [n * 8 * (33 * a.train_flops_per_token(33, logits=False)
+                         + 32 * (a.train_flops_per_token(33) - a.train_flops_per_token(33, logits=False)))
+                for n, a in zip(steps, archs)]
+    np.testing.assert_allclose(report["train_flops"], expected, rtol=1e-12)
+    assert report["warmup_tokens"] == [0, 4 * 8 * 32, 4 * 8 * 32]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     warmups = [r for r in records if r["kind"] == "warmup"]
     assert [(r["stage_index"], r["step"]) for r in warmups] == [(1, 4), (2, 4)]
@@ -188,20 +224,60 @@ def test_elle_run_grows_warms_up_replays_and_accounts_flops(elle_run):
     assert report["matrix"][0][0] < report["initial_perplexity"][0]
 
 
-def test_elle_resumes_mid_stage_to_the_same_result(elle_run, tmp_path):
-    cfg, reference, _ = elle_run
+def test_the_loop_feeds_each_phase_its_domain_and_replays_memory_with_its_own_prompt(elle_run):
+    cfg, _, _, runner = elle_run
+    train = {i: {tuple(r) for r in runner.train_sequences[d]} for i, d in enumerate(runner.domains)}
+    memory = {i: {tuple(r) for r in runner.memory.banks[d]} for i, d in enumerate(runner.domains)}
+    phases, replayed = set(), 0
+    for stage, phase, ids, prompts in runner.batches:
+        current = stage if phase == 1 else stage - 1          # warmup trains on the previous domain's memory
+        source = train if phase == 1 else memory
+        phases.add((stage, phase))
+        for row, p in zip(ids, prompts):
+            if p == current:
+                assert tuple(row) in source[p]
+            else:
+                assert p < current and tuple(row) in memory[p], (stage, phase, p)
+                replayed += 1
+    assert phases == {(0, 1), (1, 0), (1, 1), (2, 0), (2, 1)}
+    assert len(runner.batches) == 12 + 2 * (4 + 12)
+    assert replayed > 0
+
+
+class _Interrupted(_StopAt):
+    """Also receives SIGTERM during one warmup step."""
+
+    def __init__(self, cfg, stop, warmup_stage=None, **kw):
+        super().__init__(cfg, stop, **kw)
+        self._warmup_at = warmup_stage
+
+    def _replayed(self, stage, phase, step, stream, domain):
+        if phase == 0 and (stage, step) == (self._warmup_at, 2):
+            self._stop["signal"] = signal.SIGTERM
+        return super()._replayed(stage, phase, step, stream, domain)
+
+
+def test_elle_resumes_from_warmup_and_mid_stage_to_the_same_result(elle_run, tmp_path):
+    cfg, reference, _, _ = elle_run
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(tmp_path)))
-    stop = {"signal": None}
-    runner = _StopAt(cfg, stop, stop_stage=2, stop_after=6)
-    ckpt = Checkpointer(tmp_path / "checkpoints", cfg.checkpoint)
-    with pytest.raises(Preempted):
-        runner._run(ckpt, MetricsLog(tmp_path / "metrics.jsonl"), stop)
-    ckpt.close()
-    meta = Checkpointer(tmp_path / "checkpoints").restore_meta(Checkpointer(tmp_path / "checkpoints").latest_step())
+
+    def interrupted_run(**kw):
+        stop = {"signal": None}
+        runner = _Interrupted(cfg, stop, **kw)
+        ckpt = Checkpointer(tmp_path / "checkpoints", cfg.checkpoint)
+        with pytest.raises(Preempted):
+            runner._run(ckpt, MetricsLog(tmp_path / "metrics.jsonl"), stop)
+        ckpt.close()
+        return Checkpointer(tmp_path / "checkpoints").restore_meta(Checkpointer(tmp_path / "checkpoints").latest_step())
+
+    meta = interrupted_run(warmup_stage=1, stop_stage=None, stop_after=None)     # SIGTERM inside stage 1's warmup
+    assert meta["stage"] == 0 and meta["completed"]                           # -> back to the end of stage 0
+    meta = interrupted_run(stop_stage=2, stop_after=6)                         # resumes, then SIGTERM mid stage 2
     assert meta["stage"] == 2 and not meta["completed"] and meta["method_state"]["replay"]["stage"] == 2
     resumed = ElleRun(cfg).run()
     np.testing.assert_allclose(resumed["matrix"], reference["matrix"], rtol=1e-5)
     np.testing.assert_allclose(resumed["train_flops"], reference["train_flops"], rtol=1e-9)
+    assert resumed["warmup_tokens"] == reference["warmup_tokens"]
 
 
 @pytest.mark.parametrize("overrides, message", [

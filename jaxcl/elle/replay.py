@@ -4,10 +4,12 @@ Every update, r = floor(ratio * m + u) of the batch's m micro-batches (u ~ U[0, 
 in expectation) are replaced by memory micro-batches; each comes from an old domain d drawn with
 probability proportional to w_d. The weights follow ELLE's code: every few steps,
 
-    w_d = (loss_d(before) - loss_d(now)) / tokens_d(replayed since before)
+    w_d = (ppl_d(before) - ppl_d(now)) / tokens_d(replayed since before)
 
-so replay goes to domains whose validation loss still improves per replayed token; a domain whose
-loss rises gets the largest weight in the first half of a stage (and during warmup), and none later.
+(with validation perplexities, as ELLE's code does) so replay goes to domains that still improve per
+replayed token; a domain that gets worse takes the largest weight in the first half of a stage (and
+during warmup), and none later. Memory rows are drawn uniformly with replacement (ELLE iterates a
+reshuffled memory; for a memory much larger than what one stage replays the two coincide).
 All draws are a pure function of (seed, stage, phase, step), so resuming replays exactly.
 """
 
@@ -44,17 +46,29 @@ def replay_plan(rng: np.random.Generator, micro_batches: int, ratio: float,
     return [(int(s), int(d)) for s, d in zip(slots, sources)]
 
 
-def adaptive_weights(previous_loss: Sequence[float], loss: Sequence[float], tokens: Sequence[float],
-                     first_half: bool) -> list[float]:
-    """ELLE's replay weights from the change of each old domain's validation loss per replayed token.
+def adaptive_weights(previous_ppl: Sequence[float | None], ppl: Sequence[float], tokens: Sequence[float],
+                     weights: Sequence[float], first_half: bool) -> list[float]:
+    """ELLE's replay weights from the change of each old domain's validation perplexity per replayed token.
 
-    Domains that got worse (or did not improve) take the largest improving weight in the first half
-    of a stage (or in warmup) and ~0 in the second half; every weight stays >= 1e-9.
+    As in ELLE's code: a domain without a previous perplexity (the first update of a stage) gets 1; a
+    domain that got worse (or did not improve) takes the largest weight in the first half of a stage
+    (or in warmup) and ~0 in the second half; every weight stays >= 1e-9. A domain that was not
+    replayed at all since the last update keeps its weight (its change says nothing about replay).
     """
-    gains = [(p - l) / max(t, 1.0) for p, l, t in zip(previous_loss, loss, tokens)]
-    best = max([g for g in gains if g > 0], default=1.0)
+    gains: list[float | None] = []
+    for prev, now, t, w in zip(previous_ppl, ppl, tokens, weights):
+        if prev is None:
+            gains.append(1.0)
+        elif t <= 0:
+            gains.append(None)                    # keep the previous weight
+        else:
+            gains.append((prev - now) / t)
+    best = max([g for g in gains if g is not None and g > 0], default=1.0)
     out = []
-    for g in gains:
+    for g, w in zip(gains, weights):
+        if g is None:
+            out.append(float(w))
+            continue
         if g <= 0:
             g = best if first_half else 0.0
         out.append(max(g, 1e-9))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from typing import Any
 
@@ -24,8 +25,7 @@ from jaxcl.data.stream import SequenceStream, to_global
 from jaxcl.elle.replay import ReplayMemory, adaptive_weights, stage_rng
 from jaxcl.models import ModelConfig, abstract_params, param_axes
 from jaxcl.parallel import batch_sharding, logical_to_sharding
-from jaxcl.train.loop import ContinualRun, MetricsLog, _progress, steps_of_stage, train_step_flops
-from jaxcl.train.optimizer import make_optimizer
+from jaxcl.train.loop import ContinualRun, MetricsLog, Preempted, _progress, steps_of_stage, train_step_flops
 from jaxcl.train.state import create_train_state
 from jaxcl.transforms import add_prompts, grow, grown_config
 
@@ -49,12 +49,16 @@ class ElleRun(ContinualRun):
         model_cfg = cfg.model
         for target in e.schedule:         # fail before any training on an impossible schedule
             model_cfg = grown_config(model_cfg, method=e.grow_method, **target_sizes(target))
+        if e.prompt_length and cfg.model.family != "llama" and cfg.data.seq_len + e.prompt_length > cfg.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} + elle.prompt_length={e.prompt_length} exceeds "
+                              f"model.max_seq_len={cfg.model.max_seq_len} (the prompt takes positions)")
         super().__init__(cfg)
         if e.schedule and len(e.schedule) != len(self.domains) - 1:
             raise ConfigError(f"elle.schedule has {len(e.schedule)} entries; the stream has {len(self.domains)} "
                               f"domains, so it needs {len(self.domains) - 1} (one per domain after the first)")
         self.memory = ReplayMemory(self.train_sequences, self.domains, e.memory_fraction, cfg.run.seed)
-        self.replay: dict[str, Any] = {}         # weights / loss at last update / tokens replayed since
+        self.replay: dict[str, Any] = {}         # weights / perplexity at last update / tokens replayed since
+        self.warmup_tokens: list[int] = []       # training tokens of each stage's warmup (not in train_tokens)
         self._metrics = MetricsLog(self.run_dir / "metrics.jsonl")
 
     # ------------------------------------------------------------------ model between stages
@@ -69,9 +73,9 @@ class ElleRun(ContinualRun):
         else:
             if e.schedule:
                 model_cfg, params = self._grow(stage, model_cfg, params)
-            if e.warmup_steps:
-                params = self._warmup(stage, model_cfg, params)
-        self._begin_replay(stage, MAIN, model_cfg, params, self._param_shardings(model_cfg))
+                if e.warmup_steps:
+                    params = self._warmup(stage, model_cfg, params)
+        self._begin_replay(stage, MAIN)
         return model_cfg, params
 
     def _place(self, model_cfg: ModelConfig, params: Any) -> Any:
@@ -98,20 +102,32 @@ class ElleRun(ContinualRun):
         with a fresh optimizer whose schedule is the upcoming stage's, cut after `warmup_steps`."""
         cfg, e = self.cfg, self.cfg.elle
         previous = self.domains[stage - 1]
-        tx = make_optimizer(cfg.optim, self.stage_steps(stage))
+        tx = self.optimizer(self.stage_steps(stage))
         rng = jax.random.fold_in(jax.random.key(cfg.run.seed), 2_000 + stage)
         state, shardings = create_train_state(model_cfg, tx, rng, self.mesh, self.rules, params=params)
-        train_step = self.train_step_fn(model_cfg, tx, shardings, self.stage_steps(stage))
+        train_step = self.train_step_fn(model_cfg, tx, shardings)
         stream = SequenceStream(self.memory.banks[previous], cfg.data.batch_size, seed=cfg.run.seed * 1000 + 500 + stage)
-        self._begin_replay(stage, WARMUP, model_cfg, state.params, shardings.params)
+        self._begin_replay(stage, WARMUP)
         while len(self.stage_flops) <= stage:
             self.stage_flops.append(0.0)
+        while len(self.warmup_tokens) <= stage:
+            self.warmup_tokens.append(0)
+        self.warmup_tokens[stage] = 0
+        self.stage_flops[stage] = 0.0          # a warmup redone after preemption is counted once
         flops, sharding = self.step_flops(model_cfg), batch_sharding(self.mesh, self.rules)
         start, bar = time.time(), _progress(e.warmup_steps, 0, f"stage {stage} warmup on {previous} memory")
         for step in range(e.warmup_steps):
+            if self.stop_requested():
+                # Warmups are not checkpointed: the resumed run redoes this one, identically, from the
+                # previous stage's checkpoint (at most `warmup_steps` steps of work are lost).
+                bar.close()
+                log.warning("preempted during the warmup of stage %d: resuming will redo it from the "
+                            "checkpoint of stage %d", stage, stage - 1)
+                raise Preempted(self._global_step(stage, 0))
             local = self._replayed(stage, WARMUP, step, stream, previous)
             state, m = train_step(state, to_global(local, sharding), rng)
             self.stage_flops[stage] += flops
+            self.warmup_tokens[stage] += cfg.data.batch_size * cfg.data.seq_len
             bar.update()
             self._maybe_adapt(stage, WARMUP, step + 1, e.warmup_steps, model_cfg, state.params, shardings.params)
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == e.warmup_steps:
@@ -148,22 +164,24 @@ class ElleRun(ContinualRun):
         """Domains replayed in this phase: before stage i, during warmup before stage i - 1."""
         return self.domains[:stage - 1] if phase == WARMUP else self.domains[:stage]
 
-    def _begin_replay(self, stage: int, phase: int, model_cfg: ModelConfig, params: Any, param_shardings: Any) -> None:
-        """Uniform weights and the reference losses for the adaptive rule, at the start of a phase."""
+    def _begin_replay(self, stage: int, phase: int) -> None:
+        """Replay state at the start of a phase. A stage starts with uniform weights and no reference
+        perplexities (ELLE resets them); a warmup replays the same old domains as the stage before it
+        did, and carries that stage's weights and perplexities on, as ELLE's code does."""
         old = self._old_domains(stage, phase)
-        self.replay = {"stage": stage, "phase": phase, "weights": {d: 1.0 for d in old},
-                       "tokens": {d: 0.0 for d in old},
-                       "loss": self._old_losses(old, model_cfg, params, param_shardings)}
+        carried = self.replay if phase == WARMUP and set(self.replay.get("weights", {})) == set(old) else None
+        if carried is not None:
+            self.replay = {**carried, "stage": stage, "phase": phase}
+        else:
+            self.replay = {"stage": stage, "phase": phase, "weights": {d: 1.0 for d in old},
+                           "tokens": {d: 0.0 for d in old}, "ppl": {d: None for d in old}}
 
-    def _old_losses(self, old, model_cfg, params, param_shardings) -> dict[str, float]:
-        e = self.cfg.elle
-        if not old or not e.adaptive_every or e.replay_ratio == 0:
-            return {}
+    def _old_perplexities(self, old, model_cfg, params, param_shardings) -> dict[str, float]:
         eval_step = self.eval_step_fn(model_cfg, param_shardings)
         out = {}
         for d in old:
-            nll, n = self.domain_nll(eval_step, model_cfg, params, d, e.adaptive_eval_batches)
-            out[d] = nll / max(n, 1.0)
+            nll, n = self.domain_nll(eval_step, model_cfg, params, d, self.cfg.elle.adaptive_eval_batches)
+            out[d] = math.exp(min(nll / max(n, 1.0), 700.0))
         return out
 
     def _maybe_adapt(self, stage, phase, done, steps, model_cfg, params, param_shardings) -> None:
@@ -171,24 +189,31 @@ class ElleRun(ContinualRun):
         old = self._old_domains(stage, phase)
         if not old or not e.adaptive_every or e.replay_ratio == 0 or done % e.adaptive_every:
             return
-        loss = self._old_losses(old, model_cfg, params, param_shardings)
+        ppl = self._old_perplexities(old, model_cfg, params, param_shardings)
         first_half = phase == WARMUP or done < steps / 2
-        weights = adaptive_weights([self.replay["loss"][d] for d in old], [loss[d] for d in old],
-                                   [self.replay["tokens"][d] for d in old], first_half)
-        self.replay.update(weights=dict(zip(old, weights)), loss=loss, tokens={d: 0.0 for d in old})
+        r = self.replay
+        weights = adaptive_weights([r["ppl"][d] for d in old], [ppl[d] for d in old], [r["tokens"][d] for d in old],
+                                   [r["weights"][d] for d in old], first_half)
+        r.update(weights=dict(zip(old, weights)), ppl=ppl, tokens={d: 0.0 for d in old})
         self._metrics.write(kind="replay_weights", stage=self.stages[stage], stage_index=stage,
                             phase="warmup" if phase == WARMUP else "train", step=done,
-                            weights=self.replay["weights"], valid_loss=loss)
+                            weights=r["weights"], valid_perplexity=ppl)
 
     # ------------------------------------------------------------------ hooks of the shared loop
     def after_step(self, stage, step, steps, model_cfg, state, shardings) -> None:
         self._maybe_adapt(stage, MAIN, step, steps, model_cfg, state.params, shardings.params)
 
     def method_state(self) -> dict[str, Any]:
-        return {"replay": self.replay}
+        return {"replay": self.replay, "warmup_tokens": self.warmup_tokens}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.replay = dict(state.get("replay", {}))
+        self.warmup_tokens = list(state.get("warmup_tokens", []))
+
+    def report_extras(self, architectures) -> dict[str, Any]:
+        extras = super().report_extras(architectures)
+        extras["warmup_tokens"] = self.warmup_tokens + [0] * (len(self.stages) - len(self.warmup_tokens))
+        return extras
 
 
 def planned_stage_flops(cfg: Config, n_stages: int) -> list[float]:
@@ -202,9 +227,8 @@ def planned_stage_flops(cfg: Config, n_stages: int) -> list[float]:
     out = []
     for stage in range(n_stages):
         steps = steps_of_stage(cfg.train, stage)
-        if stage > 0:
-            if e.schedule:
-                model_cfg = grown_config(model_cfg, method=e.grow_method, **target_sizes(e.schedule[stage - 1]))
+        if stage > 0 and e.schedule:
+            model_cfg = grown_config(model_cfg, method=e.grow_method, **target_sizes(e.schedule[stage - 1]))
             steps += e.warmup_steps
         out.append(steps * train_step_flops(model_cfg, cfg.data.batch_size, cfg.data.seq_len))
     return out

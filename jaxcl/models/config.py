@@ -152,19 +152,20 @@ class ModelConfig:
             raise ConfigError("model.family is required")
         return cls(**dict(data))
 
-    def train_flops_per_token(self, context: int) -> float:
+    def train_flops_per_token(self, context: int, logits: bool = True) -> float:
         """Training FLOPs per token (forward + backward = 3x forward) at a context of `context` positions.
 
         Forward: 2 FLOPs per weight of every matmul (attention projections, MLP, output logits) plus the
         attention scores and weighted values, 4 x context x n_heads x head_dim per layer. Embedding
-        lookups and norms are not counted. Used to compare methods at equal training compute.
+        lookups and norms are not counted. `logits=False` leaves out the output head (for positions
+        that produce no logits, like prompt positions). Used to compare methods at equal compute.
         """
         d, f, hd = self.d_model, self.d_ff, self.head_dim
         q_out, kv_out = self.n_heads * hd, self.n_kv_heads * hd
         attn = d * q_out + 2 * d * kv_out + q_out * d
         mlp = (2 if self.family == "llama" else 1) * d * f + f * d
-        head = d * self.vocab_size if self.has_lm_head else 0
-        if self.family == "bert" and self.mlm_head:
+        head = d * self.vocab_size if self.has_lm_head and logits else 0
+        if self.family == "bert" and self.mlm_head and logits:
             head += d * d
         forward = 2.0 * (self.n_layers * (attn + mlp) + head) + 4.0 * self.n_layers * context * q_out
         return 3.0 * forward

@@ -117,6 +117,8 @@ def prepend_prompts(cfg: ModelConfig, table: nn.Embed | None, prompt_ids: jax.Ar
     `x` is `[b, s, d]` token embeddings and `positions` the text's `[b, s]` positions; the prompt takes
     positions 0..P-1 and the text moves up by P (as a prepended token would). Without `prompt_ids` the
     model runs unchanged (the table is only touched at init, so it exists in the parameters).
+    Ids must lie in [0, num_prompts): like token ids, they are not range-checked inside jit (an
+    out-of-range id reads NaN rows).
     """
     if prompt_ids is None:
         if table is not None and initializing:

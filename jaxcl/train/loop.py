@@ -102,6 +102,9 @@ class ContinualRun:
         self.stage_flops: list[float] = []     # training FLOPs per stage (growth warmups included)
         self._eval_steps: dict[ModelConfig, Any] = {}
         self._train_steps: dict[tuple[ModelConfig, int], Any] = {}
+        self._optimizers: dict[int, Any] = {}
+        self._stop: dict = {"signal": None}
+        self._ckpt: Checkpointer | None = None
 
     # ------------------------------------------------------------------ data
     def _tokenize(self, source) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -178,15 +181,31 @@ class ContinualRun:
                                                          batch_keys=self.batch_keys(model_cfg))
         return self._eval_steps[model_cfg]
 
-    def train_step_fn(self, model_cfg: ModelConfig, tx, shardings: TrainState, schedule_steps: int):
-        """The jitted train step for an architecture and an optimizer built for `schedule_steps` (ELLE's
-        warmup and the stage after it share one: same model, same schedule, one compilation)."""
-        key = (model_cfg, schedule_steps)
+    def optimizer(self, steps: int):
+        """The run's optimizer for a stage of `steps` steps; one object per length, so that train steps
+        compiled for it are shared (ELLE's warmup and the stage after it use the same schedule)."""
+        if steps not in self._optimizers:
+            self._optimizers[steps] = make_optimizer(self.cfg.optim, steps)
+        return self._optimizers[steps]
+
+    def train_step_fn(self, model_cfg: ModelConfig, tx, shardings: TrainState):
+        """The jitted train step for an architecture and optimizer object (compiled once per pair; the
+        shardings are a function of both on this run's mesh)."""
+        key = (model_cfg, id(tx))
         if key not in self._train_steps:
-            self._train_steps[key] = make_train_step(model_cfg, tx, self.mesh, shardings, self.rules,
-                                                     loss_fn=self.loss_fn(model_cfg),
-                                                     batch_keys=self.batch_keys(model_cfg))
-        return self._train_steps[key]
+            step = make_train_step(model_cfg, tx, self.mesh, shardings, self.rules, loss_fn=self.loss_fn(model_cfg),
+                                   batch_keys=self.batch_keys(model_cfg))
+            self._train_steps[key] = (tx, step)      # keeps tx alive, so its id is never reused
+        return self._train_steps[key][1]
+
+    def stop_requested(self) -> bool:
+        """Whether a preemption signal arrived (agreed across processes); pending saves are flushed first
+        so the caller can exit on the latest checkpoint."""
+        if not _agreed_stop(self._stop):
+            return False
+        if self._ckpt is not None:
+            self._ckpt.wait()
+        return True
 
     def domain_nll(self, eval_step, model_cfg: ModelConfig, params: Any, domain: str,
                    max_batches: int | None = None) -> tuple[float, float]:
@@ -233,6 +252,7 @@ class ContinualRun:
 
     def _run(self, ckpt: Checkpointer, metrics: MetricsLog, stop: dict) -> dict[str, Any]:
         cfg = self.cfg
+        self._stop, self._ckpt = stop, ckpt       # for work inside hooks (ELLE's warmup) to honour preemption
         start = time.time()
         model_cfg, params, meta = cfg.model, None, None
         if not cfg.checkpoint.resume and ckpt.all_steps():
@@ -260,13 +280,13 @@ class ContinualRun:
 
         for stage in range(first_stage, len(self.stages)):
             domain, steps = self.stages[stage], self.stage_steps(stage)
-            tx = make_optimizer(cfg.optim, steps)
+            tx = self.optimizer(steps)
             stream = SequenceStream(self.train_sequences[domain], cfg.data.batch_size, seed=cfg.run.seed * 1000 + stage)
             resume_here = meta is not None and meta["stage"] == stage and not meta["completed"]
             if meta is not None and (resume_here or meta["stage"] == stage - 1):
                 # Restore onto *this* run's mesh, whatever mesh wrote the checkpoint.
                 restore_cfg = ModelConfig.from_dict(meta["model"])
-                restore_tx = tx if resume_here else make_optimizer(cfg.optim, self.stage_steps(meta["stage"]))
+                restore_tx = tx if resume_here else self.optimizer(self.stage_steps(meta["stage"]))
                 shardings = state_shardings(restore_cfg, restore_tx, self.mesh, self.rules)
                 shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                                              opt_state=restore_tx.init(p)), abstract_params(restore_cfg))
@@ -314,7 +334,7 @@ class ContinualRun:
     def _train_stage(self, stage, domain, steps, model_cfg, tx, state, shardings, stream, ckpt, metrics, stop,
                      matrix, initial, architectures) -> TrainState:
         cfg = self.cfg
-        train_step = self.train_step_fn(model_cfg, tx, shardings, steps)
+        train_step = self.train_step_fn(model_cfg, tx, shardings)
         while len(self.stage_flops) <= stage:
             self.stage_flops.append(0.0)
         flops = self.step_flops(model_cfg)
@@ -403,9 +423,12 @@ def steps_of_stage(train: TrainConfig, stage: int) -> int:
 
 
 def train_step_flops(model_cfg: ModelConfig, batch_size: int, seq_len: int) -> float:
-    """Training FLOPs of one step on `batch_size` sequences of `seq_len` tokens (plus any prompt)."""
+    """Training FLOPs of one step on `batch_size` sequences of `seq_len` tokens: the layers also run on
+    the prompt positions (if the model has prompts); logits are computed for the text positions only."""
     context = seq_len + (model_cfg.prompt_length if model_cfg.num_prompts else 0)
-    return model_cfg.train_flops_per_token(context) * batch_size * seq_len
+    body = model_cfg.train_flops_per_token(context, logits=False)
+    logits = model_cfg.train_flops_per_token(context) - body
+    return batch_size * (context * body + seq_len * logits)
 
 
 def _agreed_stop(stop: dict) -> bool:
