@@ -225,12 +225,12 @@ def _exact_attention(attn: Params, cfg: ModelConfig, new: ModelConfig, keys: _Ra
     n_serving = H // new_group
     serve = (jnp.arange(n_serving) * new_group) // old_group                  # new kv j -> old kv
     for name, new_dims in (("k", "zero"), ("v", "random")):
-        kernel = jnp.take(reads(attn[name]["kernel"], 1), serve, axis=2)     # [L, D, n_serving, hd]
+        kernel = jnp.take(reads(attn[name]["kernel"], 1), serve, axis=2, mode="clip")     # [L, D, n_serving, hd]
         kernel = _grow_axis(kernel, 2, K2, "random", keys, std)
         kernel = _grow_axis(kernel, 3, hd2, new_dims, keys, std)            # new k dims 0: scores unchanged
         out[name] = {"kernel": kernel}
         if "bias" in attn[name]:
-            bias = _grow_axis(jnp.take(attn[name]["bias"], serve, axis=1), 1, K2, "zero")
+            bias = _grow_axis(jnp.take(attn[name]["bias"], serve, axis=1, mode="clip"), 1, K2, "zero")
             out[name]["bias"] = _grow_axis(bias, 2, hd2, "zero")
 
     # o: [L, H, hd, d] -> [L, H2, hd2, D]; rows of new heads and new head dims are zero.
@@ -247,7 +247,7 @@ OUTPUT_PROJECTIONS = (("attn", "o"), ("mlp", "wo"))
 def _insert_layers(layers: Params, counts: jax.Array, n_new: int, zero_copies: bool) -> Params:
     """Stack with each layer followed by its copies (with zeroed output projections if `zero_copies`)."""
     source, is_copy = depth_plan(counts, n_new)
-    stacked = jax.tree.map(lambda x: jnp.take(x, source, axis=0), layers)
+    stacked = jax.tree.map(lambda x: jnp.take(x, source, axis=0, mode="clip"), layers)
     if not zero_copies:
         return stacked
     for block, proj in OUTPUT_PROJECTIONS:

@@ -36,7 +36,7 @@ def index_map(rand, n_old: int, n_new: int, uniform: bool) -> tuple[jax.Array, j
 
 def copy(x: jax.Array, g: jax.Array, axis: int) -> jax.Array:
     """Output side / per-unit vectors: new units repeat their source unit."""
-    return jnp.take(x, g, axis=axis)
+    return jnp.take(x, g, axis=axis, mode="clip")
 
 
 def split(x: jax.Array, g: jax.Array, divisor: jax.Array, axis: int, rand=None, noise_std: float = 0.0) -> jax.Array:
@@ -44,7 +44,7 @@ def split(x: jax.Array, g: jax.Array, divisor: jax.Array, axis: int, rand=None, 
     axis = axis % x.ndim
     shape = [1] * x.ndim
     shape[axis] = -1
-    y = jnp.take(x, g, axis=axis) / divisor.reshape(shape)
+    y = jnp.take(x, g, axis=axis, mode="clip") / divisor.reshape(shape)
     n_old = x.shape[axis]
     if noise_std > 0 and g.shape[0] > n_old:
         old, new = jnp.split(y, [n_old], axis=axis)
