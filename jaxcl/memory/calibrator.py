@@ -17,6 +17,7 @@ to maximise the mixture's likelihood log((1-λ) p_LM(gold) + λ p_kNN(gold; T)).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -135,6 +136,19 @@ def mixture_nll(mode: str, hidden: int, params, x, lm_logp, dists, match, determ
     return -jnp.mean(mix_logprobs(lm_logp, knn_logp, lam, any_valid))
 
 
+@functools.lru_cache(maxsize=8)
+def _adam(lr: float) -> optax.GradientTransformation:
+    return optax.adam(lr)          # one object per lr, so the jitted step below is compiled once
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _train_step(mode, hidden, tx, params, opt, x, lm_logp, dists, match, key):
+    """One Adam step on a fixed-size minibatch (compiled once per shape, reused across chunks)."""
+    grads = jax.grad(lambda p: mixture_nll(mode, hidden, p, x, lm_logp, dists, match, False, key))(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt
+
+
 def fit_calibrator(data: CalibrationData, mode: str, *, init: Calibrator, steps: int = 300, lr: float = 3e-3,
                    hidden: int = 128, batch: int = 1024, rng: jax.Array | None = None) -> Calibrator:
     """Train a calibrator from scratch on held-out tokens (Adam on the mixture NLL); T starts at `init`'s."""
@@ -147,21 +161,14 @@ def fit_calibrator(data: CalibrationData, mode: str, *, init: Calibrator, steps:
         params["lam_logit"] = jnp.float32(init.params.get("lam_logit", 0.0))
     else:
         params["net"] = LambdaNet(hidden).init(rng, jnp.zeros((1, x_all.shape[1])))["params"]
-    tx = optax.adam(lr)
+    tx = _adam(float(lr))
     opt = tx.init(params)
-    arrays = [jnp.asarray(a) for a in (x_all, data.lm_logp, data.dists.astype(np.float32), data.match)]
-
-    @jax.jit
-    def step(params, opt, idx, key):
-        x, lp, d, m = (a[idx] for a in arrays)
-        loss, grads = jax.value_and_grad(lambda p: mixture_nll(mode, hidden, p, x, lp, d, m, False, key))(params)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, loss
-
     n = len(data)
     b = min(batch, n)
     order_rng = np.random.default_rng(int(jax.random.randint(rng, (), 0, 2**31 - 1)))
+    dists = data.dists.astype(np.float32)
     for s in range(steps):
-        idx = jnp.asarray(order_rng.integers(0, n, b))
-        params, opt, _ = step(params, opt, idx, jax.random.fold_in(rng, s))
+        idx = order_rng.integers(0, n, b)
+        params, opt = _train_step(mode, hidden, tx, params, opt, x_all[idx], data.lm_logp[idx], dists[idx],
+                                  data.match[idx], jax.random.fold_in(rng, s))
     return Calibrator(mode, jax.device_get(params), mean, std, hidden)

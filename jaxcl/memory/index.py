@@ -192,8 +192,8 @@ class ScannOptions:
     segment_rows: int = 65536          # delta size that triggers freezing a new segment
     max_segments: int = 8              # more segments than this -> compact them into one
     leaves_per_sqrt_n: float = 1.0     # num_leaves = leaves_per_sqrt_n * sqrt(n)
-    leaves_to_search: float = 0.1      # fraction of a segment's leaves probed per query
-    reorder: int = 4                   # exact re-scoring of reorder * k AH candidates (> k)
+    leaves_to_search: float = 0.2      # fraction of a segment's leaves probed per query
+    reorder: int = 8                   # exact re-scoring of reorder * k AH candidates (> k)
     dims_per_block: int = 2            # AH: dimensions per 4-bit code (2 = ScaNN's accurate setting)
     training_sample: int = 100_000
     threads: int = 0                   # 0 = ScaNN's default

@@ -21,7 +21,7 @@ from jaxcl.memory.knnlm import knn_lm_target_logprobs
 from jaxcl.models import ModelConfig, build
 
 __all__ = ["ScoredTokens", "make_lm_scorer", "score_sequences", "memory_logprobs", "admission_mask",
-           "SelectiveMemory"]
+           "SelectiveMemory", "knn_keys_of"]
 
 
 @dataclasses.dataclass
@@ -144,3 +144,19 @@ class SelectiveMemory:
         _, records = self.logprobs(tokens, log_freq)
         if records is not None:
             self.heldout = records if self.heldout is None else self.heldout.extend(records)
+
+
+def knn_keys_of(model_cfg: ModelConfig, params: Any, sequences: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The model's kNN keys (`out.knn_keys`) of every position of `sequences [n, seq]` -> `[n * seq, d]`.
+
+    Works for decoders and encoders alike (benchmarks and recall tests use real pretrained keys).
+    """
+    model = build(model_cfg)
+    fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids, jnp.ones_like(ids), deterministic=True).knn_keys)
+    out = []
+    for s in range(0, len(sequences), batch):
+        rows = sequences[s:s + batch]
+        padded = np.zeros((batch, sequences.shape[1]), np.int32)
+        padded[:len(rows)] = rows
+        out.append(np.asarray(fn(params, jnp.asarray(padded)), np.float32)[:len(rows)].reshape(-1, model_cfg.d_model))
+    return np.concatenate(out)
