@@ -128,6 +128,7 @@ class SememConfig:
     calibrator_lr: float = 3e-3
     calibrator_hidden: int = 128
     extra_models: tuple[dict[str, Any], ...] = ()    # other model sizes (overrides of `model`) run the same way
+    pretrain_dir: str | None = None    # reuse (or write) the pre-trained LMs here instead of in run.dir
 
     def __post_init__(self):
         if self.k < 1 or self.chunk_tokens < 1 or self.chunks_per_domain < 1 or self.eval_tokens < 1:

@@ -88,6 +88,10 @@ def test_segments_freeze_compact_and_reload_from_disk(tmp_path, real_keys):
     np.testing.assert_array_equal(after[1], before[1])
     np.testing.assert_array_equal(after[0], before[0])
     np.testing.assert_array_equal(reopened.values[after[1]], values[before[1]])
+    reopened.compact()                                   # one segment over all 7000 rows, persisted
+    assert [(s.start, s.end) for s in Datastore.open(tmp_path / "s").index.segments] == [(0, 7000)]
+    _, compacted = reopened.search(queries, 32)
+    assert recall(compacted, after[1]) >= 0.95
 
 
 def test_scann_elsewhere_fails_with_a_clear_message(tmp_path, monkeypatch):

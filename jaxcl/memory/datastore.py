@@ -258,6 +258,12 @@ class Datastore:
         self.index.save(self._files)
         return range(start, end)
 
+    def compact(self) -> None:
+        """Rebuild the index over every committed row as one segment (ScaNN: freezes the delta and merges
+        all segments; exact: nothing to do), and save it next to the data."""
+        self.index.compact(self.keys)
+        self.index.save(self._files)
+
     # ------------------------------------------------------------------ search
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest rows of each query: (squared-L2 dists [q, k] float32 ascending, ids [q, k] int64).

@@ -156,6 +156,9 @@ class ExactIndex:
             out_i.append(np.asarray(i)[:len(part), :k].astype(np.int64) + self._start)
         return np.concatenate(out_d), np.concatenate(out_i)
 
+    def compact(self, keys: np.ndarray) -> None:
+        self.sync(keys)
+
     # The exact index is rebuilt from the stored keys on open: nothing to serialize.
     def save(self, store) -> None:
         pass
@@ -250,6 +253,13 @@ class ScannIndex:
         if len(self.segments) > self.opts.max_segments:
             e = self.frozen_end
             self.segments = [_Segment(0, e, f"segment-{0:012d}-{e:012d}", self._build(keys[:e]))]
+            self.dirty = True
+        self.delta.sync(keys, self.frozen_end)
+
+    def compact(self, keys: np.ndarray) -> None:
+        """Freeze the delta and merge every segment into one (e.g. after a bulk load, before serving)."""
+        if len(keys) and (len(self.segments) != 1 or self.frozen_end != len(keys)):
+            self.segments = [_Segment(0, len(keys), f"segment-{0:012d}-{len(keys):012d}", self._build(keys))]
             self.dirty = True
         self.delta.sync(keys, self.frozen_end)
 

@@ -9,7 +9,9 @@ For every model size (`model`, then each of `semem.extra_models`):
    - `full`: admit every token (kNN-LM / full memorization),
    and the LM alone is the third, memory-free baseline;
 3. after each chunk: held-out tokens of the chunk (never memorized) join the calibrator's training
-   set, the calibrator is retrained from scratch, and every domain's validation perplexity is measured.
+   set (with held-out text of the pre-training domain), their features are computed against the
+   memory as it now is, the calibrator is retrained from scratch, and every domain's validation
+   perplexity is measured.
 
 Writes report.json (the DESIGN.md contract; `matrix` is SeMem's perplexity after each streamed domain
 for the main model, `memory` its per-chunk memory records), metrics.jsonl, memory_growth.png,
@@ -81,7 +83,7 @@ class SememRun(ContinualRun):
         pre.__dict__.update(self.__dict__)
         pre.cfg = dataclasses.replace(self.cfg, model=model_cfg,
                                       run=dataclasses.replace(self.cfg.run, method="sequential"))
-        pre.run_dir = self.run_dir / f"pretrain-{tag}"
+        pre.run_dir = Path(self.cfg.semem.pretrain_dir or self.run_dir) / f"pretrain-{tag}"
         pre.stages = (self.pretrain_domain,)
         report = pre.run()
         ckpt = Checkpointer(pre.run_dir / "checkpoints", self.cfg.checkpoint)
@@ -123,6 +125,11 @@ class SememRun(ContinualRun):
                                      model_fingerprint=fingerprint, tokenizer=self.cfg.data.tokenizer,
                                      index_options=dict(sm.index_options), mesh=None)
             memories[name] = SelectiveMemory(store, admit, sm.threshold, sm.k, Calibrator.initial(sm.lam, sm.temperature))
+            # Held-out text of the pre-training domain too (validation rows the evaluation does not use), so
+            # that the calibrator also learns when the memory is irrelevant to what the LM already knows.
+            spare = self.valid_sequences[self.pretrain_domain][self.eval_rows:self.eval_rows + self.heldout_rows]
+            if len(spare):
+                memories[name].heldout.append(score_sequences(scorer, params, spare))
         counts = np.ones(self.cfg.model.vocab_size, np.float64)          # token frequencies of the stream so far
         records = {name: [] for name in memories}
         curves = {name: {d: [] for d in self.domains} for name in memories}
@@ -138,9 +145,10 @@ class SememRun(ContinualRun):
             tokens_seen += len(chunk_tokens)
             for name, mem in memories.items():
                 stats = mem.memorize(chunk_tokens, log_freq)
-                mem.add_heldout(heldout_tokens, log_freq)
-                if mem.heldout is not None:
-                    mem.calibrator = fit_calibrator(mem.heldout, sm.calibrator, init=mem.calibrator,
+                mem.heldout.append(heldout_tokens)
+                data = mem.calibration_data(log_freq)
+                if data is not None:
+                    mem.calibrator = fit_calibrator(data, sm.calibrator, init=mem.calibrator,
                                                     steps=sm.calibrator_steps, lr=sm.calibrator_lr,
                                                     hidden=sm.calibrator_hidden,
                                                     rng=jax.random.fold_in(jax.random.key(self.cfg.run.seed), index))

@@ -117,7 +117,7 @@ class SelectiveMemory:
             raise ValueError(f"admit must be 'selective', 'all' or 'none', got {admit!r}")
         self.store, self.admit, self.threshold, self.k = store, admit, threshold, k
         self.calibrator = calibrator
-        self.heldout: CalibrationData | None = None
+        self.heldout: list[ScoredTokens] = []      # never memorized: the calibrator's training text
 
     def __len__(self) -> int:
         return 0 if self.store is None else len(self.store)
@@ -139,11 +139,15 @@ class SelectiveMemory:
             self.store.add(tokens.keys[keep], tokens.targets[keep])
         return {"tokens": int(len(tokens)), "admitted": int(keep.sum()), "online_nll": float(-logp.mean())}
 
-    def add_heldout(self, tokens: ScoredTokens, log_freq: np.ndarray) -> None:
-        """Held-out tokens scored against the current memory join the calibrator's training set."""
-        _, records = self.logprobs(tokens, log_freq)
-        if records is not None:
-            self.heldout = records if self.heldout is None else self.heldout.extend(records)
+    def calibration_data(self, log_freq: np.ndarray) -> CalibrationData | None:
+        """Features of every held-out token against the memory as it is now (what the calibrator will
+        see at test time), with their LM and neighbour log-probabilities."""
+        data = None
+        for tokens in self.heldout:
+            _, records = self.logprobs(tokens, log_freq)
+            if records is not None:
+                data = records if data is None else data.extend(records)
+        return data
 
 
 def knn_keys_of(model_cfg: ModelConfig, params: Any, sequences: np.ndarray, batch: int = 32) -> np.ndarray:
