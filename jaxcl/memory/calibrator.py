@@ -163,8 +163,7 @@ def fit_calibrator(data: CalibrationData, mode: str, *, init: Calibrator, steps:
         params["net"] = LambdaNet(hidden).init(rng, jnp.zeros((1, x_all.shape[1])))["params"]
     tx = _adam(float(lr))
     opt = tx.init(params)
-    n = len(data)
-    b = min(batch, n)
+    n, b = len(data), batch          # fixed minibatch size (sampled with replacement): one compile for all chunks
     order_rng = np.random.default_rng(int(jax.random.randint(rng, (), 0, 2**31 - 1)))
     dists = data.dists.astype(np.float32)
     for s in range(steps):

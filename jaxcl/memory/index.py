@@ -208,6 +208,7 @@ class _Segment:
     end: int
     name: str
     searcher: Any
+    leaves: int = 0            # tree partitions (0: brute-force AH, no tree)
 
 
 class ScannIndex:
@@ -229,11 +230,19 @@ class ScannIndex:
     def frozen_end(self) -> int:
         return self.segments[-1].end if self.segments else 0
 
+    def _leaves(self, n: int) -> int:
+        leaves = int(self.opts.leaves_per_sqrt_n * math.sqrt(n))
+        return leaves if leaves >= 16 and n >= 4 * leaves else 0
+
+    def _segment(self, keys: np.ndarray, start: int, end: int) -> _Segment:
+        return _Segment(start, end, f"segment-{start:012d}-{end:012d}", self._build(keys[start:end]),
+                        self._leaves(end - start))
+
     def _build(self, rows: np.ndarray):
         n = len(rows)
         builder = self.scann.builder(np.ascontiguousarray(rows, np.float32), 10, "squared_l2")
-        leaves = int(self.opts.leaves_per_sqrt_n * math.sqrt(n))
-        if leaves >= 16 and n >= 4 * leaves:
+        leaves = self._leaves(n)
+        if leaves:
             builder = builder.tree(num_leaves=leaves, num_leaves_to_search=max(1, round(leaves * self.opts.leaves_to_search)),
                                    training_sample_size=min(n, max(self.opts.training_sample, 4 * leaves)))
         bpb = self.opts.dims_per_block if self.dim % self.opts.dims_per_block == 0 else 1
@@ -248,18 +257,18 @@ class ScannIndex:
         while len(keys) - self.frozen_end >= self.opts.segment_rows:
             s = self.frozen_end
             e = s + self.opts.segment_rows
-            self.segments.append(_Segment(s, e, f"segment-{s:012d}-{e:012d}", self._build(keys[s:e])))
+            self.segments.append(self._segment(keys, s, e))
             self.dirty = True
         if len(self.segments) > self.opts.max_segments:
             e = self.frozen_end
-            self.segments = [_Segment(0, e, f"segment-{0:012d}-{e:012d}", self._build(keys[:e]))]
+            self.segments = [self._segment(keys, 0, e)]
             self.dirty = True
         self.delta.sync(keys, self.frozen_end)
 
     def compact(self, keys: np.ndarray) -> None:
         """Freeze the delta and merge every segment into one (e.g. after a bulk load, before serving)."""
         if len(keys) and (len(self.segments) != 1 or self.frozen_end != len(keys)):
-            self.segments = [_Segment(0, len(keys), f"segment-{0:012d}-{len(keys):012d}", self._build(keys))]
+            self.segments = [self._segment(keys, 0, len(keys))]
             self.dirty = True
         self.delta.sync(keys, self.frozen_end)
 
@@ -269,7 +278,8 @@ class ScannIndex:
         cand_d, cand_i = [], []
         for seg in self.segments:
             kk = min(k, seg.end - seg.start)
-            ids, d = seg.searcher.search_batched_parallel(queries, final_num_neighbors=kk,
+            probe = max(1, round(seg.leaves * self.opts.leaves_to_search)) if seg.leaves else None
+            ids, d = seg.searcher.search_batched_parallel(queries, final_num_neighbors=kk, leaves_to_search=probe,
                                                           pre_reorder_num_neighbors=max(kk * self.opts.reorder, kk + 1))
             cand_d.append(np.asarray(d, np.float32))
             cand_i.append(np.asarray(ids, np.int64) + seg.start)
@@ -310,7 +320,7 @@ class ScannIndex:
                 searcher = self.scann.load_searcher(tmp)
             if self.opts.threads:
                 searcher.set_num_threads(self.opts.threads)
-            self.segments.append(_Segment(s["start"], s["end"], s["name"], searcher))
+            self.segments.append(_Segment(s["start"], s["end"], s["name"], searcher, self._leaves(s["end"] - s["start"])))
         self.sync(keys)
 
 
