@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--add-batch", type=int, default=65536)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--knnlm-exact", action="store_true", help="also time kNN-LM evaluation on the exact store")
     parser.add_argument("--sweep", default="0.2:8,0.2:16,0.3:16,0.3:32",
                         help="ScaNN query-time settings LEAVES_FRACTION:REORDER (same built index)")
     parser.add_argument("--json", default=None)
@@ -154,7 +155,7 @@ def main() -> None:
         return memory_logprobs(tokens, store, calibrator, args.k, log_freq)
 
     knn_rows = [["plain LM", f"{ev.size / lm_s:,.0f}", "1.00x"]]
-    for backend in ("scann", "exact"):
+    for backend in ("scann", "exact") if args.knnlm_exact else ("scann",):
         t = time_call(lambda: knn_eval(stores[backend]), warmup=1, repeats=args.repeats)
         knn_rows.append([f"kNN-LM ({backend}, {len(keys):,} keys)", f"{ev.size / t:,.0f}", f"{lm_s / t:.2f}x"])
         results[f"knnlm_{backend}_tokens_per_s"] = ev.size / t

@@ -196,7 +196,7 @@ class ScannOptions:
     max_segments: int = 8              # more segments than this -> compact them into one
     leaves_per_sqrt_n: float = 1.0     # num_leaves = leaves_per_sqrt_n * sqrt(n)
     leaves_to_search: float = 0.2      # fraction of a segment's leaves probed per query
-    reorder: int = 8                   # exact re-scoring of reorder * k AH candidates (> k)
+    reorder: int = 16                  # exact re-scoring of reorder * k AH candidates (> k)
     dims_per_block: int = 2            # AH: dimensions per 4-bit code (2 = ScaNN's accurate setting)
     training_sample: int = 100_000
     threads: int = 0                   # 0 = ScaNN's default
