@@ -1,13 +1,13 @@
-"""One process of the two-process datastore test (run by tests/test_memory_multihost.py, not by pytest)."""
+"""One process of the two-process datastore test (run by tests/test_memory_multihost.py, not by pytest).
+
+Importing this module (for `rows_of`) must not touch jax or XLA_FLAGS: the environment is set only when
+it runs as a script.
+"""
 
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ["JAX_PLATFORMS"] = "cpu"
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def rows_of(process_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -17,6 +17,8 @@ def rows_of(process_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(coordinator: str, process_id: int, out_dir: str) -> None:
+    import jax
+
     from jaxcl.memory import Datastore
     from jaxcl.parallel import initialize_distributed
 
@@ -33,4 +35,6 @@ def main(coordinator: str, process_id: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

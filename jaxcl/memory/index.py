@@ -196,6 +196,7 @@ class ScannOptions:
     max_segments: int = 8              # more segments than this -> compact them into one
     leaves_per_sqrt_n: float = 1.0     # num_leaves = leaves_per_sqrt_n * sqrt(n)
     leaves_to_search: float = 0.2      # fraction of a segment's leaves probed per query
+    min_leaves_to_search: int = 32     # ... but at least this many (small segments need a larger fraction)
     reorder: int = 16                  # exact re-scoring of reorder * k AH candidates (> k)
     dims_per_block: int = 2            # AH: dimensions per 4-bit code (2 = ScaNN's accurate setting)
     training_sample: int = 100_000
@@ -234,6 +235,9 @@ class ScannIndex:
         leaves = int(self.opts.leaves_per_sqrt_n * math.sqrt(n))
         return leaves if leaves >= 16 and n >= 4 * leaves else 0
 
+    def _probe(self, leaves: int) -> int:
+        return min(leaves, max(self.opts.min_leaves_to_search, round(leaves * self.opts.leaves_to_search), 1))
+
     def _segment(self, keys: np.ndarray, start: int, end: int) -> _Segment:
         return _Segment(start, end, f"segment-{start:012d}-{end:012d}", self._build(keys[start:end]),
                         self._leaves(end - start))
@@ -243,7 +247,7 @@ class ScannIndex:
         builder = self.scann.builder(np.ascontiguousarray(rows, np.float32), 10, "squared_l2")
         leaves = self._leaves(n)
         if leaves:
-            builder = builder.tree(num_leaves=leaves, num_leaves_to_search=max(1, round(leaves * self.opts.leaves_to_search)),
+            builder = builder.tree(num_leaves=leaves, num_leaves_to_search=self._probe(leaves),
                                    training_sample_size=min(n, max(self.opts.training_sample, 4 * leaves)))
         bpb = self.opts.dims_per_block if self.dim % self.opts.dims_per_block == 0 else 1
         builder = builder.score_ah(bpb, anisotropic_quantization_threshold=float("nan")).reorder(64)
@@ -278,7 +282,7 @@ class ScannIndex:
         cand_d, cand_i = [], []
         for seg in self.segments:
             kk = min(k, seg.end - seg.start)
-            probe = max(1, round(seg.leaves * self.opts.leaves_to_search)) if seg.leaves else None
+            probe = self._probe(seg.leaves) if seg.leaves else None
             ids, d = seg.searcher.search_batched_parallel(queries, final_num_neighbors=kk, leaves_to_search=probe,
                                                           pre_reorder_num_neighbors=max(kk * self.opts.reorder, kk + 1))
             cand_d.append(np.asarray(d, np.float32))
