@@ -53,7 +53,6 @@ def main() -> None:
     from jaxcl.memory import Datastore
     from jaxcl.memory.calibrator import Calibrator
     from jaxcl.memory.selective import knn_keys_of, make_lm_scorer, memory_logprobs, score_sequences
-    from jaxcl.models import abstract_params
     from jaxcl.train.checkpoint import Checkpointer
 
     run_dir = Path(args.run_dir)

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from jaxcl.memory import Datastore
 from jaxcl.memory.calibrator import CalibrationData, Calibrator, calibrator_features, fit_calibrator, mixture_nll
@@ -45,7 +44,8 @@ def test_admission_uses_the_memory_as_it_stood_at_the_start_of_the_chunk(tmp_pat
     assert full.memorize(tokens(keys, targets, lm_logp), log_freq)["admitted"] == 200
     none = SelectiveMemory(None, "none", -1.5, 8, Calibrator.initial(0.5, 1.0))
     logp, records = none.logprobs(tokens(keys, targets, lm_logp), log_freq)
-    np.testing.assert_allclose(logp, lm_logp) and records is None
+    np.testing.assert_allclose(logp, lm_logp)
+    assert records is None
 
 
 def test_calibrator_learns_when_to_trust_the_memory():

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import platform
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,7 +56,6 @@ def _default_mesh() -> Mesh:
 @functools.lru_cache(maxsize=32)
 def _exact_search_fn(mesh: Mesh, per_device: int, chunk: int, k: int, approx: bool, recall_target: float):
     axes = tuple(mesh.axis_names)
-    n_dev = mesh.devices.size
 
     def local(queries, keys, norms, n_valid):          # queries [q, d]; keys [per_device, d]; norms [per_device]
         offset = jax.lax.axis_index(axes) * per_device
@@ -90,7 +87,6 @@ def _exact_search_fn(mesh: Mesh, per_device: int, chunk: int, k: int, approx: bo
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes), P(axes), P()), out_specs=(P(), P()),
                        check_vma=False)
-    del n_dev
     return jax.jit(fn)
 
 
