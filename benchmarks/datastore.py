@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--knnlm-exact", action="store_true", help="also time kNN-LM evaluation on the exact store")
-    parser.add_argument("--sweep", default="0.2:8,0.2:16,0.3:16,0.3:32",
+    parser.add_argument("--sweep", default="0.05:16,0.1:16,0.1:32,0.2:16",
                         help="ScaNN query-time settings LEAVES_FRACTION:REORDER (same built index)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()

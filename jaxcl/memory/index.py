@@ -191,7 +191,7 @@ class ScannOptions:
     segment_rows: int = 65536          # delta size that triggers freezing a new segment
     max_segments: int = 8              # more segments than this -> compact them into one
     leaves_per_sqrt_n: float = 1.0     # num_leaves = leaves_per_sqrt_n * sqrt(n)
-    leaves_to_search: float = 0.2      # fraction of a segment's leaves probed per query
+    leaves_to_search: float = 0.05     # fraction of a segment's leaves probed per query
     min_leaves_to_search: int = 32     # ... but at least this many (small segments need a larger fraction)
     reorder: int = 16                  # exact re-scoring of reorder * k AH candidates (> k)
     dims_per_block: int = 2            # AH: dimensions per 4-bit code (2 = ScaNN's accurate setting)
