@@ -21,7 +21,8 @@ import yaml
 from jaxcl.models.config import ConfigError, ModelConfig
 
 __all__ = ["ConfigError", "Config", "RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "MeshConfig",
-           "CheckpointConfig", "ElleConfig", "GrowthTarget", "load_config", "config_from_dict", "config_to_dict", "parse_overrides", "save_config"]
+           "CheckpointConfig", "ElleConfig", "GrowthTarget", "SememConfig", "load_config", "config_from_dict",
+           "config_to_dict", "parse_overrides", "save_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,35 @@ class ElleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SememConfig:
+    """SeMem (jaxcl.memory): a frozen LM plus a kNN-LM memory that admits only the tokens it finds hard."""
+
+    backend: Literal["exact", "scann"] = "exact"   # datastore index (scann: x86-64 Linux only)
+    index_options: dict[str, Any] = dataclasses.field(default_factory=dict)   # ExactIndex / ScannOptions fields
+    k: int = 64                        # neighbours per query
+    threshold: float = -1.5            # δ: admit a token when log p(gold) < δ (natural log), as the memory stood
+    stream_domains: tuple[str, ...] = ()   # streamed after pre-training; default: data.domains after the first
+    chunk_tokens: int = 8192           # tokens per chunk (the memory is updated once per chunk)
+    chunks_per_domain: int = 3
+    heldout_tokens: int = 1024         # per chunk, never memorized: the calibrator's training data
+    eval_tokens: int = 2048            # per domain (valid split) for each perplexity evaluation
+    calibrator: Literal["mlp", "constant"] = "mlp"   # per-token λ from features, or one λ; both fit T too
+    lam: float = 0.25                  # initial λ (and the constant before any held-out data exists)
+    temperature: float = 10.0          # initial kNN softmax temperature: p_kNN ∝ exp(-d / T)
+    calibrator_steps: int = 300
+    calibrator_lr: float = 3e-3
+    calibrator_hidden: int = 128
+    extra_models: tuple[dict[str, Any], ...] = ()    # other model sizes (overrides of `model`) run the same way
+    pretrain_dir: str | None = None    # reuse (or write) the pre-trained LMs here instead of in run.dir
+
+    def __post_init__(self):
+        if self.k < 1 or self.chunk_tokens < 1 or self.chunks_per_domain < 1 or self.eval_tokens < 1:
+            raise ConfigError("semem.k, semem.chunk_tokens, semem.chunks_per_domain and semem.eval_tokens must be >= 1")
+        if not 0.0 <= self.lam <= 1.0 or self.temperature <= 0:
+            raise ConfigError(f"semem.lam must be in [0, 1] and semem.temperature > 0, got {self.lam}, {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a `jaxcl run` needs."""
 
@@ -170,6 +200,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
     elle: ElleConfig = ElleConfig()
+    semem: SememConfig = SememConfig()
 
     def run_dir(self) -> Path:
         return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name

@@ -91,3 +91,53 @@ def plot_training_curves(metrics_path: str | Path, path: str | Path) -> Path | N
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_memory_growth(curves: dict[str, Sequence[dict[str, Any]]], path: str | Path,
+                       title: str = "memory size vs tokens seen") -> Path:
+    """Memory entries against streamed tokens, one line per label (e.g. model x policy), with y = x for
+    reference (full memorization of every token)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    top = 0
+    for label, records in curves.items():
+        xs = [0] + [r["tokens_seen"] for r in records]
+        ys = [0] + [r["memory_size"] for r in records]
+        top = max(top, xs[-1])
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.plot([0, top], [0, top], color="grey", linestyle=":", linewidth=1, label="every token")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("memory entries")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_series(series: dict[str, Sequence[float]], path: str | Path, *, xlabel: str, ylabel: str,
+                title: str = "", xticks: Sequence[str] | None = None) -> Path:
+    """Several named curves over the same x positions (e.g. perplexity after each chunk)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, ys in series.items():
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, label=label)
+    if xticks is not None:
+        ax.set_xticks(range(1, len(xticks) + 1), xticks, rotation=45, ha="right", fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,173 @@
+"""The λ calibrator: how much to trust the memory, per token (SeMem §2.4).
+
+A selectively filled memory has no neighbours for easy tokens, so one constant λ costs those tokens
+λ of their probability mass; the calibrator predicts λ per token from features that say whether the
+retrieved neighbours are worth trusting:
+
+- distribution: the LM's confidence max_y p_LM(y) and its entropy;
+- lexical: log frequency of the last context token in the text streamed so far;
+- density: log(1 + d) of the top-10 neighbour distances and log of the number of distinct values
+  among the top-1..10 neighbours.
+
+`mode="mlp"`: a small MLP (LeakyReLU, dropout) -> λ per token. `mode="constant"`: one λ. Both also fit
+one kNN temperature T, and both are trained from scratch, on held-out tokens of the chunks seen so far,
+to maximise the mixture's likelihood log((1-λ) p_LM(gold) + λ p_kNN(gold; T)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from jaxcl.memory.knnlm import knn_neighbor_logweights, mix_logprobs
+
+__all__ = ["Calibrator", "CalibrationData", "calibrator_features", "fit_calibrator", "mixture_nll", "N_TOP"]
+
+N_TOP = 10
+
+
+def calibrator_features(lm_conf: np.ndarray, lm_entropy: np.ndarray, log_freq: np.ndarray,
+                        dists: np.ndarray, neighbor_values: np.ndarray) -> np.ndarray:
+    """Per-token features `[n, 3 + 2 * N_TOP]` float32 (see the module docstring).
+
+    lm_conf, lm_entropy, log_freq [n]; dists [n, k] ascending; neighbor_values [n, k].
+    """
+    n, k = dists.shape
+    top_d = np.full((n, N_TOP), np.float32(1e4))
+    top_v = np.full((n, N_TOP), -1, np.int64)
+    m = min(k, N_TOP)
+    top_d[:, :m] = np.where(np.isfinite(dists[:, :m]), dists[:, :m], 1e4)
+    top_v[:, :m] = neighbor_values[:, :m]
+    same = top_v[:, :, None] == top_v[:, None, :]                              # [n, 10, 10]
+    first = ~np.any(np.tril(same, -1), axis=2) & (top_v >= 0)                  # first occurrence of a value
+    distinct = np.maximum(np.cumsum(first, axis=1), 1)                         # [n, 10]
+    return np.concatenate([lm_conf[:, None], lm_entropy[:, None], log_freq[:, None],
+                           np.log1p(np.maximum(top_d, 0.0)), np.log(distinct)], axis=1).astype(np.float32)
+
+
+@dataclasses.dataclass
+class CalibrationData:
+    """Held-out tokens: features [n, F], log p_LM(gold) [n], neighbour distances [n, k], gold match [n, k]."""
+
+    features: np.ndarray
+    lm_logp: np.ndarray
+    dists: np.ndarray
+    match: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lm_logp)
+
+    def extend(self, other: "CalibrationData") -> "CalibrationData":
+        if not len(self):
+            return other
+        k = min(self.dists.shape[1], other.dists.shape[1])
+        return CalibrationData(np.concatenate([self.features, other.features]),
+                               np.concatenate([self.lm_logp, other.lm_logp]),
+                               np.concatenate([self.dists[:, :k], other.dists[:, :k]]),
+                               np.concatenate([self.match[:, :k], other.match[:, :k]]))
+
+
+class LambdaNet(nn.Module):
+    """features [n, F] -> λ logit [n]: `layers` x (Dense -> LeakyReLU -> Dropout), then Dense(1)."""
+
+    hidden: int = 128
+    layers: int = 4
+    dropout: float = 0.2
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        for _ in range(self.layers):
+            x = nn.Dense(self.hidden)(x)
+            x = nn.leaky_relu(x)
+            x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
+        return nn.Dense(1)(x)[..., 0]
+
+
+@dataclasses.dataclass
+class Calibrator:
+    """λ per token (or one λ) and the kNN temperature T; `lam_and_temperature(features)`."""
+
+    mode: str
+    params: dict[str, Any]
+    mean: np.ndarray
+    std: np.ndarray
+    hidden: int = 128
+
+    @classmethod
+    def initial(cls, lam: float, temperature: float, n_features: int = 3 + 2 * N_TOP, mode: str = "constant"):
+        """The calibrator before any held-out data exists: constant λ and T."""
+        params = {"lam_logit": jnp.float32(np.log(max(lam, 1e-6) / max(1 - lam, 1e-6))),
+                  "log_temperature": jnp.float32(np.log(temperature))}
+        return cls("constant", params, np.zeros(n_features, np.float32), np.ones(n_features, np.float32))
+
+    @property
+    def temperature(self) -> float:
+        return float(np.exp(self.params["log_temperature"]))
+
+    def lam(self, features: np.ndarray) -> np.ndarray:
+        """λ `[n]` for features `[n, F]`."""
+        return np.asarray(_lam(self.mode, self.hidden, self.params, jnp.asarray((features - self.mean) / self.std)))
+
+
+LAM_RANGE = (1e-4, 1 - 1e-4)    # a learned λ never reaches 0 or 1: either would make some gold token impossible
+
+
+def _lam(mode: str, hidden: int, params, x, deterministic=True, rng=None):
+    if mode == "constant":
+        logit = jnp.broadcast_to(params["lam_logit"], x.shape[:1])
+    else:
+        logit = LambdaNet(hidden).apply({"params": params["net"]}, x, deterministic=deterministic,
+                                        rngs=None if deterministic else {"dropout": rng})
+    return jnp.clip(jax.nn.sigmoid(logit), *LAM_RANGE)
+
+
+def mixture_nll(mode: str, hidden: int, params, x, lm_logp, dists, match, deterministic=True, rng=None):
+    """Mean -log((1-λ) p_LM(gold) + λ p_kNN(gold; T)) over held-out tokens."""
+    lam = _lam(mode, hidden, params, x, deterministic, rng)
+    logw, any_valid = knn_neighbor_logweights(dists, jnp.exp(params["log_temperature"]))
+    knn_logp = jax.nn.logsumexp(jnp.where(match, logw, -jnp.inf), axis=-1)
+    return -jnp.mean(mix_logprobs(lm_logp, knn_logp, lam, any_valid))
+
+
+@functools.lru_cache(maxsize=8)
+def _adam(lr: float) -> optax.GradientTransformation:
+    return optax.adam(lr)          # one object per lr, so the jitted step below is compiled once
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _train_step(mode, hidden, tx, params, opt, x, lm_logp, dists, match, key):
+    """One Adam step on a fixed-size minibatch (compiled once per shape, reused across chunks)."""
+    grads = jax.grad(lambda p: mixture_nll(mode, hidden, p, x, lm_logp, dists, match, False, key))(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt
+
+
+def fit_calibrator(data: CalibrationData, mode: str, *, init: Calibrator, steps: int = 300, lr: float = 3e-3,
+                   hidden: int = 128, batch: int = 1024, rng: jax.Array | None = None) -> Calibrator:
+    """Train a calibrator from scratch on held-out tokens (Adam on the mixture NLL); T starts at `init`'s."""
+    rng = jax.random.key(0) if rng is None else rng
+    mean = data.features.mean(0)
+    std = data.features.std(0) + 1e-3
+    x_all = (data.features - mean) / std
+    params: dict[str, Any] = {"log_temperature": jnp.float32(init.params["log_temperature"])}
+    if mode == "constant":
+        params["lam_logit"] = jnp.float32(init.params.get("lam_logit", 0.0))
+    else:
+        params["net"] = LambdaNet(hidden).init(rng, jnp.zeros((1, x_all.shape[1])))["params"]
+    tx = _adam(float(lr))
+    opt = tx.init(params)
+    n, b = len(data), batch          # fixed minibatch size (sampled with replacement): one compile for all chunks
+    order_rng = np.random.default_rng(int(jax.random.randint(rng, (), 0, 2**31 - 1)))
+    dists = data.dists.astype(np.float32)
+    for s in range(steps):
+        idx = order_rng.integers(0, n, b)
+        params, opt = _train_step(mode, hidden, tx, params, opt, x_all[idx], data.lm_logp[idx], dists[idx],
+                                  data.match[idx], jax.random.fold_in(rng, s))
+    return Calibrator(mode, jax.device_get(params), mean, std, hidden)

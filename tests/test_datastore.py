@@ -1,0 +1,152 @@
+"""Datastore: exact search vs NumPy on a mesh, persistence, crash safety (SIGKILL), bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from jaxcl.memory import Datastore, DatastoreError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def brute_force(keys, queries, k):
+    d = ((keys.astype(np.float16).astype(np.float32)[None] - queries[:, None]) ** 2).sum(-1)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), order
+
+
+@pytest.mark.parametrize("approx", [False, True])
+def test_exact_backend_on_an_8_device_mesh_matches_numpy(tmp_path, approx):
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+    rng = np.random.default_rng(1)
+    keys = rng.normal(size=(3001, 24)).astype(np.float32)      # not a multiple of the devices or chunks
+    queries = rng.normal(size=(37, 24)).astype(np.float32)
+    ds = Datastore.create(tmp_path / "s", dim=24, backend="exact", mesh=mesh,
+                          index_options={"approx": approx, "chunk_rows": 128})
+    ds.add(keys[:1000], rng.integers(0, 100, 1000))
+    ds.add(keys[1000:], rng.integers(0, 100, 2001))
+    dists, ids = ds.search(queries, 16)
+    ref_d, ref_i = brute_force(keys, queries, 16)
+    np.testing.assert_array_equal(ids, ref_i)
+    np.testing.assert_allclose(dists, ref_d, rtol=1e-5, atol=1e-5)
+    assert np.all(np.diff(dists, axis=1) >= 0)
+    assert ds.values[ids].shape == (37, 16)
+
+
+def test_reopen_keeps_everything_and_appends_after_the_last_row(tmp_path):
+    rng = np.random.default_rng(2)
+    keys, values = rng.normal(size=(700, 8)).astype(np.float32), rng.integers(0, 50, 700).astype(np.int32)
+    ds = Datastore.create(tmp_path / "s", dim=8, model_fingerprint="abc", tokenizer="default")
+    ds.add(keys[:500], values[:500])
+    again = Datastore.open(tmp_path / "s", model_fingerprint="abc")
+    assert len(again) == 500 and again.manifest["tokenizer"] == "default"
+    np.testing.assert_array_equal(again.keys, keys[:500].astype(np.float16))
+    again.add(keys[500:], values[500:])
+    third = Datastore.open(tmp_path / "s")
+    np.testing.assert_array_equal(third.values, values)
+    np.testing.assert_array_equal(third.keys, keys.astype(np.float16))
+    _, ids = third.search(keys[650:660], 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(650, 660))
+    with pytest.raises(DatastoreError, match="not comparable"):
+        Datastore.open(tmp_path / "s", model_fingerprint="other")
+    with pytest.raises(FileExistsError, match="already holds a datastore"):
+        Datastore.create(tmp_path / "s", dim=8)
+
+
+def test_fewer_rows_than_k_returns_every_row(tmp_path):
+    ds = Datastore.create(tmp_path / "s", dim=4)
+    ds.add(np.eye(4, dtype=np.float32)[:3], np.array([5, 6, 7]))
+    dists, ids = ds.search(np.zeros((2, 4), np.float32), 10)
+    assert ids.shape == (2, 3)
+    np.testing.assert_allclose(dists, 1.0)
+
+
+def test_bad_input_raises_clear_errors_and_leaves_the_store_unchanged(tmp_path):
+    ds = Datastore.create(tmp_path / "s", dim=8)
+    rng = np.random.default_rng(3)
+    good = rng.normal(size=(10, 8)).astype(np.float32)
+    ds.add(good, np.arange(10))
+    manifest = (tmp_path / "s" / "manifest.json").read_bytes()
+    nan_keys = good.copy()
+    nan_keys[3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"shape \[n, 8\]"):
+        ds.add(rng.normal(size=(4, 7)), np.arange(4))
+    with pytest.raises(ValueError, match="NaN"):
+        ds.add(nan_keys, np.arange(10))
+    with pytest.raises(TypeError, match="integer token ids"):
+        ds.add(good, np.arange(10) + 0.5)
+    with pytest.raises(ValueError, match="one per key"):
+        ds.add(good, np.arange(9))
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*31\)"):
+        ds.add(good, -np.arange(10))
+    with pytest.raises(ValueError, match=r"shape \[q, 8\]"):
+        ds.search(np.zeros((2, 5), np.float32), 3)
+    assert (tmp_path / "s" / "manifest.json").read_bytes() == manifest
+    reopened = Datastore.open(tmp_path / "s")
+    assert len(reopened) == len(ds) == 10
+    np.testing.assert_array_equal(reopened.keys, good.astype(np.float16))
+
+    empty = Datastore.create(tmp_path / "empty", dim=8)
+    with pytest.raises(ValueError, match="is empty"):
+        empty.search(good, 4)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("hello")
+    with pytest.raises(DatastoreError, match="not a jaxcl datastore"):
+        Datastore.open(tmp_path / "plain")
+    (tmp_path / "plain" / "manifest.json").write_text(json.dumps({"something": "else"}))
+    with pytest.raises(DatastoreError, match="not a jaxcl datastore"):
+        Datastore.open(tmp_path / "plain")
+    with pytest.raises(DatastoreError, match="not a jaxcl datastore"):
+        Datastore.open(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown datastore backend"):
+        Datastore.create(tmp_path / "b", dim=8, backend="faiss")
+    assert not (tmp_path / "b").exists()
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from jaxcl.memory import Datastore
+    path, rows = sys.argv[1], int(sys.argv[2])
+    ds = Datastore.create(path, dim=32, chunk_rows=1024)
+    for b in range(10_000):
+        ids = np.arange(b * rows, (b + 1) * rows)
+        keys = (np.sin(ids[:, None] * 0.001 + np.arange(32)[None]) * 8).astype(np.float32)
+        ds.add(keys, ids % 8192)
+        print("committed", len(ds), flush=True)
+""")
+
+
+def test_sigkill_mid_append_keeps_the_last_commit_intact(tmp_path):
+    rows = 30_000
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "s"), str(rows)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    committed = []
+    deadline = time.time() + 120
+    while len(committed) < 3 and time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("committed"):
+            committed.append(int(line.split()[1]))
+    time.sleep(0.05 + 0.1 * np.random.default_rng().random())      # land somewhere inside a later append
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(committed) >= 3, "the writer never committed"
+    ds = Datastore.open(tmp_path / "s")
+    n = len(ds)
+    assert n >= committed[-1] and n % rows == 0            # a commit is all of one append or none of it
+    ids = np.arange(n)
+    expected = (np.sin(ids[:, None] * 0.001 + np.arange(32)[None]) * 8).astype(np.float32).astype(np.float16)
+    np.testing.assert_array_equal(ds.keys, expected)
+    np.testing.assert_array_equal(ds.values, ids % 8192)
+    ds.add(expected[:5], np.arange(5))                      # and it keeps working after the crash
+    assert len(Datastore.open(tmp_path / "s")) == n + 5

@@ -1,0 +1,132 @@
+"""Selective memorization and the λ calibrator on controlled inputs, and the SeMem run end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jaxcl.memory import Datastore
+from jaxcl.memory.calibrator import CalibrationData, Calibrator, calibrator_features, fit_calibrator, mixture_nll
+from jaxcl.memory.selective import ScoredTokens, SelectiveMemory, admission_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tokens(keys, targets, lm_logp):
+    n = len(targets)
+    return ScoredTokens(keys=keys.astype(np.float32), targets=targets.astype(np.int32),
+                        contexts=np.zeros(n, np.int32), lm_logp=lm_logp.astype(np.float32),
+                        lm_conf=np.full(n, 0.2, np.float32), lm_entropy=np.full(n, 3.0, np.float32))
+
+
+def test_admission_uses_the_memory_as_it_stood_at_the_start_of_the_chunk(tmp_path):
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(200, 16)) * 5
+    targets = rng.integers(0, 50, 200)
+    lm_logp = np.where(rng.random(200) < 0.7, -4.0, -0.5)                 # 70 % hard for the bare LM
+    log_freq = np.zeros(50, np.float32)
+    store = Datastore.create(tmp_path / "s", dim=16)
+    mem = SelectiveMemory(store, "selective", -1.5, 8, Calibrator.initial(0.5, 1.0))
+    # Chunk 1 holds every token twice: the memory is empty for the whole chunk, so both copies of each
+    # hard token are admitted (decisions never see entries added within the same chunk).
+    chunk = tokens(np.concatenate([keys, keys]), np.concatenate([targets, targets]), np.concatenate([lm_logp] * 2))
+    stats = mem.memorize(chunk, log_freq)
+    assert stats["admitted"] == 2 * int(np.sum(lm_logp < -1.5)) == len(store)
+    np.testing.assert_array_equal(admission_mask(chunk.lm_logp, -1.5), chunk.lm_logp < -1.5)
+    # Chunk 2 repeats the text: each hard token now has two exact matches (distance 0) with its own
+    # value, so p_kNN(gold) ~ 1 and log p = log((1-λ) p_LM + λ) > log 0.5 > δ: nothing is admitted.
+    again = mem.memorize(tokens(keys, targets, lm_logp), log_freq)
+    assert again["admitted"] == 0 and len(store) == stats["admitted"]
+    # Full memorization and the bare LM go through the same code path.
+    full = SelectiveMemory(Datastore.create(tmp_path / "f", dim=16), "all", -1.5, 8, Calibrator.initial(0.5, 1.0))
+    assert full.memorize(tokens(keys, targets, lm_logp), log_freq)["admitted"] == 200
+    none = SelectiveMemory(None, "none", -1.5, 8, Calibrator.initial(0.5, 1.0))
+    logp, records = none.logprobs(tokens(keys, targets, lm_logp), log_freq)
+    np.testing.assert_allclose(logp, lm_logp)
+    assert records is None
+
+
+def test_calibrator_learns_when_to_trust_the_memory():
+    rng = np.random.default_rng(1)
+    n, k = 4000, 16
+    dists = np.sort(rng.random((n, k)) * 40 + 5, axis=1).astype(np.float32)
+    values = rng.integers(0, 1000, (n, k))
+    gold = rng.integers(1000, 2000, n)                 # the memory is wrong ...
+    close = rng.random(n) < 0.5
+    dists[close, 0] = rng.random(close.sum()) * 0.5    # ... unless the nearest neighbour is very close,
+    values[close, 0] = gold[close]                     # and then it is right
+    lm_logp = np.full(n, -3.0, np.float32)
+    feats = calibrator_features(np.full(n, 0.1, np.float32), np.full(n, 4.0, np.float32), np.zeros(n, np.float32),
+                                dists, values)
+    assert feats.shape == (n, 23)
+    data = CalibrationData(feats, lm_logp, dists, values == gold[:, None])
+    init = Calibrator.initial(0.25, 10.0)
+
+    def nll(c):
+        return float(mixture_nll(c.mode, c.hidden, c.params, (feats - c.mean) / c.std, lm_logp, dists,
+                                 values == gold[:, None]))
+
+    constant = fit_calibrator(data, "constant", init=init, steps=150, lr=3e-2)
+    mlp = fit_calibrator(data, "mlp", init=init, steps=150, lr=3e-3)
+    assert nll(mlp) < nll(constant) < nll(init)
+    lam = mlp.lam(feats)
+    assert lam[close].mean() > 0.8 and lam[~close].mean() < 0.2
+
+
+def test_distinct_value_features():
+    dists = np.arange(12, dtype=np.float32)[None].repeat(2, 0)
+    values = np.array([[5, 5, 6, 5, 7, 8, 8, 9, 1, 2, 3, 4], [1] * 12])
+    f = calibrator_features(np.ones(2), np.ones(2), np.ones(2), dists, values)
+    np.testing.assert_allclose(np.exp(f[0, 13:]), [1, 1, 2, 2, 3, 4, 4, 5, 6, 7])
+    np.testing.assert_allclose(np.exp(f[1, 13:]), 1)
+    np.testing.assert_allclose(f[0, 3:13], np.log1p(np.arange(10)), rtol=1e-6)
+
+
+TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=64",
+        "data.seq_len=64", "data.batch_size=8", "data.eval_batches=2", "data.domains=[bible,wordnet]",
+        "train.pretrain_steps=30", "optim.warmup_steps=5", "optim.lr=1e-2", "checkpoint.async_save=false",
+        "semem.chunk_tokens=1024", "semem.chunks_per_domain=3", "semem.heldout_tokens=256", "semem.eval_tokens=256",
+        "semem.calibrator_steps=30", "semem.extra_models=[{d_model: 48}]", "semem.index_options={segment_rows: 1500}"]
+
+
+def test_semem_run_writes_the_report_contract(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jaxcl.cli", "run", "configs/semem/demo.yaml", *TINY,
+                          f"run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["method"] == "semem" and report["metric"] == "perplexity"
+    assert report["stages"] == ["wordnet"] and report["eval_on"] == ["bible", "wordnet"]
+    assert np.array(report["matrix"], float).shape == (1, 2)
+    memory = report["memory"]
+    assert len(memory) == 3 and set(memory[0]) >= {"tokens_seen", "memory_size", "admitted_rate"}
+    per_chunk = 1024 // 64 * 63
+    assert [m["tokens_seen"] for m in memory] == [per_chunk * (i + 1) for i in range(3)]
+    sizes = np.cumsum([m["tokens_admitted"] for m in memory])
+    assert [m["memory_size"] for m in memory] == sizes.tolist()
+    for model in report["models"]:
+        full = model["memory"]["full"]
+        assert [m["memory_size"] for m in full] == [per_chunk * (i + 1) for i in range(3)]
+        assert model["memory_size"]["semem"] <= model["memory_size"]["full"]
+        assert 0 < model["memory_ratio"] <= 1 and np.isfinite(model["perplexity_ratio"])
+        assert set(model["final_perplexity"]) == {"semem", "full"} and set(model["lm_only_perplexity"]) == \
+            {"bible", "wordnet"}
+    assert len(report["models"]) == 2 and report["models"][1]["architecture"]["d_model"] == 48
+    store = Datastore.open(tmp_path / report["models"][0]["tag"] / "semem" / "datastore")
+    assert len(store) == memory[-1]["memory_size"] and store.manifest["backend"] == "scann"
+    for name in ("config.yaml", "metrics.jsonl", "memory_growth.png", "perplexity_per_chunk.png",
+                 "admitted_rate.png", "perplexity_matrix.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "semem_chunk" for r in records) == 2 * 2 * 3        # models x policies x chunks
+
+
+def test_semem_config_errors_name_the_key(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jaxcl.cli", "run", "configs/semem/demo.yaml", *TINY,
+                          "semem.stream_domains=[pydoc]", f"run.dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0 and "semem.stream_domains" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "jaxcl.cli", "run", "configs/semem/demo.yaml", "semem.lam=2",
+                          f"run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "semem.lam" in out.stderr
