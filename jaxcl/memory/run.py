@@ -85,6 +85,7 @@ class SememRun(ContinualRun):
                                       run=dataclasses.replace(self.cfg.run, method="sequential"))
         pre.run_dir = Path(self.cfg.semem.pretrain_dir or self.run_dir) / f"pretrain-{tag}"
         pre.stages = (self.pretrain_domain,)
+        pre.stage_flops = []          # per pre-training run (the dict copy above would share the list)
         report = pre.run()
         ckpt = Checkpointer(pre.run_dir / "checkpoints", self.cfg.checkpoint)
         try:
