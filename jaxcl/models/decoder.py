@@ -13,6 +13,7 @@ from flax import linen as nn
 from jaxcl.models.config import ModelConfig
 from jaxcl.models.layers import POSITION_AXIS, Dense, build_attention_mask, compute_dtype, embedding_table, \
     make_norm, stacked_layers
+from jaxcl.models.lowrank import check_adapters
 from jaxcl.models.outputs import ModelOutput
 
 
@@ -41,8 +42,9 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, deterministic: bool = True) -> ModelOutput:
+                 positions: jax.Array | None = None, deterministic: bool = True, adapters=None) -> ModelOutput:
         cfg = self.cfg
+        check_adapters(adapters)
         positions = checked_positions(cfg, input_ids, positions)
         dtype = compute_dtype(cfg)
         b, s = input_ids.shape
@@ -52,7 +54,8 @@ class Decoder(nn.Module):
             x = x + embedding_table(cfg, cfg.max_seq_len, POSITION_AXIS, "pos_embed")(positions)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
         mask = build_attention_mask(attention_mask, b, s, causal=True)
-        (x, ffn_in), _ = stacked_layers(cfg, deterministic)((x, jnp.zeros_like(x)), mask, positions)
+        (x, ffn_in), _ = stacked_layers(cfg, deterministic)((x, jnp.zeros_like(x)), mask, positions,
+                                                            dict(adapters or {}))
         hidden = make_norm(cfg, "final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(hidden)
