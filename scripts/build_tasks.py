@@ -130,7 +130,10 @@ SOURCES = {"bible_books": "bible", "wordnet_pos": "wordnet", "manpage_section": 
 
 def split_task(name: str) -> dict:
     by_class: dict[str, list[tuple[str, list[str]]]] = collections.defaultdict(list)
-    for label, doc_id, texts in TASKS[name]():
+    extracted = [(label, doc_id, texts) for label, doc_id, texts in TASKS[name]()]
+    seen = collections.Counter(t for _, _, texts in extracted for t in texts)
+    for label, doc_id, texts in extracted:
+        texts = [t for t in texts if seen[t] == 1]          # boilerplate shared by documents is left out
         if texts:
             by_class[label].append((doc_id, texts))
     labels = sorted(by_class)
