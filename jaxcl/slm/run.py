@@ -63,15 +63,13 @@ class SlmRun:
 
     def __init__(self, cfg: Config):
         self.cfg, self.scfg = cfg, cfg.slm
-        if self.scfg.mode != "classification":
-            raise ConfigError(f"slm.mode={self.scfg.mode!r} is not implemented yet (only 'classification')")
         self.run_dir = cfg.run_dir()
         cache = Path(self.scfg.cache_dir) if self.scfg.cache_dir else None
         self.encoder = SentenceEncoder(resolve_encoder_dir(self.scfg.encoder), self.scfg.max_len, cache)
-        if self.scfg.max_tasks * self.scfg.slots_per_task < len(self.scfg.tasks) * self.scfg.slots_per_task:
-            raise ConfigError("slm.max_tasks is smaller than the number of tasks")
         self.tasks = tuple(self.scfg.tasks)
         self.data: dict[str, dict[str, _Data]] = {}
+        if self.scfg.mode == "lm":
+            return                        # the domain stream is read by jaxcl.slm.lm
         for name in self.tasks:
             splits = {}
             for split, cap in (("train", self.scfg.train_examples), ("valid", self.scfg.eval_examples),
@@ -213,6 +211,8 @@ class SlmRun:
         metrics_path = self.run_dir / "metrics.jsonl"
         metrics_path.write_text("")
         metrics = _Metrics(metrics_path)
+        if self.scfg.mode == "lm":
+            return self._run_lm(metrics, start)
         results = {m: self._run_method(m, metrics) for m in ("slm", *self.scfg.baselines)}
         slm = results.pop("slm")
         final = slm["retrieval"]
@@ -238,6 +238,20 @@ class SlmRun:
             print(f"{m}: " + ", ".join(f"{k}={v:.2f}" for k, v in r["summary"].items()))
         print(f"outputs in {self.run_dir}/")
         self.learner = slm["learner"]
+        return report
+
+
+    def _run_lm(self, metrics, start: float) -> dict[str, Any]:
+        from jaxcl.slm.lm import run_lm
+
+        out = run_lm(self, metrics)
+        report = build_report("slm", "perplexity", out["stages"], out["stages"], out["matrix"], time.time() - start,
+                              retrieval_accuracy=float(np.mean(list(out["retrieval"].values()))),
+                              retrieval={"per_task_final": out["retrieval"], "mode": self.scfg.retrieval})
+        write_report(self.run_dir, report)
+        plot_matrix(report, self.run_dir / "perplexity_matrix.png")
+        print(format_matrix(report))
+        print(f"retrieval accuracy {report['retrieval_accuracy']:.2f} %\noutputs in {self.run_dir}/")
         return report
 
 
