@@ -21,7 +21,8 @@ import yaml
 from jaxcl.models.config import ConfigError, ModelConfig
 
 __all__ = ["ConfigError", "Config", "RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "MeshConfig",
-           "CheckpointConfig", "SlmConfig", "load_config", "config_from_dict", "config_to_dict", "parse_overrides", "save_config"]
+           "CheckpointConfig", "SlmConfig",
+           "load_config", "config_from_dict", "config_to_dict", "parse_overrides", "save_config"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,8 @@ Every label comes from where the text was taken (its provenance), never from a m
 Whole source documents (a chapter, a dictionary entry, a man page, a module's pydoc page) go to one
 split only, so no document contributes text to two splits: documents are shuffled per class with a
 fixed seed and dealt, largest first, to whichever split is furthest below its 70 / 10 / 20 % share of
-the class's examples (at least one document per split and class), then each split is capped per class. Run from the repository root:
+the class's examples (at least one document per split and class), then each split is capped per class.
+Run from the repository root:
 
     python scripts/build_tasks.py            # rewrites jaxcl/data/tasks/*.jsonl and manifest.json
 """

@@ -167,9 +167,10 @@ class Attention(nn.Module):
         dtype = compute_dtype(cfg)
         b, s, _ = x.shape
         kw = dict(in_axes=("embed",), use_bias=cfg.attn_bias, dtype=dtype, kernel_std=cfg.initializer_range)
-        q = Dense((cfg.n_heads, cfg.head_dim), out_axes=("heads", "head_dim"), name="q", **kw)(x, adapters.get("q"))
-        k = Dense((cfg.n_kv_heads, cfg.head_dim), out_axes=("kv_heads", "head_dim"), name="k", **kw)(x, adapters.get("k"))
-        v = Dense((cfg.n_kv_heads, cfg.head_dim), out_axes=("kv_heads", "head_dim"), name="v", **kw)(x, adapters.get("v"))
+        q_shape, kv_shape = (cfg.n_heads, cfg.head_dim), (cfg.n_kv_heads, cfg.head_dim)
+        q = Dense(q_shape, out_axes=("heads", "head_dim"), name="q", **kw)(x, adapters.get("q"))
+        k = Dense(kv_shape, out_axes=("kv_heads", "head_dim"), name="k", **kw)(x, adapters.get("k"))
+        v = Dense(kv_shape, out_axes=("kv_heads", "head_dim"), name="v", **kw)(x, adapters.get("v"))
         if cfg.family == "llama":
             inv_freq = rope_inverse_frequencies(cfg)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)

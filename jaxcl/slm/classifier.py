@@ -19,6 +19,7 @@ text's query only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -69,8 +70,8 @@ class ContinualClassifier:
         self.col_task = np.full((shape.max_classes,), FREE, np.int32)
         self.label_names: dict[int, tuple[str, ...]] = {}
         self.opt_state = tx.init(self.trainable)
-        self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0, 1))
-        self._predict = jax.jit(self._predict_impl)
+        self._train_step, self._predict = _train_step, _predict       # shared by every learner: compiled once
+        self._retrieve = _retrieve
 
     # ------------------------------------------------------------------ tasks, slots and columns
     @property
@@ -116,59 +117,26 @@ class ContinualClassifier:
         slot_flags[np.asarray(slots, int)] = True
         col_flags = np.zeros((self.shape.max_classes,), bool)
         col_flags[np.asarray(columns, int)] = True
-        head = {"kernel": jnp.broadcast_to(jnp.asarray(col_flags)[None, :], (self.model_cfg.d_model,
-                                                                              self.shape.max_classes)),
-                "bias": jnp.asarray(col_flags)}
-        return {"bank": jare.slot_mask(self.trainable["bank"], slot_flags), "head": head}
-
-    # ------------------------------------------------------------------ jitted pieces
-    def _logits(self, trainable, ids, mask, slots, weights):
-        adapters = jare.mix_adapters(trainable["bank"], slots, weights)
-        hidden = self.model.apply({"params": self.backbone}, ids, mask, adapters=adapters).hidden
-        pooled = mean_pool(hidden, mask)                                                 # [b, d]
-        return pooled @ trainable["head"]["kernel"] + trainable["head"]["bias"]           # [b, C_max]
-
-    def _train_step_impl(self, trainable, opt_state, ids, mask, labels, slots, weights, allowed_cols, update_mask):
-        def loss_fn(t):
-            logits = jnp.where(allowed_cols, self._logits(t, ids, mask, slots, weights), -1e9)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, opt_state = self.tx.update(grads, opt_state, trainable)
-        return jare.masked_apply(trainable, updates, update_mask), opt_state, loss
-
-    def _predict_impl(self, trainable, keys, ids, mask, queries, col_task, fixed_slots, use_retrieval):
-        """Predicted head column [b], chosen task [b] and retrieved slots [G, K] from text inputs only."""
-        slot_task = keys.slot_task
-        r_slots, r_weights = dtkr.retrieve(queries, keys.keys, slot_task != FREE, self.shape.top_k,
-                                           self.shape.per_example)
-        k = self.shape.top_k
-        f_slots = jnp.broadcast_to(fixed_slots[None, :], (1, k))
-        f_weights = jnp.full((1, k), 1.0 / k)
-        slots = jnp.where(use_retrieval, r_slots, jnp.broadcast_to(f_slots, r_slots.shape))
-        weights = jnp.where(use_retrieval, r_weights, jnp.broadcast_to(f_weights, r_weights.shape))
-        task = dtkr.chosen_task(slots, weights, slot_task, self.shape.max_tasks)          # [G]
-        task = jnp.broadcast_to(task, (ids.shape[0],))
-        if self.shape.head == "retrieved":
-            allowed = jnp.where(use_retrieval, col_task[None, :] == task[:, None], col_task[None, :] != FREE)
-        else:
-            allowed = jnp.broadcast_to(col_task[None, :] != FREE, (ids.shape[0], col_task.shape[0]))
-        logits = jnp.where(allowed, self._logits(trainable, ids, mask, slots, weights), -jnp.inf)
-        return jnp.argmax(logits, axis=-1), task, jnp.broadcast_to(slots, (ids.shape[0] if self.shape.per_example
-                                                                            else 1, k))
+        head = {"kernel": np.broadcast_to(col_flags[None, :], (self.model_cfg.d_model, self.shape.max_classes)),
+                "bias": col_flags}
+        bank = jax.tree.map(lambda x: np.broadcast_to(slot_flags[None, :, None, None], x.shape),
+                            self.trainable["bank"])
+        return jax.tree.map(jnp.asarray, {"bank": bank, "head": head})
 
     # ------------------------------------------------------------------ public steps
     def train_step(self, ids, mask, labels, slots, weights, allowed_cols, update_mask) -> float:
         """One masked optimizer step; labels are head columns; returns the loss."""
         self.trainable, self.opt_state, loss = self._train_step(
-            self.trainable, self.opt_state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
-            jnp.asarray(slots), jnp.asarray(weights), jnp.asarray(allowed_cols), update_mask)
+            self.backbone, self.trainable, self.opt_state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
+            jnp.asarray(slots), jnp.asarray(weights), jnp.asarray(allowed_cols), update_mask, model=self.model,
+            tx=self.tx)
         return loss
 
     def retrieve_for_training(self, task: int, queries: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """DTKR among `task`'s own slots (task identity is known while training, never at evaluation)."""
         allowed = jnp.asarray(np.asarray(self.keys.slot_task) == task)
-        return dtkr.retrieve(jnp.asarray(queries), self.keys.keys, allowed, self.shape.top_k, self.shape.per_example)
+        return self._retrieve(jnp.asarray(queries), self.keys.keys, allowed, top_k=self.shape.top_k,
+                              per_example=self.shape.per_example)
 
     def predict(self, ids: np.ndarray, mask: np.ndarray, queries: np.ndarray, *, use_retrieval: bool = True,
                 fixed_slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -177,10 +145,54 @@ class ContinualClassifier:
         Inputs are the text's tokens and its query only; which task the text came from is never passed.
         """
         fixed = np.arange(self.shape.top_k) if fixed_slots is None else np.asarray(fixed_slots)
-        cols, task, slots = self._predict(self.trainable, self.keys, jnp.asarray(ids), jnp.asarray(mask),
-                                          jnp.asarray(queries), jnp.asarray(self.col_task),
-                                          jnp.asarray(fixed, jnp.int32), jnp.asarray(use_retrieval))
+        cols, task, slots = self._predict(self.backbone, self.trainable, self.keys, jnp.asarray(ids),
+                                          jnp.asarray(mask), jnp.asarray(queries), jnp.asarray(self.col_task),
+                                          jnp.asarray(fixed, jnp.int32), jnp.asarray(use_retrieval),
+                                          model=self.model, shape=self.shape)
         return np.asarray(cols), np.asarray(task), np.asarray(slots)
 
+
+# ----------------------------------------------------------------------------- jitted pieces
+# Module-level, with the model / optimizer / shape static and the backbone an argument (not a closure
+# constant), so every learner of a run shares one compiled program per shape.
+def _logits(model, backbone, trainable, ids, mask, slots, weights):
+    adapters = jare.mix_adapters(trainable["bank"], slots, weights)
+    hidden = model.apply({"params": backbone}, ids, mask, adapters=adapters).hidden
+    pooled = mean_pool(hidden, mask)                                                     # [b, d]
+    return pooled @ trainable["head"]["kernel"] + trainable["head"]["bias"]               # [b, C_max]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tx"), donate_argnums=(1, 2))
+def _train_step(backbone, trainable, opt_state, ids, mask, labels, slots, weights, allowed_cols, update_mask, *,
+                model, tx):
+    def loss_fn(t):
+        logits = jnp.where(allowed_cols, _logits(model, backbone, t, ids, mask, slots, weights), -1e9)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return jare.masked_apply(trainable, updates, update_mask), opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnames=("model", "shape"))
+def _predict(backbone, trainable, keys, ids, mask, queries, col_task, fixed_slots, use_retrieval, *, model, shape):
+    """Predicted head column [b], chosen task [b] and retrieved slots [G, K] from text inputs only."""
+    slot_task = keys.slot_task
+    r_slots, r_weights = dtkr.retrieve(queries, keys.keys, slot_task != FREE, shape.top_k, shape.per_example)
+    k = shape.top_k
+    slots = jnp.where(use_retrieval, r_slots, jnp.broadcast_to(fixed_slots[None, :], r_slots.shape))
+    weights = jnp.where(use_retrieval, r_weights, jnp.full(r_weights.shape, 1.0 / k))
+    task = dtkr.chosen_task(slots, weights, slot_task, shape.max_tasks)                  # [G]
+    task = jnp.broadcast_to(task, (ids.shape[0],))
+    seen = col_task[None, :] != FREE
+    if shape.head == "retrieved":
+        allowed = jnp.where(use_retrieval, col_task[None, :] == task[:, None], seen)
+    else:
+        allowed = jnp.broadcast_to(seen, (ids.shape[0], col_task.shape[0]))
+    logits = jnp.where(allowed, _logits(model, backbone, trainable, ids, mask, slots, weights), -jnp.inf)
+    return jnp.argmax(logits, axis=-1), task, slots
+
+
+_retrieve = jax.jit(dtkr.retrieve, static_argnames=("top_k", "per_example"))
 
 __all__ = ["LearnerShape", "ContinualClassifier", "FREE"]

@@ -11,6 +11,7 @@ so the pool's shape never changes and nothing jitted recompiles when a task is a
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -131,26 +132,34 @@ def train_task_keys(queries: np.ndarray, rng: jax.Array, *, groups: int, slots: 
         raise ValueError(f"slm.key_init={init!r}: choose 'orthogonal' or 'data_mean'")
     batch_size = min(batch_size, n)
     per_epoch = max(1, n // batch_size)
-    schedule = optax.exponential_decay(lr, transition_steps=2 * per_epoch, decay_rate=0.1, staircase=True)
-    tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+    tx = _key_optimizer(lr, 2 * per_epoch, weight_decay, clip_norm)
     opt_state = tx.init(keys)
-
-    @jax.jit
-    def step(keys, opt_state, batch, step_rng):
-        loss, grad = jax.value_and_grad(key_loss)(keys, batch, step_rng, mask_prob, top_k)
-        updates, opt_state = tx.update(grad, opt_state, keys)
-        return optax.apply_updates(keys, updates), opt_state, loss
-
     history = []
     for epoch in range(epochs):
         order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
         losses = []
         for b in range(per_epoch):
             batch = jnp.asarray(queries[order[b * batch_size:(b + 1) * batch_size]])
-            keys, opt_state, loss = step(keys, opt_state, batch, jax.random.fold_in(rng, epoch * per_epoch + b + 1))
+            step_rng = jax.random.fold_in(rng, epoch * per_epoch + b + 1)
+            keys, opt_state, loss = _key_step(keys, opt_state, batch, step_rng, tx=tx, mask_prob=mask_prob,
+                                              top_k=top_k)
             losses.append(float(loss))
         history.append(float(np.mean(losses)))
     return keys, history
+
+
+@functools.lru_cache(maxsize=32)
+def _key_optimizer(lr: float, decay_every: int, weight_decay: float, clip_norm: float) -> optax.GradientTransformation:
+    """One optimizer object per setting, so the jitted key step is compiled once per shape, not per task."""
+    schedule = optax.exponential_decay(lr, transition_steps=decay_every, decay_rate=0.1, staircase=True)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("tx", "mask_prob", "top_k"))
+def _key_step(keys, opt_state, batch, rng, *, tx, mask_prob, top_k):
+    loss, grad = jax.value_and_grad(key_loss)(keys, batch, rng, mask_prob, top_k)
+    updates, opt_state = tx.update(grad, opt_state, keys)
+    return optax.apply_updates(keys, updates), opt_state, loss
 
 
 def add_task_keys(bank: KeyBank, task: int, task_keys: jax.Array) -> tuple[KeyBank, np.ndarray]:
@@ -170,8 +179,10 @@ def add_task_keys(bank: KeyBank, task: int, task_keys: jax.Array) -> tuple[KeyBa
         raise ValueError(f"the key pool has {len(free)} free slots, task {task} needs {n_new} "
                          f"(raise slm.max_tasks)")
     slots = free[:n_new]
-    keys = bank.keys.at[:, slots].set(task_keys)
-    return KeyBank(keys=keys, slot_task=bank.slot_task.at[slots].set(task)), slots
+    keys, owners = np.array(bank.keys), np.array(bank.slot_task)       # host-side edit: no compiles per task
+    keys[:, slots] = np.asarray(task_keys)
+    owners[slots] = task
+    return KeyBank(keys=jnp.asarray(keys), slot_task=jnp.asarray(owners)), slots
 
 
 def chosen_task(slots: jax.Array, weights: jax.Array, slot_task: jax.Array, n_tasks: int) -> jax.Array:

@@ -35,7 +35,8 @@ class LmStream:
     def __init__(self, runner):
         cfg, s = runner.cfg, runner.scfg
         if not cfg.model.is_decoder:
-            raise ConfigError(f"slm.mode=lm needs a decoder model (gpt2 or llama), got model.family={cfg.model.family!r}")
+            raise ConfigError("slm.mode=lm needs a decoder model (gpt2 or llama), "
+                              f"got model.family={cfg.model.family!r}")
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
@@ -113,7 +114,7 @@ def run_lm(runner, metrics) -> dict[str, Any]:
     tx = optax.adamw(s.lr, weight_decay=s.weight_decay)
 
     @jax.jit
-    def slot_step(bank, opt_state, ids, slots, weights, mask):
+    def slot_step(backbone, bank, opt_state, ids, slots, weights, mask):      # backbone: an argument, not a constant
         def loss(b):
             total, count = nll(backbone, b, ids, slots, weights)
             return total / count
@@ -122,7 +123,7 @@ def run_lm(runner, metrics) -> dict[str, Any]:
         return jare.masked_apply(bank, updates, mask), opt_state, value
 
     @jax.jit
-    def eval_nll(bank, pool, ids, queries):
+    def eval_nll(backbone, bank, pool, ids, queries):
         slots, weights = dtkr.retrieve(queries, pool.keys, pool.slot_task != dtkr.FREE, s.top_k,
                                        s.retrieval == "example")
         total, count = nll(backbone, bank, ids, slots, weights)
@@ -146,7 +147,7 @@ def run_lm(runner, metrics) -> dict[str, Any]:
             rows = rng.integers(len(seqs), size=cfg.data.batch_size)
             r_slots, r_weights = dtkr.retrieve(jnp.asarray(queries[rows]), keys.keys, allowed, s.top_k,
                                                s.retrieval == "example")
-            bank, opt_state, loss = slot_step(bank, opt_state, jnp.asarray(seqs[rows]), r_slots, r_weights, mask)
+            bank, opt_state, loss = slot_step(backbone, bank, opt_state, jnp.asarray(seqs[rows]), r_slots, r_weights, mask)
             if step % cfg.train.log_every == 0 or step == s.steps - 1:
                 metrics.write(kind="train", method="slm", stage=domain, step=step,
                               global_step=steps0 + stage * s.steps + step, loss=float(loss))
@@ -158,7 +159,7 @@ def run_lm(runner, metrics) -> dict[str, Any]:
             v_seqs, v_queries = stream.valid[other]
             total = count = right = 0.0
             for start in range(0, len(v_seqs), cfg.data.batch_size):
-                t, c, task = eval_nll(bank, keys, jnp.asarray(v_seqs[start:start + cfg.data.batch_size]),
+                t, c, task = eval_nll(backbone, bank, keys, jnp.asarray(v_seqs[start:start + cfg.data.batch_size]),
                                       jnp.asarray(v_queries[start:start + cfg.data.batch_size]))
                 total, count = total + float(t), count + float(c)
                 right += float(jnp.sum(task == j)) * (1 if s.retrieval == "example" else

@@ -87,9 +87,10 @@ class SlmRun:
         shape = LearnerShape(max_tasks=s.max_tasks, slots_per_task=s.slots_per_task, top_k=s.top_k, rank=s.rank,
                              max_classes=s.max_classes, groups=s.groups, targets=tuple(s.targets),
                              per_example=s.retrieval == "example", head=s.head)
-        tx = optax.adamw(s.lr, weight_decay=s.weight_decay)
+        if not hasattr(self, "_tx"):          # one optimizer object: learners share compiled steps
+            self._tx = optax.adamw(s.lr, weight_decay=s.weight_decay)
         return ContinualClassifier(self.encoder.cfg, self.encoder.params, shape, self.encoder.dim,
-                                   jax.random.key(self.cfg.run.seed * 1000 + seed_offset), tx, s.init_std)
+                                   jax.random.key(self.cfg.run.seed * 1000 + seed_offset), self._tx, s.init_std)
 
     def _batch_rows(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.choice(n, size=self.scfg.batch_size, replace=n < self.scfg.batch_size)
