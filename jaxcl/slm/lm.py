@@ -147,7 +147,8 @@ def run_lm(runner, metrics) -> dict[str, Any]:
             rows = rng.integers(len(seqs), size=cfg.data.batch_size)
             r_slots, r_weights = dtkr.retrieve(jnp.asarray(queries[rows]), keys.keys, allowed, s.top_k,
                                                s.retrieval == "example")
-            bank, opt_state, loss = slot_step(backbone, bank, opt_state, jnp.asarray(seqs[rows]), r_slots, r_weights, mask)
+            bank, opt_state, loss = slot_step(backbone, bank, opt_state, jnp.asarray(seqs[rows]), r_slots, r_weights,
+                                              mask)
             if step % cfg.train.log_every == 0 or step == s.steps - 1:
                 metrics.write(kind="train", method="slm", stage=domain, step=step,
                               global_step=steps0 + stage * s.steps + step, loss=float(loss))
