@@ -149,7 +149,7 @@ class SlmConfig:
             raise ConfigError(f"slm.baselines: unknown {bad} (choose from sequential, replay, multitask)")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"slm.tasks lists a task twice: {list(self.tasks)}")
-        if not self.tasks or len(self.tasks) > self.max_tasks:
+        if self.mode == "classification" and (not self.tasks or len(self.tasks) > self.max_tasks):
             raise ConfigError(f"slm.tasks must hold 1..slm.max_tasks={self.max_tasks} tasks, got {len(self.tasks)}")
         if not 1 <= self.top_k <= self.slots_per_task:
             raise ConfigError(f"slm.top_k={self.top_k} must be in 1..slm.slots_per_task={self.slots_per_task}")

@@ -90,3 +90,25 @@ def test_an_empty_task_is_a_clear_error(tmp_path, csv_root, tiny_encoder):
     (csv_root / "yelp_review_full_csv" / "train.csv").write_text("")
     with pytest.raises(ValueError, match="holds no examples"):
         SlmRun(make_config(tmp_path, csv_root, encoder=tiny_encoder))
+
+
+def test_lm_mode_keeps_the_frozen_backbone_domain_and_reports_perplexity(tmp_path, tiny_encoder):
+    from jaxcl.runs import run_config
+
+    (tmp_path / "lm.yaml").write_text(
+        "model: {family: gpt2, vocab_size: 8192, d_model: 16, n_layers: 1, n_heads: 2, max_seq_len: 32}\n"
+        "run: {method: slm}\n")
+    cfg = load_config(tmp_path / "lm.yaml", [
+        f"run.dir={tmp_path / 'lm'}", "data.domains=[wordnet,jargon]", "data.seq_len=32", "data.batch_size=4",
+        "data.eval_batches=1", "train.pretrain_steps=3", "slm.mode=lm", "slm.steps=2", "slm.train_examples=8",
+        "slm.max_len=16", "slm.rank=2", "slm.groups=4", "slm.max_tasks=2", "slm.key_epochs=1", "slm.baselines=[]",
+        "slm.cache_dir=null", f"slm.encoder={tiny_encoder}"])
+    report = run_config(cfg)
+    assert report["metric"] == "perplexity" and report["stages"] == ["wordnet", "jargon"]
+    matrix = report["matrix"]
+    assert matrix[0][1] is None and all(v > 1 for v in matrix[1])
+    # Training jargon's slots cannot change wordnet's slots or the backbone; wordnet's perplexity moves only
+    # through retrieval (a jargon slot retrieved for a wordnet sequence).
+    if report["retrieval"]["per_task_final"]["wordnet"] == 100.0:
+        assert abs(matrix[1][0] - matrix[0][0]) < 1e-3 * matrix[0][0]
+    assert (tmp_path / "lm" / "perplexity_matrix.png").is_file()
