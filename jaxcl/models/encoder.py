@@ -10,6 +10,7 @@ from jaxcl.models.config import ModelConfig
 from jaxcl.models.decoder import checked_positions
 from jaxcl.models.layers import ACTIVATION_FNS, POSITION_AXIS, Dense, build_attention_mask, compute_dtype, \
     embedding_table, make_norm, prepend_prompts, prompt_table, stacked_layers
+from jaxcl.models.lowrank import check_adapters
 from jaxcl.models.outputs import ModelOutput
 
 
@@ -29,8 +30,9 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, token_type_ids: jax.Array | None = None,
-                 deterministic: bool = True, prompt_ids: jax.Array | None = None) -> ModelOutput:
+                 deterministic: bool = True, prompt_ids: jax.Array | None = None, adapters=None) -> ModelOutput:
         cfg = self.cfg
+        check_adapters(adapters)
         positions = checked_positions(cfg, input_ids, positions)
         dtype = compute_dtype(cfg)
         if token_type_ids is None:
@@ -47,7 +49,8 @@ class Encoder(nn.Module):
         x = make_norm(cfg, "embed_norm")(x)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
         mask = build_attention_mask(attention_mask, b, s, causal=False)
-        (hidden, ffn_in), _ = stacked_layers(cfg, deterministic)((x, jnp.zeros_like(x)), mask, positions)
+        (hidden, ffn_in), _ = stacked_layers(cfg, deterministic)((x, jnp.zeros_like(x)), mask, positions,
+                                                            dict(adapters or {}))
         hidden, ffn_in = hidden[:, n_prefix:], ffn_in[:, n_prefix:]            # [b, s_text, d]
 
         logits = None

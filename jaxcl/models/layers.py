@@ -18,6 +18,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxcl.models.config import ModelConfig
+from jaxcl.models.lowrank import LowRankMix, lowrank_delta
 
 # Logical axis of the learned position table (not sharded by the default rules).
 POSITION_AXIS = "position"
@@ -46,7 +47,8 @@ class Dense(nn.Module):
     kernel_std: float = 0.02
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, lowrank: LowRankMix | None = None) -> jax.Array:
+        """`lowrank`: optional mixture of low-rank increments added to `kernel` (in low-rank form)."""
         n_in = len(self.in_axes)
         features = tuple(self.features)
         kernel = self.param(
@@ -60,6 +62,8 @@ class Dense(nn.Module):
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.out_axes)),
                               features, jnp.float32)
             y = y + bias.astype(self.dtype)
+        if lowrank is not None:
+            y = y + lowrank_delta(x, lowrank, n_in, features).astype(y.dtype)
         return y
 
 
@@ -195,14 +199,17 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, adapters=None) -> jax.Array:
+        """`adapters`: optional {"q"|"k"|"v"|"o": LowRankMix} increments of this layer's projections."""
         cfg = self.cfg
+        adapters = adapters or {}
         dtype = compute_dtype(cfg)
         b, s, _ = x.shape
         kw = dict(in_axes=("embed",), use_bias=cfg.attn_bias, dtype=dtype, kernel_std=cfg.initializer_range)
-        q = Dense((cfg.n_heads, cfg.head_dim), out_axes=("heads", "head_dim"), name="q", **kw)(x)
-        k = Dense((cfg.n_kv_heads, cfg.head_dim), out_axes=("kv_heads", "head_dim"), name="k", **kw)(x)
-        v = Dense((cfg.n_kv_heads, cfg.head_dim), out_axes=("kv_heads", "head_dim"), name="v", **kw)(x)
+        q_shape, kv_shape = (cfg.n_heads, cfg.head_dim), (cfg.n_kv_heads, cfg.head_dim)
+        q = Dense(q_shape, out_axes=("heads", "head_dim"), name="q", **kw)(x, adapters.get("q"))
+        k = Dense(kv_shape, out_axes=("kv_heads", "head_dim"), name="k", **kw)(x, adapters.get("k"))
+        v = Dense(kv_shape, out_axes=("kv_heads", "head_dim"), name="v", **kw)(x, adapters.get("v"))
         if cfg.family == "llama":
             inv_freq = rope_inverse_frequencies(cfg)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -214,7 +221,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)                  # [b, kv, group, q, k]
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, cfg.n_heads, cfg.head_dim)
         return Dense((cfg.d_model,), in_axes=("heads", "head_dim"), out_axes=("embed",), use_bias=cfg.attn_bias,
-                     dtype=dtype, kernel_std=cfg.initializer_range, name="o")(out)
+                     dtype=dtype, kernel_std=cfg.initializer_range, name="o")(out, adapters.get("o"))
 
 
 ACTIVATION_FNS = {
@@ -231,17 +238,19 @@ class MLP(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, adapters=None) -> jax.Array:
+        """`adapters`: optional {"wi"|"wg"|"wo": LowRankMix} increments of this layer's projections."""
         cfg = self.cfg
+        adapters = adapters or {}
         kw = dict(use_bias=cfg.mlp_bias, dtype=compute_dtype(cfg), kernel_std=cfg.initializer_range)
         act = ACTIVATION_FNS[cfg.activation]
-        up = Dense((cfg.d_ff,), in_axes=("embed",), out_axes=("mlp",), name="wi", **kw)(x)
+        up = Dense((cfg.d_ff,), in_axes=("embed",), out_axes=("mlp",), name="wi", **kw)(x, adapters.get("wi"))
         if cfg.family == "llama":
-            gate = Dense((cfg.d_ff,), in_axes=("embed",), out_axes=("mlp",), name="wg", **kw)(x)
+            gate = Dense((cfg.d_ff,), in_axes=("embed",), out_axes=("mlp",), name="wg", **kw)(x, adapters.get("wg"))
             h = act(gate) * up
         else:
             h = act(up)
-        return Dense((cfg.d_model,), in_axes=("mlp",), out_axes=("embed",), name="wo", **kw)(h)
+        return Dense((cfg.d_model,), in_axes=("mlp",), out_axes=("embed",), name="wo", **kw)(h, adapters.get("wo"))
 
 
 class Block(nn.Module):
@@ -249,26 +258,30 @@ class Block(nn.Module):
 
     carry = (residual stream `[b, s, d]`, FFN input of this layer `[b, s, d]`). Pre-LN for decoders
     (GPT-2, LLaMA), post-LN for BERT. The FFN input after its norm (pre-LN) or after the attention
-    sub-layer's norm (post-LN) is what kNN-LM uses as its key.
+    sub-layer's norm (post-LN) is what kNN-LM uses as its key. `adapters` maps "attn.o"-style target
+    names (`jaxcl.models.lowrank.TARGET_MODULES`) to this layer's `LowRankMix` (scanned over layers).
     """
 
     cfg: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, carry, mask: jax.Array, positions: jax.Array):
+    def __call__(self, carry, mask: jax.Array, positions: jax.Array, adapters=None):
         cfg = self.cfg
         x, _ = carry
+        adapters = adapters or {}
+        attn_adapters = {k.split(".", 1)[1]: v for k, v in adapters.items() if k.startswith("attn.")}
+        mlp_adapters = {k.split(".", 1)[1]: v for k, v in adapters.items() if k.startswith("mlp.")}
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic or cfg.dropout == 0.0)
         attn = Attention(cfg, name="attn")
         mlp = MLP(cfg, name="mlp")
         if cfg.is_decoder:
-            x = x + drop(attn(make_norm(cfg, "attn_norm")(x), mask, positions))
+            x = x + drop(attn(make_norm(cfg, "attn_norm")(x), mask, positions, attn_adapters))
             ffn_in = make_norm(cfg, "mlp_norm")(x)
-            x = x + drop(mlp(ffn_in))
+            x = x + drop(mlp(ffn_in, mlp_adapters))
         else:
-            ffn_in = make_norm(cfg, "attn_norm")(x + drop(attn(x, mask, positions)))
-            x = make_norm(cfg, "mlp_norm")(ffn_in + drop(mlp(ffn_in)))
+            ffn_in = make_norm(cfg, "attn_norm")(x + drop(attn(x, mask, positions, attn_adapters)))
+            x = make_norm(cfg, "mlp_norm")(ffn_in + drop(mlp(ffn_in, mlp_adapters)))
         return (x, ffn_in), None
 
 
@@ -278,7 +291,7 @@ def stacked_layers(cfg: ModelConfig, deterministic: bool, name: str = "layers") 
         Block,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0),          # mask, positions, adapters [layers, ...]
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

@@ -1,0 +1,198 @@
+"""Continual text classification on a frozen encoder: JARe increments + one preallocated union head.
+
+`ContinualClassifier` holds everything a continual learner changes, all with fixed shapes:
+  keys     DTKR key pool [g, P, c] + slot owners [P]            (SLM only)
+  bank     JARe increments per target [L, P, r, d]               (trainable state)
+  head     one linear head over the union of all label sets [d, C_max] + [C_max]   (trainable state)
+  col_task owner task of every head column [C_max] (-1 = free); task t's labels are its columns.
+
+The same code path serves SLM and the baselines; what differs is which slots are mixed (retrieved per
+input, or a fixed shared set), which columns may be predicted, and which entries may change:
+  - SLM: task t trains only its own slots and columns; at evaluation the slots are retrieved from the
+    text alone and the head is restricted to the columns of the task the retrieval chose (or the union).
+  - sequential / replay / multitask: one shared set of K slots and all seen columns (class-incremental).
+Updates are masked with `jaxcl.slm.jare.masked_apply`, so everything outside a task's mask stays
+bit-identical. Nothing here ever receives a task id at evaluation: `predict` takes token ids and the
+text's query only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxcl.models import ModelConfig, build, mean_pool
+from jaxcl.slm import dtkr, jare
+
+FREE = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerShape:
+    """Static sizes: everything is preallocated from these, so adding a task never recompiles."""
+
+    max_tasks: int
+    slots_per_task: int
+    top_k: int
+    rank: int
+    max_classes: int
+    groups: int
+    targets: tuple[str, ...] = ("attn.o",)
+    per_example: bool = True           # per-example retrieval (False: one retrieval per batch, as the paper)
+    head: str = "retrieved"            # "retrieved": columns of the retrieved task; "union": all seen columns
+
+    @property
+    def max_slots(self) -> int:
+        return self.max_tasks * self.slots_per_task
+
+
+class ContinualClassifier:
+    """Frozen encoder + JARe bank + union head; `train_step` / `predict` are jitted once."""
+
+    def __init__(self, model_cfg: ModelConfig, backbone: Any, shape: LearnerShape, query_dim: int, rng: jax.Array,
+                 tx: optax.GradientTransformation, init_std: float | None = None):
+        if shape.top_k > shape.slots_per_task:
+            raise ValueError(f"slm.top_k={shape.top_k} exceeds slm.slots_per_task={shape.slots_per_task}")
+        self.model_cfg, self.backbone, self.shape, self.tx = model_cfg, backbone, shape, tx
+        self.model = build(model_cfg)
+        bank_rng, head_rng = jax.random.split(rng)
+        head_kernel = jax.random.normal(head_rng, (model_cfg.d_model, shape.max_classes)) * 0.02
+        self.trainable = {"bank": jare.init_increment_bank(bank_rng, model_cfg, max_slots=shape.max_slots,
+                                                           rank=shape.rank, targets=shape.targets, init_std=init_std),
+                          "head": {"kernel": head_kernel, "bias": jnp.zeros((shape.max_classes,))}}
+        self.keys = dtkr.new_key_bank(shape.max_slots, query_dim, shape.groups)
+        self.col_task = np.full((shape.max_classes,), FREE, np.int32)
+        self.label_names: dict[int, tuple[str, ...]] = {}
+        self.opt_state = tx.init(self.trainable)
+        self._train_step, self._predict = _train_step, _predict       # shared by every learner: compiled once
+        self._retrieve = _retrieve
+
+    # ------------------------------------------------------------------ tasks, slots and columns
+    @property
+    def n_tasks(self) -> int:
+        return len(self.label_names)
+
+    def add_task(self, task: int, label_names: tuple[str, ...]) -> np.ndarray:
+        """Give a new task its head columns (the next free ones); returns their indices."""
+        if task in self.label_names:
+            raise ValueError(f"task {task} was already added")
+        if task >= self.shape.max_tasks:
+            raise ValueError(f"task index {task} exceeds slm.max_tasks={self.shape.max_tasks}")
+        if not label_names:
+            raise ValueError(f"task {task} has no labels")
+        free = np.flatnonzero(self.col_task == FREE)
+        if len(free) < len(label_names):
+            raise ValueError(f"the head has {len(free)} free columns, task {task} needs {len(label_names)} "
+                             f"(raise slm.max_classes)")
+        cols = free[:len(label_names)]
+        self.col_task[cols] = task
+        self.label_names[task] = tuple(label_names)
+        return cols
+
+    def columns(self, task: int) -> np.ndarray:
+        return np.flatnonzero(self.col_task == task)
+
+    def global_labels(self, task: int, labels: np.ndarray) -> np.ndarray:
+        """Task-local labels -> head columns (the union label space)."""
+        return self.columns(task)[np.asarray(labels)]
+
+    def set_task_keys(self, task: int, task_keys: jax.Array) -> np.ndarray:
+        """Freeze a task's trained keys into the pool; its JARe slots are the same slot indices."""
+        self.keys, slots = dtkr.add_task_keys(self.keys, task, task_keys)
+        return slots
+
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer state for the next task (old moments must not move new parameters)."""
+        self.opt_state = self.tx.init(self.trainable)
+
+    def update_mask(self, slots: np.ndarray, columns: np.ndarray) -> Any:
+        """Bool tree: True on the entries that training may change (these slots and head columns)."""
+        slot_flags = np.zeros((self.shape.max_slots,), bool)
+        slot_flags[np.asarray(slots, int)] = True
+        col_flags = np.zeros((self.shape.max_classes,), bool)
+        col_flags[np.asarray(columns, int)] = True
+        head = {"kernel": np.broadcast_to(col_flags[None, :], (self.model_cfg.d_model, self.shape.max_classes)),
+                "bias": col_flags}
+        bank = jax.tree.map(lambda x: np.broadcast_to(slot_flags[None, :, None, None], x.shape),
+                            self.trainable["bank"])
+        return jax.tree.map(jnp.asarray, {"bank": bank, "head": head})
+
+    # ------------------------------------------------------------------ public steps
+    def train_step(self, ids, mask, labels, slots, weights, allowed_cols, update_mask) -> float:
+        """One masked optimizer step; labels are head columns; returns the loss."""
+        self.trainable, self.opt_state, loss = self._train_step(
+            self.backbone, self.trainable, self.opt_state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
+            jnp.asarray(slots), jnp.asarray(weights), jnp.asarray(allowed_cols), update_mask, model=self.model,
+            tx=self.tx)
+        return loss
+
+    def retrieve_for_training(self, task: int, queries: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """DTKR among `task`'s own slots (task identity is known while training, never at evaluation)."""
+        allowed = jnp.asarray(np.asarray(self.keys.slot_task) == task)
+        return self._retrieve(jnp.asarray(queries), self.keys.keys, allowed, top_k=self.shape.top_k,
+                              per_example=self.shape.per_example)
+
+    def predict(self, ids: np.ndarray, mask: np.ndarray, queries: np.ndarray, *, use_retrieval: bool = True,
+                fixed_slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(head column [b], chosen task [b], retrieved slots [G, K]) for one batch of texts.
+
+        Inputs are the text's tokens and its query only; which task the text came from is never passed.
+        """
+        fixed = np.arange(self.shape.top_k) if fixed_slots is None else np.asarray(fixed_slots)
+        cols, task, slots = self._predict(self.backbone, self.trainable, self.keys, jnp.asarray(ids),
+                                          jnp.asarray(mask), jnp.asarray(queries), jnp.asarray(self.col_task),
+                                          jnp.asarray(fixed, jnp.int32), jnp.asarray(use_retrieval),
+                                          model=self.model, shape=self.shape)
+        return np.asarray(cols), np.asarray(task), np.asarray(slots)
+
+
+# ----------------------------------------------------------------------------- jitted pieces
+# Module-level, with the model / optimizer / shape static and the backbone an argument (not a closure
+# constant), so every learner of a run shares one compiled program per shape.
+def _logits(model, backbone, trainable, ids, mask, slots, weights):
+    adapters = jare.mix_adapters(trainable["bank"], slots, weights)
+    hidden = model.apply({"params": backbone}, ids, mask, adapters=adapters).hidden
+    pooled = mean_pool(hidden, mask)                                                     # [b, d]
+    return pooled @ trainable["head"]["kernel"] + trainable["head"]["bias"]               # [b, C_max]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tx"), donate_argnums=(1, 2))
+def _train_step(backbone, trainable, opt_state, ids, mask, labels, slots, weights, allowed_cols, update_mask, *,
+                model, tx):
+    def loss_fn(t):
+        logits = jnp.where(allowed_cols, _logits(model, backbone, t, ids, mask, slots, weights), -1e9)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return jare.masked_apply(trainable, updates, update_mask), opt_state, loss
+
+
+@functools.partial(jax.jit, static_argnames=("model", "shape"))
+def _predict(backbone, trainable, keys, ids, mask, queries, col_task, fixed_slots, use_retrieval, *, model, shape):
+    """Predicted head column [b], chosen task [b] and retrieved slots [G, K] from text inputs only."""
+    slot_task = keys.slot_task
+    r_slots, r_weights = dtkr.retrieve(queries, keys.keys, slot_task != FREE, shape.top_k, shape.per_example)
+    k = shape.top_k
+    slots = jnp.where(use_retrieval, r_slots, jnp.broadcast_to(fixed_slots[None, :], r_slots.shape))
+    weights = jnp.where(use_retrieval, r_weights, jnp.full(r_weights.shape, 1.0 / k))
+    task = dtkr.chosen_task(slots, weights, slot_task, shape.max_tasks)                  # [G]
+    task = jnp.broadcast_to(task, (ids.shape[0],))
+    seen = col_task[None, :] != FREE
+    if shape.head == "retrieved":
+        allowed = jnp.where(use_retrieval, col_task[None, :] == task[:, None], seen)
+    else:
+        allowed = jnp.broadcast_to(seen, (ids.shape[0], col_task.shape[0]))
+    logits = jnp.where(allowed, _logits(model, backbone, trainable, ids, mask, slots, weights), -jnp.inf)
+    return jnp.argmax(logits, axis=-1), task, slots
+
+
+_retrieve = jax.jit(dtkr.retrieve, static_argnames=("top_k", "per_example"))
+
+__all__ = ["LearnerShape", "ContinualClassifier", "FREE"]

@@ -1,0 +1,196 @@
+"""DTKR: per-task retrieval keys over frozen sentence-encoder queries (SLM's Dynamic Task-related Knowledge
+Retrieval).
+
+A query `q [h]` (mean-pooled frozen-encoder embedding) is cut into `g` contiguous groups of `c = h / g`
+channels. Every slot of the pool owns one `c`-dim sub-key per group (`keys [g, P, c]`); a slot's score is
+the cosine between query group and sub-key, averaged over groups. Each task trains its own `P_t` slots on
+its own texts only (orthogonal init, random score mask, per-group top-2 loss), then they are frozen and
+written into the next free slots of the preallocated pool (`slot_task[p]` records the owner, -1 = free),
+so the pool's shape never changes and nothing jitted recompiles when a task is added.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+KEY_AXES = (None, "slots", None)          # logical axes of `keys [groups, slots, channels]`
+FREE = -1
+
+
+@struct.dataclass
+class KeyBank:
+    """The shared key pool: `keys [g, P_max, c]` and `slot_task [P_max]` (task index, -1 = free)."""
+
+    keys: jax.Array
+    slot_task: jax.Array
+
+    @property
+    def groups(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def max_slots(self) -> int:
+        return self.keys.shape[1]
+
+    def task_slots(self, task: int) -> np.ndarray:
+        """Indices of the slots `task` owns (empty when it has none)."""
+        return np.flatnonzero(np.asarray(self.slot_task) == task)
+
+
+def new_key_bank(max_slots: int, dim: int, groups: int) -> KeyBank:
+    """An empty pool for queries of width `dim` split into `groups` groups."""
+    if dim % groups:
+        raise ValueError(f"query width {dim} is not divisible by slm.groups={groups}")
+    return KeyBank(keys=jnp.zeros((groups, max_slots, dim // groups), jnp.float32),
+                   slot_task=jnp.full((max_slots,), FREE, jnp.int32))
+
+
+def grouped_cosine(queries: jax.Array, keys: jax.Array) -> jax.Array:
+    """Cosine of each query group with each slot's sub-key: queries [n, g*c], keys [g, P, c] -> [n, g, P]."""
+    g, _, c = keys.shape
+    if queries.shape[-1] != g * c:
+        raise ValueError(f"queries have width {queries.shape[-1]}, keys expect {g} groups x {c} channels")
+    qg = queries.reshape(queries.shape[0], g, c).astype(jnp.float32)
+    qn = qg / jnp.maximum(jnp.linalg.norm(qg, axis=-1, keepdims=True), 1e-8)
+    kn = keys / jnp.maximum(jnp.linalg.norm(keys, axis=-1, keepdims=True), 1e-8)
+    return jnp.einsum("ngc,gpc->ngp", qn, kn)
+
+
+def retrieve(queries: jax.Array, keys: jax.Array, allowed: jax.Array, top_k: int,
+             per_example: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Top-K allowed slots and their weights `similarity / Σ similarity` (constants, no gradient).
+
+    queries [n, h], keys [g, P, c], allowed bool [P] -> (slots int32 [G, K], weights [G, K]) with G = n
+    (per-example retrieval) or G = 1 (batch-level, as the official code: scores averaged over the batch).
+    """
+    scores = jax.lax.stop_gradient(grouped_cosine(queries, keys)).mean(axis=1)          # [n, P]
+    scores = jnp.where(allowed[None, :], scores, -100.0)
+    if not per_example:
+        scores = scores.mean(axis=0, keepdims=True)                                   # [1, P]
+    vals, slots = jax.lax.top_k(scores, top_k)
+    # Cosines can be negative; clip so weights stay a convex combination (the official code assumes > 0).
+    vals = jnp.maximum(vals, 1e-6)
+    return slots.astype(jnp.int32), vals / vals.sum(axis=-1, keepdims=True)
+
+
+def key_loss(keys: jax.Array, queries: jax.Array, rng: jax.Array, mask_prob: float, top_k: int = 2) -> jax.Array:
+    """SLM's key loss: −mean cosine of each (query, group)'s top-k sub-keys after a random score mask.
+
+    The random mask (scores set to −100 with probability `mask_prob`) lets non-maximal keys win now and
+    then, so the task's keys spread over its queries instead of collapsing onto one.
+    """
+    sim = grouped_cosine(queries, keys)                                                 # [n, g, P_t]
+    masked = jnp.where(jax.random.bernoulli(rng, mask_prob, sim.shape), -100.0, jax.lax.stop_gradient(sim))
+    _, idx = jax.lax.top_k(masked, min(top_k, keys.shape[1]))                           # [n, g, k]
+    return -jnp.mean(jnp.take_along_axis(sim, idx, axis=-1))
+
+
+def orthogonal_keys(rng: jax.Array, groups: int, slots: int, channels: int) -> jax.Array:
+    """Per-group orthogonal `[slots, channels]` sub-keys (the official default init) -> [g, slots, c]."""
+    init = jax.nn.initializers.orthogonal()
+    return jnp.stack([init(k, (slots, channels), jnp.float32) for k in jax.random.split(rng, groups)])
+
+
+def data_mean_keys(rng: jax.Array, queries: np.ndarray, groups: int, slots: int) -> jax.Array:
+    """Keys at the means of `slots` random disjoint subsets of the task's queries (the official
+    `group_avg_initialization`) -> [g, slots, c]. Starts every key inside the task's region of query
+    space, which matters when a task has few texts and key training runs only a few steps."""
+    n, dim = queries.shape
+    order = np.asarray(jax.random.permutation(rng, n))
+    means = np.stack([queries[part].mean(axis=0) for part in np.array_split(order, slots) if len(part)]
+                     or [queries.mean(axis=0)])
+    means = np.concatenate([means, np.repeat(means[-1:], slots - len(means), axis=0)])   # n < slots
+    return jnp.asarray(means.reshape(slots, groups, dim // groups).transpose(1, 0, 2))
+
+
+def train_task_keys(queries: np.ndarray, rng: jax.Array, *, groups: int, slots: int, epochs: int = 3,
+                    batch_size: int = 16, lr: float = 1e-3, weight_decay: float = 0.01, clip_norm: float = 0.1,
+                    mask_prob: float = 0.2, top_k: int = 2, init: str = "orthogonal") -> tuple[jax.Array, list[float]]:
+    """Train one task's `[g, slots, c]` keys on that task's queries only; returns (keys, loss per epoch).
+
+    `init`: "orthogonal" (the official default) or "data_mean" (`data_mean_keys`). AdamW with
+    global-norm clipping and the learning rate divided by 10 every 2 epochs (official recipe).
+    """
+    queries = np.asarray(queries, np.float32)
+    n, dim = queries.shape
+    if n == 0:
+        raise ValueError("cannot train retrieval keys on an empty task (0 training texts)")
+    if dim % groups:
+        raise ValueError(f"query width {dim} is not divisible by slm.groups={groups}")
+    init_rng, rng = jax.random.split(rng)
+    if init == "orthogonal":
+        keys = orthogonal_keys(init_rng, groups, slots, dim // groups)
+    elif init == "data_mean":
+        keys = data_mean_keys(init_rng, queries, groups, slots)
+    else:
+        raise ValueError(f"slm.key_init={init!r}: choose 'orthogonal' or 'data_mean'")
+    batch_size = min(batch_size, n)
+    per_epoch = max(1, n // batch_size)
+    tx = _key_optimizer(lr, 2 * per_epoch, weight_decay, clip_norm)
+    opt_state = tx.init(keys)
+    history = []
+    for epoch in range(epochs):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
+        losses = []
+        for b in range(per_epoch):
+            batch = jnp.asarray(queries[order[b * batch_size:(b + 1) * batch_size]])
+            step_rng = jax.random.fold_in(rng, epoch * per_epoch + b + 1)
+            keys, opt_state, loss = _key_step(keys, opt_state, batch, step_rng, tx=tx, mask_prob=mask_prob,
+                                              top_k=top_k)
+            losses.append(float(loss))
+        history.append(float(np.mean(losses)))
+    return keys, history
+
+
+@functools.lru_cache(maxsize=32)
+def _key_optimizer(lr: float, decay_every: int, weight_decay: float, clip_norm: float) -> optax.GradientTransformation:
+    """One optimizer object per setting, so the jitted key step is compiled once per shape, not per task."""
+    schedule = optax.exponential_decay(lr, transition_steps=decay_every, decay_rate=0.1, staircase=True)
+    return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("tx", "mask_prob", "top_k"))
+def _key_step(keys, opt_state, batch, rng, *, tx, mask_prob, top_k):
+    loss, grad = jax.value_and_grad(key_loss)(keys, batch, rng, mask_prob, top_k)
+    updates, opt_state = tx.update(grad, opt_state, keys)
+    return optax.apply_updates(keys, updates), opt_state, loss
+
+
+def add_task_keys(bank: KeyBank, task: int, task_keys: jax.Array) -> tuple[KeyBank, np.ndarray]:
+    """Write a trained task's keys into the next free slots (frozen from now on); returns (bank, slots).
+
+    Raises if the task already owns slots (a task added twice) or the pool has no room left.
+    """
+    if len(bank.task_slots(task)):
+        raise ValueError(f"task {task} already owns key slots {bank.task_slots(task).tolist()}; "
+                         f"a task can be added only once")
+    g, n_new, c = task_keys.shape
+    if (g, c) != (bank.groups, bank.keys.shape[2]):
+        raise ValueError(f"task keys have shape {tuple(task_keys.shape)}, the pool expects [{bank.groups}, P_t, "
+                         f"{bank.keys.shape[2]}]")
+    free = np.flatnonzero(np.asarray(bank.slot_task) == FREE)
+    if len(free) < n_new:
+        raise ValueError(f"the key pool has {len(free)} free slots, task {task} needs {n_new} "
+                         f"(raise slm.max_tasks)")
+    slots = free[:n_new]
+    keys, owners = np.array(bank.keys), np.array(bank.slot_task)       # host-side edit: no compiles per task
+    keys[:, slots] = np.asarray(task_keys)
+    owners[slots] = task
+    return KeyBank(keys=jnp.asarray(keys), slot_task=jnp.asarray(owners)), slots
+
+
+def chosen_task(slots: jax.Array, weights: jax.Array, slot_task: jax.Array, n_tasks: int) -> jax.Array:
+    """The task whose retrieved slots carry the most weight: slots/weights [G, K] -> task int32 [G]."""
+    owners = slot_task[slots]                                                           # [G, K]
+    votes = jnp.sum(jax.nn.one_hot(owners, n_tasks) * weights[..., None], axis=1)        # [G, n_tasks]
+    return jnp.argmax(votes, axis=-1).astype(jnp.int32)
+
+
+__all__ = ["KeyBank", "KEY_AXES", "FREE", "new_key_bank", "grouped_cosine", "retrieve", "key_loss",
+           "orthogonal_keys", "data_mean_keys", "train_task_keys", "add_task_keys", "chosen_task"]

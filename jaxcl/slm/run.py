@@ -1,0 +1,268 @@
+"""`SlmRun`: SLM (DTKR + JARe) over a sequence of text-classification tasks, with its baselines.
+
+    jaxcl run configs/slm/demo.yaml
+
+For each task in `slm.tasks`: train the task's DTKR keys on its training queries and freeze them into
+the pool, then train the task's JARe slots and head columns (everything else masked), then evaluate
+every task seen so far on its test split from the text alone. The baselines (sequential fine-tuning,
+experience replay, multitask) run through the same `ContinualClassifier` with one shared slot set and the
+union head. Outputs: config.yaml, metrics.jsonl, report.json (matrix, summary, retrieval_accuracy,
+baselines) and accuracy-matrix heatmaps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from jaxcl.config import Config, ConfigError, save_config
+from jaxcl.data.classification import TaskSplit, load_task
+from jaxcl.eval.metrics import summarize
+from jaxcl.eval.report import build_report, format_matrix, plot_matrix, write_report
+from jaxcl.slm import dtkr
+from jaxcl.slm.classifier import ContinualClassifier, LearnerShape
+from jaxcl.slm.encoder import SentenceEncoder, resolve_encoder_dir
+
+log = logging.getLogger(__name__)
+EVAL_BATCH = 64
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+class _Data:
+    """One task split, tokenized, with its cached DTKR queries."""
+
+    def __init__(self, split: TaskSplit, encoder: SentenceEncoder):
+        if len(split) == 0:
+            raise ValueError(f"task {split.task!r} has an empty {split.split} split")
+        self.split = split
+        self.ids, self.mask = encoder.tokenize(split.texts, f"task {split.task!r} {split.split}")
+        self.queries = encoder.queries(split.texts, self.ids, self.mask)
+        self.labels = split.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class SlmRun:
+    """The `slm` method runner (see the module docstring)."""
+
+    method = "slm"
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.scfg = cfg, cfg.slm
+        self.run_dir = cfg.run_dir()
+        cache = Path(self.scfg.cache_dir) if self.scfg.cache_dir else None
+        self.encoder = SentenceEncoder(resolve_encoder_dir(self.scfg.encoder), self.scfg.max_len, cache)
+        self.tasks = tuple(self.scfg.tasks)
+        self.data: dict[str, dict[str, _Data]] = {}
+        if self.scfg.mode == "lm":
+            return                        # the domain stream is read by jaxcl.slm.lm
+        for name in self.tasks:
+            splits = {}
+            for split, cap in (("train", self.scfg.train_examples), ("valid", self.scfg.eval_examples),
+                               ("test", self.scfg.eval_examples)):
+                try:
+                    splits[split] = _Data(load_task(name, split, self.scfg.task_root).subset(cap), self.encoder)
+                except FileNotFoundError:
+                    if split != "valid":
+                        raise
+            self.data[name] = splits
+
+    # ------------------------------------------------------------------ learners
+    def _learner(self, seed_offset: int) -> ContinualClassifier:
+        s = self.scfg
+        shape = LearnerShape(max_tasks=s.max_tasks, slots_per_task=s.slots_per_task, top_k=s.top_k, rank=s.rank,
+                             max_classes=s.max_classes, groups=s.groups, targets=tuple(s.targets),
+                             per_example=s.retrieval == "example", head=s.head)
+        if not hasattr(self, "_tx"):          # one optimizer object: learners share compiled steps
+            self._tx = optax.adamw(s.lr, weight_decay=s.weight_decay)
+        return ContinualClassifier(self.encoder.cfg, self.encoder.params, shape, self.encoder.dim,
+                                   jax.random.key(self.cfg.run.seed * 1000 + seed_offset), self._tx, s.init_std)
+
+    def _batch_rows(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.choice(n, size=self.scfg.batch_size, replace=n < self.scfg.batch_size)
+
+    def _train_stage(self, learner, method: str, stage: int, name: str, sources: list[tuple[int, _Data, np.ndarray]],
+                     steps: int, slm: bool, metrics, rng: np.random.Generator) -> None:
+        """`sources`: (task index, data, example weight pool) mixed uniformly per batch row."""
+        learner.reset_optimizer()
+        if slm:
+            task = sources[0][0]
+            slots, cols = learner.keys.task_slots(task), learner.columns(task)
+            allowed = np.zeros(self.scfg.max_classes, bool)
+            allowed[cols] = True
+        else:
+            slots = np.arange(self.scfg.top_k)
+            cols = np.flatnonzero(learner.col_task != -1)
+            allowed = learner.col_task != -1
+        update_mask = learner.update_mask(slots, cols)
+        k = self.scfg.top_k
+        bar = _progress(steps, f"{method}: {name}")
+        for step in range(steps):
+            src = rng.integers(len(sources), size=self.scfg.batch_size)
+            ids, mask, labels, queries = [], [], [], []
+            for which in src:
+                task, data, pool = sources[which]
+                i = pool[rng.integers(len(pool))]
+                ids.append(data.ids[i]), mask.append(data.mask[i]), queries.append(data.queries[i])
+                labels.append(learner.global_labels(task, data.labels[i:i + 1])[0])
+            if slm:
+                r_slots, r_weights = learner.retrieve_for_training(sources[0][0], np.stack(queries))
+            else:
+                r_slots, r_weights = np.arange(k)[None, :], np.full((1, k), 1.0 / k, np.float32)
+            loss = learner.train_step(np.stack(ids), np.stack(mask), np.array(labels, np.int32), r_slots, r_weights,
+                                      allowed, update_mask)
+            if step % 10 == 0 or step == steps - 1:
+                metrics.write(kind="train", method=method, stage=name, step=step,
+                              global_step=stage * steps + step, loss=float(loss))
+            bar.update()
+        bar.close()
+
+    def _evaluate(self, learner, task: int, data: _Data, slm: bool) -> dict[str, float]:
+        """Accuracy (prediction = the right task's right column) and retrieval accuracy, text inputs only."""
+        correct = chose_right = slot_hits = slot_total = 0
+        truth = learner.global_labels(task, data.labels)
+        for start in range(0, len(data), EVAL_BATCH):
+            rows = slice(start, start + EVAL_BATCH)
+            n = len(data.labels[rows])
+            pad = EVAL_BATCH - n
+            ids, mask, queries = (np.pad(x[rows], ((0, pad), (0, 0))) for x in (data.ids, data.mask, data.queries))
+            cols, chosen, slots = learner.predict(ids, mask, queries, use_retrieval=slm)
+            correct += int(np.sum(cols[:n] == truth[rows]))
+            chose_right += int(np.sum(chosen[:n] == task))
+            owners = np.asarray(learner.keys.slot_task)[slots[:n] if len(slots) > 1 else slots]
+            slot_hits += int(np.sum(owners == task))
+            slot_total += owners.size
+        return {"accuracy": 100.0 * correct / len(data), "retrieval_accuracy": 100.0 * chose_right / len(data),
+                "slot_precision": 100.0 * slot_hits / max(slot_total, 1)}
+
+    def _run_method(self, method: str, metrics) -> dict[str, Any]:
+        s = self.scfg
+        slm = method == "slm"
+        learner = self._learner({"slm": 0, "sequential": 1, "replay": 2, "multitask": 3}[method])
+        rng = np.random.default_rng(self.cfg.run.seed)
+        matrix, valid_matrix, key_losses = [], [], {}
+        stages = self.tasks if method != "multitask" else ("multitask",)
+        retrieval = {}
+        for stage, name in enumerate(stages):
+            for t in (range(len(self.tasks)) if method == "multitask" else (stage,)):   # columns appear with tasks
+                learner.add_task(t, self.data[self.tasks[t]]["train"].split.label_names)
+            if slm:
+                keys, history = dtkr.train_task_keys(
+                    self.data[name]["train"].queries, jax.random.key(self.cfg.run.seed * 7919 + stage),
+                    groups=s.groups, slots=s.slots_per_task, epochs=s.key_epochs, batch_size=s.key_batch_size,
+                    lr=s.key_lr, mask_prob=s.key_mask_prob, init=s.key_init)
+                learner.set_task_keys(stage, keys)
+                key_losses[name] = history
+                metrics.write(kind="keys", method=method, stage=name, loss_per_epoch=history)
+            if method == "multitask":
+                sources = [(t, self.data[n]["train"], np.arange(len(self.data[n]["train"])))
+                           for t, n in enumerate(self.tasks)]
+                steps = s.steps * len(self.tasks)
+            else:
+                sources = [(stage, self.data[name]["train"], np.arange(len(self.data[name]["train"])))]
+                steps = s.steps
+                if method == "replay":
+                    for t in range(stage):     # a fixed buffer of the first examples of every old task
+                        old = self.data[self.tasks[t]]["train"]
+                        sources.append((t, old, np.arange(min(s.replay_per_task, len(old)))))
+            self._train_stage(learner, method, stage, name, sources, steps, slm, metrics, rng)
+            seen = len(self.tasks) if method == "multitask" else stage + 1
+            row, vrow = [], []
+            for t, other in enumerate(self.tasks):
+                if t >= seen:
+                    row.append(None), vrow.append(None)
+                    continue
+                result = self._evaluate(learner, t, self.data[other]["test"], slm)
+                row.append(result["accuracy"])
+                if "valid" in self.data[other]:
+                    vrow.append(self._evaluate(learner, t, self.data[other]["valid"], slm)["accuracy"])
+                metrics.write(kind="eval", method=method, stage=name, task=other, split="test", **result)
+                if slm:
+                    retrieval[other] = result
+            matrix.append(row)
+            valid_matrix.append(vrow)
+            log.info("%s after %s: %s", method, name, row)
+        out = {"stages": list(stages), "matrix": matrix, "valid_matrix": valid_matrix,
+               "summary": summarize(matrix, "accuracy")}
+        if slm:
+            out["retrieval"] = retrieval
+            out["key_loss"] = key_losses
+            out["learner"] = learner
+        return out
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        start = time.time()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        metrics_path = self.run_dir / "metrics.jsonl"
+        metrics_path.write_text("")
+        metrics = _Metrics(metrics_path)
+        if self.scfg.mode == "lm":
+            return self._run_lm(metrics, start)
+        results = {m: self._run_method(m, metrics) for m in ("slm", *self.scfg.baselines)}
+        slm = results.pop("slm")
+        final = slm["retrieval"]
+        retrieval_accuracy = float(np.mean([r["retrieval_accuracy"] for r in final.values()]))
+        report = build_report(
+            "slm", "accuracy", slm["stages"], self.tasks, slm["matrix"], time.time() - start,
+            retrieval_accuracy=retrieval_accuracy,
+            retrieval={"per_task_final": {k: v["retrieval_accuracy"] for k, v in final.items()},
+                       "slot_precision": float(np.mean([r["slot_precision"] for r in final.values()])),
+                       "mode": self.scfg.retrieval, "head": self.scfg.head},
+            valid_matrix=slm["valid_matrix"], key_loss=slm["key_loss"],
+            label_sets={n: list(self.data[n]["train"].split.label_names) for n in self.tasks},
+            baselines={m: {k: r[k] for k in ("stages", "matrix", "valid_matrix", "summary")}
+                       for m, r in results.items()})
+        write_report(self.run_dir, report)
+        plot_matrix(report, self.run_dir / "accuracy_matrix.png")
+        for m, r in results.items():
+            plot_matrix(build_report(m, "accuracy", r["stages"], self.tasks, r["matrix"], 0.0),
+                        self.run_dir / f"accuracy_matrix_{m}.png")
+        print(format_matrix(report))
+        print(f"retrieval accuracy {retrieval_accuracy:.2f} %")
+        for m, r in results.items():
+            print(f"{m}: " + ", ".join(f"{k}={v:.2f}" for k, v in r["summary"].items()))
+        print(f"outputs in {self.run_dir}/")
+        self.learner = slm["learner"]
+        return report
+
+
+    def _run_lm(self, metrics, start: float) -> dict[str, Any]:
+        from jaxcl.slm.lm import run_lm
+
+        out = run_lm(self, metrics)
+        report = build_report("slm", "perplexity", out["stages"], out["stages"], out["matrix"], time.time() - start,
+                              retrieval_accuracy=float(np.mean(list(out["retrieval"].values()))),
+                              retrieval={"per_task_final": out["retrieval"], "mode": self.scfg.retrieval})
+        write_report(self.run_dir, report)
+        plot_matrix(report, self.run_dir / "perplexity_matrix.png")
+        print(format_matrix(report))
+        print(f"retrieval accuracy {report['retrieval_accuracy']:.2f} %\noutputs in {self.run_dir}/")
+        return report
+
+
+class _Metrics:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+__all__ = ["SlmRun"]

