@@ -109,15 +109,7 @@ def plot_memory_growth(curves: dict[str, Sequence[dict[str, Any]]], path: str | 
         top = max(top, xs[-1])
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.plot([0, top], [0, top], color="grey", linestyle=":", linewidth=1, label="every token")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("memory entries")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save_line_plot(fig, ax, path, xlabel="tokens seen", ylabel="memory entries", title=title)
 
 
 def plot_series(series: dict[str, Sequence[float]], path: str | Path, *, xlabel: str, ylabel: str,
@@ -132,6 +124,13 @@ def plot_series(series: dict[str, Sequence[float]], path: str | Path, *, xlabel:
         ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, label=label)
     if xticks is not None:
         ax.set_xticks(range(1, len(xticks) + 1), xticks, rotation=45, ha="right", fontsize=7)
+    return _save_line_plot(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+def _save_line_plot(fig, ax, path: str | Path, *, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, legend, grid and write a line plot (the common finish of the curve plots)."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
