@@ -1,17 +1,21 @@
-"""ELLE vs. its baselines at equal training compute on the embedded 5-domain stream.
+"""ELLE vs. its baselines at equal training compute on the embedded 5-domain stream, over seeds.
 
-    python benchmarks/elle_equal_flops.py [--config configs/elle/demo.yaml] [--out runs/elle-compare] [key=value ...]
+    python benchmarks/elle_equal_flops.py [--config configs/elle/demo.yaml] [--seeds 0,1,2]
+                                          [--out runs/elle-compare] [key=value ...]
 
-Runs, each through jaxcl's own runners (same data, tokenizer, optimizer, evaluation):
-  elle              growth + domain prompts + replay + warmup (the config as given)
+Runs, each through jaxcl's own runners (same data, tokenizer, optimizer, evaluation), once per seed:
+  elle-uniform      growth + domain prompts + replay + warmup, old domains replayed uniformly
+  elle-adaptive     the same with ELLE's adaptive replay weights (its code's heuristic; every
+                    `elle.adaptive_every` steps, or 25 where the config says 0)
   sequential-final  sequential fine-tuning of the final-size model (no replay, no prompts)
   replay-final      the final-size model with ELLE's replay (experience replay), no growth or prompts
   replay-small      the initial small model with ELLE's replay, fixed size (no growth or prompts)
 Every baseline gets, stage by stage, as many steps as fit in the training FLOPs ELLE spends on that
 stage (warmups included), so all runs use the same compute per stage. Prints AP (final average
 perplexity over the domains) and AP+ (average increase of old domains' perplexity since they were
-learned), with ratios to ELLE, and writes compare.json and compare.png into --out. Runs resume: a
-finished run is not repeated.
+learned), mean and standard deviation over seeds, with ratios to the config's own ELLE variant and
+the number of seeds in which that variant beats each run on both; writes compare.json and
+compare.png into --out. Finished runs (a report.json in their directory) are not repeated.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -26,93 +31,138 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine_summary, print_table  # noqa: E402
 
+ADAPTIVE_EVERY_FALLBACK = 25
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/elle/demo.yaml")
-    parser.add_argument("--out", default="runs/elle-compare")
-    parser.add_argument("--only", default="", help="comma list of run names to run (default: all)")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
-    args = parser.parse_args()
 
-    from jaxcl.config import ElleConfig, load_config
+def comparison_configs(base) -> dict:
+    """The five runs at equal per-stage FLOPs, keyed by name (every one with `base`'s seed)."""
+    from jaxcl.config import ElleConfig
+    from jaxcl.data.sources import open_source
     from jaxcl.elle.run import planned_stage_flops, target_sizes
-    from jaxcl.runs import run_config
     from jaxcl.train.loop import train_step_flops
     from jaxcl.transforms import grown_config
 
-    base = load_config(args.config, args.overrides)
-    from jaxcl.data.sources import open_source
     domains = tuple(base.data.domains) or open_source(base.data.source, base.data.text_field).domains()
-    n = len(domains)
-    elle_flops = planned_stage_flops(base, n)
+    elle_flops = planned_stage_flops(base, len(domains))
     final = base.model
     for target in base.elle.schedule:
         final = grown_config(final, method=base.elle.grow_method, **target_sizes(target))
     final = final.replace(num_prompts=0)
-    small = base.model
     replay_only = dataclasses.replace(base.elle, schedule=(), prompt_length=0, warmup_steps=0)
 
     def equal_steps(model_cfg):
         per_step = train_step_flops(model_cfg, base.data.batch_size, base.data.seq_len)
         return tuple(max(1, round(f / per_step)) for f in elle_flops)
 
-    out = Path(args.out)
-    runs = {
-        "elle": base,
-        "sequential-final": dataclasses.replace(base, model=final, elle=ElleConfig(),
-                                                run=dataclasses.replace(base.run, method="sequential"),
-                                                train=dataclasses.replace(base.train, stage_steps=equal_steps(final))),
-        "replay-final": dataclasses.replace(base, model=final, elle=replay_only,
-                                            train=dataclasses.replace(base.train, stage_steps=equal_steps(final))),
-        "replay-small": dataclasses.replace(base, model=small, elle=replay_only,
-                                            train=dataclasses.replace(base.train, stage_steps=equal_steps(small))),
-    }
+    def with_steps(model_cfg, elle, method="elle"):
+        return dataclasses.replace(base, model=model_cfg, elle=elle,
+                                   run=dataclasses.replace(base.run, method=method),
+                                   train=dataclasses.replace(base.train, stage_steps=equal_steps(model_cfg)))
+
+    adaptive_every = base.elle.adaptive_every or ADAPTIVE_EVERY_FALLBACK
+    return {
+        "elle-uniform": dataclasses.replace(base, elle=dataclasses.replace(base.elle, adaptive_every=0)),
+        "elle-adaptive": dataclasses.replace(base, elle=dataclasses.replace(base.elle, adaptive_every=adaptive_every)),
+        "sequential-final": with_steps(final, ElleConfig(), method="sequential"),
+        "replay-final": with_steps(final, replay_only),
+        "replay-small": with_steps(base.model, replay_only),
+    }, domains
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/elle/demo.yaml")
+    parser.add_argument("--out", default="runs/elle-compare")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list of run.seed values")
+    parser.add_argument("--only", default="", help="comma list of run names to run (default: all)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
+    args = parser.parse_args()
+
+    from jaxcl.config import load_config
+    from jaxcl.runs import run_config
+
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     only = [s for s in args.only.split(",") if s]
-    reports = {}
-    for name, cfg in runs.items():
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"{base.run.name}-{name}",
-                                                               dir=str(out / name)))
-        if only and name not in only:
-            path = out / name / "report.json"
-            if path.exists():
-                reports[name] = json.loads(path.read_text())
-            continue
-        print(f"=== {name}: stage steps {list(cfg.train.stage_steps) or 'as configured'}", flush=True)
-        reports[name] = run_config(cfg)
+    out = Path(args.out)
+    reports: dict[str, dict[int, dict]] = {}
+    for seed in seeds:
+        base = load_config(args.config, list(args.overrides) + [f"run.seed={seed}"])
+        runs, domains = comparison_configs(base)
+        for name, cfg in runs.items():
+            run_dir = out / f"seed{seed}" / name
+            report_path = run_dir / "report.json"
+            if report_path.exists():
+                reports.setdefault(name, {})[seed] = json.loads(report_path.read_text())
+                continue
+            if only and name not in only:
+                continue
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(
+                cfg.run, name=f"{base.run.name}-{name}-seed{seed}", dir=str(run_dir)))
+            print(f"=== seed {seed} {name}: stage steps {list(cfg.train.stage_steps) or 'as configured'}", flush=True)
+            reports.setdefault(name, {})[seed] = run_config(cfg)
 
-    rows, ref = [], reports.get("elle")
-    for name, r in reports.items():
-        ap, ap_plus = r["summary"]["average"], r["summary"]["forgetting"]
-        flops = sum(r["train_flops"])
-        rows.append([name, r["architectures"][-1]["n_layers"], r["architectures"][-1]["d_model"], ap, ap_plus,
-                     flops / 1e12, r["train_seconds"],
-                     ap / ref["summary"]["average"] if ref else float("nan")])
-    print(f"\n{machine_summary()}; config {args.config} {' '.join(args.overrides)}")
-    print_table(["run", "final L", "final D", "AP (ppl)", "AP+ (ppl)", "train TFLOPs", "train s", "AP / ELLE AP"], rows)
+    reference = "elle-uniform" if base.elle.adaptive_every == 0 else "elle-adaptive"
+    rows = _summary_rows(reports, reference)
+    print(f"\n{machine_summary()}; config {args.config} {' '.join(args.overrides)}; seeds {seeds}; "
+          f"ratios and wins against {reference} (the config's own replay weighting)")
+    print_table(["run", "final L/D", "AP mean", "AP std", "AP+ mean", "AP+ std", "train TFLOPs",
+                 "train s (mean)", "AP / ref", "AP+ / ref", f"seeds {reference} wins both"], rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides,
-                                                  "elle_stage_flops": elle_flops, "reports": reports}, indent=2))
+    (out / "compare.json").write_text(json.dumps(
+        {"config": args.config, "overrides": args.overrides, "seeds": seeds, "reference": reference,
+         "table": rows, "reports": {name: {str(s): r for s, r in per.items()} for name, per in reports.items()}},
+        indent=2))
     _plot(reports, domains, out / "compare.png")
-    print(f"outputs in {out}/: compare.json, compare.png and one run directory per method")
+    print(f"outputs in {out}/: compare.json, compare.png and one run directory per seed and method")
 
 
-def _plot(reports: dict, domains, path: Path) -> None:
+def _summary_rows(reports: dict[str, dict[int, dict]], reference: str) -> list[list]:
+    """One row per run: mean/std of AP and AP+ over seeds, ratios to `reference`, and its win count."""
+    def stats(values):
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    ref = reports.get(reference, {})
+    ref_ap = statistics.fmean(r["summary"]["average"] for r in ref.values()) if ref else float("nan")
+    ref_plus = statistics.fmean(r["summary"]["forgetting"] for r in ref.values()) if ref else float("nan")
+    rows = []
+    for name, per_seed in reports.items():
+        ap_mean, ap_std = stats([r["summary"]["average"] for r in per_seed.values()])
+        plus_mean, plus_std = stats([r["summary"]["forgetting"] for r in per_seed.values()])
+        common = [s for s in per_seed if s in ref]
+        wins = sum(ref[s]["summary"]["average"] < per_seed[s]["summary"]["average"]
+                   and ref[s]["summary"]["forgetting"] < per_seed[s]["summary"]["forgetting"] for s in common)
+        arch = next(iter(per_seed.values()))["architectures"][-1]
+        rows.append([name, f"L{arch['n_layers']}/D{arch['d_model']}", ap_mean, ap_std, plus_mean, plus_std,
+                     statistics.fmean(sum(r["train_flops"]) for r in per_seed.values()) / 1e12,
+                     statistics.fmean(r["train_seconds"] for r in per_seed.values()),
+                     ap_mean / ref_ap, plus_mean / ref_plus,
+                     "-" if name == reference else f"{wins}/{len(common)}"])
+    return rows
+
+
+def _plot(reports: dict[str, dict[int, dict]], domains, path: Path) -> None:
+    """AP over seen domains against cumulative FLOPs, and the final perplexity per domain (seed means)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in reports.items():
-        seen_avg = [sum(row[:i + 1]) / (i + 1) for i, row in enumerate(r["matrix"])]
-        flops = [sum(r["train_flops"][:i + 1]) / 1e12 for i in range(len(r["matrix"]))]
-        axes[0].plot(flops, seen_avg, marker="o", label=name)
-        axes[1].plot(range(len(domains)), r["matrix"][-1], marker="o", label=name)
+    for name, per_seed in reports.items():
+        matrices = np.array([r["matrix"] for r in per_seed.values()])                 # [seeds, stages, domains]
+        seen_avg = np.array([[row[:i + 1].mean() for i, row in enumerate(m)] for m in matrices])
+        flops = np.cumsum(next(iter(per_seed.values()))["train_flops"]) / 1e12
+        mean, std = seen_avg.mean(0), seen_avg.std(0)
+        axes[0].plot(flops, mean, marker="o", label=f"{name} (n={len(per_seed)})")
+        axes[0].fill_between(flops, mean - std, mean + std, alpha=0.15)
+        final = matrices[:, -1].mean(0)
+        axes[1].plot(range(len(domains)), final, marker="o", label=name)
     axes[0].set(xlabel="cumulative training TFLOPs", ylabel="average perplexity over seen domains",
-                title="AP after each stage", yscale="log")
-    axes[1].set(xlabel="domain", ylabel="final perplexity", title="final perplexity per domain", yscale="log")
+                title="AP after each stage (mean ± std over seeds)", yscale="log")
+    axes[1].set(xlabel="domain", ylabel="final perplexity", title="final perplexity per domain (seed mean)",
+                yscale="log")
     axes[1].set_xticks(range(len(domains)), domains, rotation=30)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
