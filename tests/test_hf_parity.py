@@ -16,16 +16,16 @@ TOL = 1e-4
 
 @pytest.mark.parametrize("family,name,kwargs", CASES, ids=[c[1] for c in CASES])
 @pytest.mark.parametrize("padding", [None, "right", "left"])
-def test_logits_hidden_and_knn_keys_match_transformers(tmp_path, family, name, kwargs, padding):
+def test_logits_hidden_states_and_knn_keys_match_transformers(tmp_path, family, name, kwargs, padding):
     hf_model = build_hf_model(family, kwargs, seed=len(name))
     hf_model.save_pretrained(tmp_path)
     cfg, params = load_pretrained(tmp_path)
     assert cfg.family == family
 
     ids, mask = random_batch(cfg.vocab_size, batch=3, seq=12, padding=padding, seed=len(name))
-    ref_logits, ref_hidden, ref_ffn_in = torch_outputs(hf_model, ids, mask)
+    ref_logits, ref_hidden, ref_ffn_in, ref_all = torch_outputs(hf_model, ids, mask)
     out = build(cfg).apply({"params": params}, jnp.asarray(ids, jnp.int32),
-                           None if mask is None else jnp.asarray(mask))
+                           None if mask is None else jnp.asarray(mask), output_hidden_states=True)
     real = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
     assert out.logits.dtype == jnp.float32 and out.logits.shape == ref_logits.shape
     # Logits must be O(1)-scale for the tolerance to mean something.
@@ -33,6 +33,9 @@ def test_logits_hidden_and_knn_keys_match_transformers(tmp_path, family, name, k
     np.testing.assert_allclose(np.asarray(out.logits)[real], ref_logits[real], atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(out.hidden)[real], ref_hidden[real], atol=TOL, rtol=0)
     np.testing.assert_allclose(np.asarray(out.knn_keys)[real], ref_ffn_in[real], atol=TOL, rtol=0)
+    # Every layer's output, laid out as transformers' hidden_states (embeddings first).
+    assert out.hidden_states.shape == ref_all.shape == (cfg.n_layers + 1,) + ref_hidden.shape
+    np.testing.assert_allclose(np.asarray(out.hidden_states)[:, real], ref_all[:, real], atol=TOL, rtol=0)
 
 
 def test_gqa_really_groups_heads(tmp_path):

@@ -141,3 +141,21 @@ def test_too_long_input_names_the_shape():
     cfg = CONFIGS["gpt2"]
     with pytest.raises(ValueError, match=r"seq=40 > model.max_seq_len=32"):
         apply(cfg, init_params(cfg, jax.random.key(0)), np.zeros((1, 40), int))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_hidden_states_cover_text_positions_and_end_in_hidden_with_prompts(family):
+    cfg = ModelConfig(family=family, vocab_size=40, d_model=16, n_layers=3, n_heads=2, max_seq_len=16,
+                      num_prompts=2, prompt_length=2)
+    params = init_params(cfg, jax.random.key(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 40, size=(2, 6)), jnp.int32)
+    model = build(cfg)
+    out = model.apply({"params": params}, ids, prompt_ids=jnp.array([0, 1]), output_hidden_states=True)
+    assert out.hidden_states.shape == (cfg.n_layers + 1, 2, 6, 16)
+    np.testing.assert_array_equal(out.hidden_states[-1], out.hidden)      # last entry: the returned hidden
+    plain = model.apply({"params": params}, ids, prompt_ids=jnp.array([0, 1]))
+    assert plain.hidden_states is None
+    np.testing.assert_array_equal(plain.logits, out.logits)              # collecting changes nothing
+    # Layer l's state depends on the prompt: different prompts give different states after layer 1.
+    other = model.apply({"params": params}, ids, prompt_ids=jnp.array([1, 0]), output_hidden_states=True)
+    assert not np.allclose(other.hidden_states[1], out.hidden_states[1])

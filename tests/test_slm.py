@@ -44,6 +44,24 @@ def test_retrieve_top_k_weights_and_masks():
     assert per_batch.shape == (1, 1) and per_example.tolist() == [[0], [3]]
 
 
+def test_retrieval_from_text_mixes_only_the_chosen_tasks_slots_with_mix_task():
+    # 1 group, 3 tasks x 2 slots; the query is closest to slot 0 (task 0) but task 1 owns the runners-up.
+    keys = jnp.asarray(np.array([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.9, 0.4, 0.0], [0.8, 0.6, 0.0],
+                                  [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]], np.float32))
+    bank = dtkr.KeyBank(keys=keys, slot_task=jnp.array([0, 0, 1, 1, 2, dtkr.FREE], jnp.int32))
+    q = jnp.array([[1.0, 0.2, 0.0]])
+    slots, weights, task = dtkr.retrieve_from_text(q, bank, top_k=2, per_example=True, n_tasks=3, mix="global")
+    ref_slots, ref_w = dtkr.retrieve(q, keys, bank.slot_task != dtkr.FREE, 2)
+    np.testing.assert_array_equal(slots, ref_slots)
+    np.testing.assert_array_equal(weights, ref_w)
+    assert slots.tolist() == [[0, 2]] and task.tolist() == [0]              # the global top-2 spans two tasks
+    slots, weights, task = dtkr.retrieve_from_text(q, bank, top_k=2, per_example=True, n_tasks=3, mix="task")
+    assert task.tolist() == [0] and sorted(slots[0].tolist()) == [0, 1]     # only task 0's slots are mixed
+    assert float(weights.sum()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="slm.mix='nearest'"):
+        dtkr.retrieve_from_text(q, bank, top_k=2, per_example=True, n_tasks=3, mix="nearest")
+
+
 def test_key_training_separates_two_tasks_and_the_pool_rejects_a_task_twice():
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(2, 24)).astype(np.float32) * 3

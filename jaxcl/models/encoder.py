@@ -30,7 +30,8 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, token_type_ids: jax.Array | None = None,
-                 deterministic: bool = True, prompt_ids: jax.Array | None = None, adapters=None) -> ModelOutput:
+                 deterministic: bool = True, prompt_ids: jax.Array | None = None, adapters=None,
+                 output_hidden_states: bool = False) -> ModelOutput:
         cfg = self.cfg
         check_adapters(adapters)
         positions = checked_positions(cfg, input_ids, positions)
@@ -49,9 +50,12 @@ class Encoder(nn.Module):
         x = make_norm(cfg, "embed_norm")(x)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
         mask = build_attention_mask(attention_mask, b, s, causal=False)
-        (hidden, ffn_in), _ = stacked_layers(cfg, deterministic)((x, jnp.zeros_like(x)), mask, positions,
-                                                            dict(adapters or {}))
+        (hidden, ffn_in), per_layer = stacked_layers(cfg, deterministic, collect=output_hidden_states)(
+            (x, jnp.zeros_like(x)), mask, positions, dict(adapters or {}))
         hidden, ffn_in = hidden[:, n_prefix:], ffn_in[:, n_prefix:]            # [b, s_text, d]
+        hidden_states = None
+        if output_hidden_states:                                               # [L + 1, b, s_text, d]
+            hidden_states = jnp.concatenate([x[None], per_layer], axis=0)[:, :, n_prefix:]
 
         logits = None
         if cfg.mlm_head:
@@ -70,4 +74,4 @@ class Encoder(nn.Module):
         if cfg.pooler:
             pooled = jnp.tanh(Dense((cfg.d_model,), in_axes=("embed",), out_axes=("embed_out",), dtype=dtype,
                                     kernel_std=cfg.initializer_range, name="pooler")(hidden[:, 0]))
-        return ModelOutput(logits=logits, hidden=hidden, knn_keys=ffn_in, pooled=pooled)
+        return ModelOutput(logits=logits, hidden=hidden, knn_keys=ffn_in, pooled=pooled, hidden_states=hidden_states)

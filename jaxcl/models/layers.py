@@ -264,6 +264,7 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    collect: bool = False          # also emit this layer's output as a scan output (hidden_states)
 
     @nn.compact
     def __call__(self, carry, mask: jax.Array, positions: jax.Array, adapters=None):
@@ -282,11 +283,14 @@ class Block(nn.Module):
         else:
             ffn_in = make_norm(cfg, "attn_norm")(x + drop(attn(x, mask, positions, attn_adapters)))
             x = make_norm(cfg, "mlp_norm")(ffn_in + drop(mlp(ffn_in, mlp_adapters)))
-        return (x, ffn_in), None
+        return (x, ffn_in), (x if self.collect else None)
 
 
-def stacked_layers(cfg: ModelConfig, deterministic: bool, name: str = "layers") -> nn.Module:
-    """All `n_layers` blocks as one scanned module with a leading `layers` axis on every parameter."""
+def stacked_layers(cfg: ModelConfig, deterministic: bool, name: str = "layers", collect: bool = False) -> nn.Module:
+    """All `n_layers` blocks as one scanned module with a leading `layers` axis on every parameter.
+
+    With `collect`, the scan also returns every layer's output `[n_layers, b, s, d]` (hidden_states).
+    """
     scanned = nn.scan(
         Block,
         variable_axes={"params": 0},
@@ -295,4 +299,4 @@ def stacked_layers(cfg: ModelConfig, deterministic: bool, name: str = "layers") 
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scanned(cfg, deterministic, name=name)
+    return scanned(cfg, deterministic, collect, name=name)

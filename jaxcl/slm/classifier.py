@@ -46,6 +46,8 @@ class LearnerShape:
     targets: tuple[str, ...] = ("attn.o",)
     per_example: bool = True           # per-example retrieval (False: one retrieval per batch, as the paper)
     head: str = "retrieved"            # "retrieved": columns of the retrieved task; "union": all seen columns
+    mix: str = "global"                # "global": mix the top-K of all slots (paper); "task": choose the task by
+                                       # the top-K's weight vote, then mix the top-K of that task's slots only
 
     @property
     def max_slots(self) -> int:
@@ -177,12 +179,12 @@ def _train_step(backbone, trainable, opt_state, ids, mask, labels, slots, weight
 @functools.partial(jax.jit, static_argnames=("model", "shape"))
 def _predict(backbone, trainable, keys, ids, mask, queries, col_task, fixed_slots, use_retrieval, *, model, shape):
     """Predicted head column [b], chosen task [b] and retrieved slots [G, K] from text inputs only."""
-    slot_task = keys.slot_task
-    r_slots, r_weights = dtkr.retrieve(queries, keys.keys, slot_task != FREE, shape.top_k, shape.per_example)
+    r_slots, r_weights, r_task = dtkr.retrieve_from_text(queries, keys, shape.top_k, shape.per_example,
+                                                         shape.max_tasks, shape.mix)
     k = shape.top_k
     slots = jnp.where(use_retrieval, r_slots, jnp.broadcast_to(fixed_slots[None, :], r_slots.shape))
     weights = jnp.where(use_retrieval, r_weights, jnp.full(r_weights.shape, 1.0 / k))
-    task = dtkr.chosen_task(slots, weights, slot_task, shape.max_tasks)                  # [G]
+    task = jnp.where(use_retrieval, r_task, dtkr.chosen_task(slots, weights, keys.slot_task, shape.max_tasks))
     task = jnp.broadcast_to(task, (ids.shape[0],))
     seen = col_task[None, :] != FREE
     if shape.head == "retrieved":

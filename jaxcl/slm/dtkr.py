@@ -66,13 +66,14 @@ def retrieve(queries: jax.Array, keys: jax.Array, allowed: jax.Array, top_k: int
              per_example: bool = True) -> tuple[jax.Array, jax.Array]:
     """Top-K allowed slots and their weights `similarity / Σ similarity` (constants, no gradient).
 
-    queries [n, h], keys [g, P, c], allowed bool [P] -> (slots int32 [G, K], weights [G, K]) with G = n
-    (per-example retrieval) or G = 1 (batch-level, as the official code: scores averaged over the batch).
+    queries [n, h], keys [g, P, c], allowed bool [P] (or [G, P]: a slot set per output row) ->
+    (slots int32 [G, K], weights [G, K]) with G = n (per-example retrieval) or G = 1 (batch-level, as
+    the official code: scores averaged over the batch).
     """
     scores = jax.lax.stop_gradient(grouped_cosine(queries, keys)).mean(axis=1)          # [n, P]
-    scores = jnp.where(allowed[None, :], scores, -100.0)
     if not per_example:
         scores = scores.mean(axis=0, keepdims=True)                                   # [1, P]
+    scores = jnp.where(allowed if allowed.ndim == 2 else allowed[None, :], scores, -100.0)
     vals, slots = jax.lax.top_k(scores, top_k)
     # Cosines can be negative; clip so weights stay a convex combination (the official code assumes > 0).
     vals = jnp.maximum(vals, 1e-6)
@@ -192,5 +193,22 @@ def chosen_task(slots: jax.Array, weights: jax.Array, slot_task: jax.Array, n_ta
     return jnp.argmax(votes, axis=-1).astype(jnp.int32)
 
 
+def retrieve_from_text(queries: jax.Array, bank: KeyBank, top_k: int, per_example: bool, n_tasks: int,
+                       mix: str = "global") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Evaluation-time retrieval from the query alone: (slots [G, K], weights [G, K], chosen task [G]).
+
+    `mix="global"`: the top-K of every learned slot (the paper), the task by weight vote. `mix="task"`:
+    the task by that vote, then the top-K among that task's slots only, so a text whose task is right
+    gets exactly the kind of mixture its task was trained with (no other task's increment in it).
+    """
+    if mix not in ("global", "task"):
+        raise ValueError(f"slm.mix={mix!r}: choose 'global' or 'task'")
+    slots, weights = retrieve(queries, bank.keys, bank.slot_task != FREE, top_k, per_example)
+    task = chosen_task(slots, weights, bank.slot_task, n_tasks)
+    if mix == "task":
+        slots, weights = retrieve(queries, bank.keys, bank.slot_task[None, :] == task[:, None], top_k, per_example)
+    return slots, weights, task
+
+
 __all__ = ["KeyBank", "KEY_AXES", "FREE", "new_key_bank", "grouped_cosine", "retrieve", "key_loss",
-           "orthogonal_keys", "data_mean_keys", "train_task_keys", "add_task_keys", "chosen_task"]
+           "orthogonal_keys", "data_mean_keys", "train_task_keys", "add_task_keys", "chosen_task", "retrieve_from_text"]

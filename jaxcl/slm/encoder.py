@@ -54,7 +54,8 @@ def resolve_encoder_dir(name: str) -> Path:
 class SentenceEncoder:
     """Tokenizer + frozen BERT-family model; `tokenize`, `embed` and cached `queries`."""
 
-    def __init__(self, model_dir: str | Path, max_len: int, cache_dir: str | Path | None = None):
+    def __init__(self, model_dir: str | Path, max_len: int, cache_dir: str | Path | None = None,
+                 query_layers: Sequence[int] = ()):
         from tokenizers import Tokenizer
 
         from jaxcl.hf import load_pretrained
@@ -67,6 +68,11 @@ class SentenceEncoder:
         if not 2 <= max_len <= self.cfg.max_seq_len:
             raise ValueError(f"slm.max_len={max_len} must be in 2..{self.cfg.max_seq_len} (the encoder's limit)")
         self.max_len = max_len
+        self.query_layers = tuple(int(layer) for layer in query_layers)
+        bad = [layer for layer in self.query_layers if not 0 <= layer <= self.cfg.n_layers]
+        if bad or len(set(self.query_layers)) != len(self.query_layers):
+            raise ValueError(f"slm.query_layers={list(self.query_layers)}: each must be a distinct layer in "
+                             f"0..{self.cfg.n_layers} (0 = embeddings, {self.cfg.n_layers} = the last layer)")
         self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
@@ -78,7 +84,8 @@ class SentenceEncoder:
 
     @property
     def dim(self) -> int:
-        return self.cfg.d_model
+        """Query width: d_model, or d_model per entry of `query_layers`."""
+        return self.cfg.d_model * max(1, len(self.query_layers))
 
     def tokenize(self, texts: Sequence[str], what: str = "texts") -> tuple[np.ndarray, np.ndarray]:
         """ids, mask `[n, max_len]` int32; texts longer than the limit are truncated with one warning."""
@@ -99,11 +106,18 @@ class SentenceEncoder:
         return ids, mask
 
     def _embed_batch(self, params, ids, mask):
-        hidden = self.model.apply({"params": params}, ids, mask).hidden
-        return mean_pool(hidden, mask)                                                   # [b, d]
+        if not self.query_layers:      # the sentence embedding: mean pool of the last layer
+            return mean_pool(self.model.apply({"params": params}, ids, mask).hidden, mask)          # [b, d]
+        # Several layers: each mean-pooled and L2-normalised, then concatenated. Middle layers keep
+        # more of the surface form (layout, register, vocabulary) that separates text sources which
+        # the last layer, trained for meaning, maps close together.
+        states = self.model.apply({"params": params}, ids, mask, output_hidden_states=True).hidden_states
+        pooled = [mean_pool(states[layer], mask) for layer in self.query_layers]                    # [b, d] each
+        return jnp.concatenate([p / jnp.maximum(jnp.linalg.norm(p, axis=-1, keepdims=True), 1e-8) for p in pooled],
+                               axis=-1)                                                             # [b, d * n]
 
     def embed(self, ids: np.ndarray, mask: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Mean-pooled embeddings `[n, d]` float32 of tokenized texts (batches padded to a fixed shape)."""
+        """Query embeddings `[n, dim]` float32 of tokenized texts (batches padded to a fixed shape)."""
         out = []
         for start in range(0, len(ids), batch_size):
             b_ids, b_mask = _pad_rows(ids[start:start + batch_size], batch_size), \
@@ -114,7 +128,7 @@ class SentenceEncoder:
 
     def queries(self, texts: Sequence[str], ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """DTKR queries of a dataset, computed once and cached by (encoder, max_len, texts)."""
-        digest = hashlib.sha256(f"{self.model_dir.resolve()}|{self.max_len}".encode())
+        digest = hashlib.sha256(f"{self.model_dir.resolve()}|{self.max_len}|{self.query_layers}".encode())
         for t in texts:
             digest.update(t.encode("utf-8") + b"\0")
         key = digest.hexdigest()[:24]

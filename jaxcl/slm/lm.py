@@ -124,10 +124,9 @@ def run_lm(runner, metrics) -> dict[str, Any]:
 
     @jax.jit
     def eval_nll(backbone, bank, pool, ids, queries):
-        slots, weights = dtkr.retrieve(queries, pool.keys, pool.slot_task != dtkr.FREE, s.top_k,
-                                       s.retrieval == "example")
+        slots, weights, task = dtkr.retrieve_from_text(queries, pool, s.top_k, s.retrieval == "example",
+                                                       s.max_tasks, s.mix)
         total, count = nll(backbone, bank, ids, slots, weights)
-        task = dtkr.chosen_task(slots, weights, pool.slot_task, s.max_tasks)
         return total, count, task
 
     matrix, retrieval = [], {}

@@ -65,7 +65,8 @@ class SlmRun:
         self.cfg, self.scfg = cfg, cfg.slm
         self.run_dir = cfg.run_dir()
         cache = Path(self.scfg.cache_dir) if self.scfg.cache_dir else None
-        self.encoder = SentenceEncoder(resolve_encoder_dir(self.scfg.encoder), self.scfg.max_len, cache)
+        self.encoder = SentenceEncoder(resolve_encoder_dir(self.scfg.encoder), self.scfg.max_len, cache,
+                                       self.scfg.query_layers)
         self.tasks = tuple(self.scfg.tasks)
         self.data: dict[str, dict[str, _Data]] = {}
         if self.scfg.mode == "lm":
@@ -86,7 +87,7 @@ class SlmRun:
         s = self.scfg
         shape = LearnerShape(max_tasks=s.max_tasks, slots_per_task=s.slots_per_task, top_k=s.top_k, rank=s.rank,
                              max_classes=s.max_classes, groups=s.groups, targets=tuple(s.targets),
-                             per_example=s.retrieval == "example", head=s.head)
+                             per_example=s.retrieval == "example", head=s.head, mix=s.mix)
         if not hasattr(self, "_tx"):          # one optimizer object: learners share compiled steps
             self._tx = optax.adamw(s.lr, weight_decay=s.weight_decay)
         return ContinualClassifier(self.encoder.cfg, self.encoder.params, shape, self.encoder.dim,
