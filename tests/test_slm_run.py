@@ -60,7 +60,8 @@ def make_config(tmp_path, csv_root, *extra, encoder="minilm"):
 def test_slm_run_writes_report_matrix_and_heatmaps(tmp_path, csv_root, tiny_encoder):
     from jaxcl.runs import run_config
 
-    report = run_config(make_config(tmp_path, csv_root, encoder=tiny_encoder))
+    report = run_config(make_config(tmp_path, csv_root, "slm.query_layers=[1,2]", "slm.mix=task",
+                                    encoder=tiny_encoder))
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["method"] == "slm" and saved["metric"] == "accuracy"
     assert saved["stages"] == saved["eval_on"] == ["ag_news", "yelp"]
