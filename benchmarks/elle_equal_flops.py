@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/elle-compare")
     parser.add_argument("--seeds", default="0,1,2", help="comma list of run.seed values")
     parser.add_argument("--only", default="", help="comma list of run names to run (default: all)")
+    parser.add_argument("--rerun", action="store_true", help="run again even where a report.json exists")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
     args = parser.parse_args()
 
@@ -82,6 +83,8 @@ def main() -> None:
     from jaxcl.runs import run_config
 
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    if not seeds:
+        parser.error("--seeds needs at least one seed")
     only = [s for s in args.only.split(",") if s]
     out = Path(args.out)
     reports: dict[str, dict[int, dict]] = {}
@@ -91,13 +94,19 @@ def main() -> None:
         for name, cfg in runs.items():
             run_dir = out / f"seed{seed}" / name
             report_path = run_dir / "report.json"
-            if report_path.exists():
-                reports.setdefault(name, {})[seed] = json.loads(report_path.read_text())
-                continue
-            if only and name not in only:
-                continue
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(
                 cfg.run, name=f"{base.run.name}-{name}-seed{seed}", dir=str(run_dir)))
+            wanted = not only or name in only
+            if report_path.exists() and not (args.rerun and wanted):
+                if load_config(run_dir / "config.yaml") != cfg:
+                    sys.exit(f"{run_dir} holds a finished run with a different config: delete it or pass --rerun")
+                reports.setdefault(name, {})[seed] = json.loads(report_path.read_text())
+                continue
+            if not wanted:
+                continue
+            if report_path.exists():                              # --rerun: start that run afresh
+                import shutil
+                shutil.rmtree(run_dir)
             print(f"=== seed {seed} {name}: stage steps {list(cfg.train.stage_steps) or 'as configured'}", flush=True)
             reports.setdefault(name, {})[seed] = run_config(cfg)
 
@@ -122,20 +131,25 @@ def _summary_rows(reports: dict[str, dict[int, dict]], reference: str) -> list[l
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
     ref = reports.get(reference, {})
-    ref_ap = statistics.fmean(r["summary"]["average"] for r in ref.values()) if ref else float("nan")
-    ref_plus = statistics.fmean(r["summary"]["forgetting"] for r in ref.values()) if ref else float("nan")
     rows = []
     for name, per_seed in reports.items():
         ap_mean, ap_std = stats([r["summary"]["average"] for r in per_seed.values()])
         plus_mean, plus_std = stats([r["summary"]["forgetting"] for r in per_seed.values()])
-        common = [s for s in per_seed if s in ref]
+        common = [s for s in per_seed if s in ref]          # ratios only over the seeds both have
+        ratio_ap = ratio_plus = float("nan")
+        if common:
+            ratio_ap = (statistics.fmean(per_seed[s]["summary"]["average"] for s in common)
+                        / statistics.fmean(ref[s]["summary"]["average"] for s in common))
+            ref_plus = statistics.fmean(ref[s]["summary"]["forgetting"] for s in common)
+            if ref_plus:
+                ratio_plus = statistics.fmean(per_seed[s]["summary"]["forgetting"] for s in common) / ref_plus
         wins = sum(ref[s]["summary"]["average"] < per_seed[s]["summary"]["average"]
                    and ref[s]["summary"]["forgetting"] < per_seed[s]["summary"]["forgetting"] for s in common)
         arch = next(iter(per_seed.values()))["architectures"][-1]
         rows.append([name, f"L{arch['n_layers']}/D{arch['d_model']}", ap_mean, ap_std, plus_mean, plus_std,
                      statistics.fmean(sum(r["train_flops"]) for r in per_seed.values()) / 1e12,
                      statistics.fmean(r["train_seconds"] for r in per_seed.values()),
-                     ap_mean / ref_ap, plus_mean / ref_plus,
+                     ratio_ap, ratio_plus,
                      "-" if name == reference else f"{wins}/{len(common)}"])
     return rows
 

@@ -235,8 +235,11 @@ class SlmConfig:
             raise ConfigError(f"slm.tasks must hold 1..slm.max_tasks={self.max_tasks} tasks, got {len(self.tasks)}")
         if not 1 <= self.top_k <= self.slots_per_task:
             raise ConfigError(f"slm.top_k={self.top_k} must be in 1..slm.slots_per_task={self.slots_per_task}")
-        if self.steps < 1 or self.batch_size < 1 or self.rank < 1:
-            raise ConfigError("slm.steps, slm.batch_size and slm.rank must be at least 1")
+        if self.steps < 1 or self.batch_size < 1 or self.rank < 1 or self.groups < 1:
+            raise ConfigError("slm.steps, slm.batch_size, slm.rank and slm.groups must be at least 1")
+        if any(layer < 0 for layer in self.query_layers) or len(set(self.query_layers)) != len(self.query_layers):
+            raise ConfigError(f"slm.query_layers={list(self.query_layers)} must be distinct encoder layers >= 0 "
+                              "(0 = the embeddings)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,6 +58,9 @@ def test_retrieval_from_text_mixes_only_the_chosen_tasks_slots_with_mix_task():
     slots, weights, task = dtkr.retrieve_from_text(q, bank, top_k=2, per_example=True, n_tasks=3, mix="task")
     assert task.tolist() == [0] and sorted(slots[0].tolist()) == [0, 1]     # only task 0's slots are mixed
     assert float(weights.sum()) == pytest.approx(1.0)
+    batch = jnp.array([[1.0, 0.1, 0.0], [1.0, 0.2, 0.0]])                   # per-batch: one retrieval, one task
+    slots, weights, task = dtkr.retrieve_from_text(batch, bank, top_k=2, per_example=False, n_tasks=3, mix="task")
+    assert slots.shape == weights.shape == (1, 2) and task.tolist() == [0] and sorted(slots[0].tolist()) == [0, 1]
     with pytest.raises(ValueError, match="slm.mix='nearest'"):
         dtkr.retrieve_from_text(q, bank, top_k=2, per_example=True, n_tasks=3, mix="nearest")
 

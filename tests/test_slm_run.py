@@ -83,6 +83,17 @@ def test_bad_slm_configs_are_named(tmp_path, csv_root):
         make_config(tmp_path, csv_root, "slm.top_k=5")
     with pytest.raises(ConfigError, match="slm.baselines"):
         make_config(tmp_path, csv_root, "slm.baselines=[ewc]")
+    with pytest.raises(ConfigError, match="slm.query_layers"):
+        make_config(tmp_path, csv_root, "slm.query_layers=[3,3]")
+
+
+def test_query_layers_and_groups_are_checked_against_the_encoder(tmp_path, csv_root, tiny_encoder):
+    from jaxcl.slm.run import SlmRun
+
+    with pytest.raises(ConfigError, match=r"slm.query_layers=\[1, 5\].*0..2"):      # the tiny encoder has 2 layers
+        SlmRun(make_config(tmp_path, csv_root, "slm.query_layers=[1,5]", encoder=tiny_encoder))
+    with pytest.raises(ConfigError, match="slm.groups=5 must divide the DTKR query width 48"):
+        SlmRun(make_config(tmp_path, csv_root, "slm.query_layers=[1,2]", "slm.groups=5", encoder=tiny_encoder))
 
 
 def test_an_empty_task_is_a_clear_error(tmp_path, csv_root, tiny_encoder):

@@ -73,6 +73,8 @@ def retrieve(queries: jax.Array, keys: jax.Array, allowed: jax.Array, top_k: int
     scores = jax.lax.stop_gradient(grouped_cosine(queries, keys)).mean(axis=1)          # [n, P]
     if not per_example:
         scores = scores.mean(axis=0, keepdims=True)                                   # [1, P]
+    if allowed.ndim == 2 and allowed.shape[0] not in (1, scores.shape[0]):
+        raise ValueError(f"allowed has {allowed.shape[0]} rows; retrieval produces {scores.shape[0]}")
     scores = jnp.where(allowed if allowed.ndim == 2 else allowed[None, :], scores, -100.0)
     vals, slots = jax.lax.top_k(scores, top_k)
     # Cosines can be negative; clip so weights stay a convex combination (the official code assumes > 0).

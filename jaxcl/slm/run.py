@@ -65,8 +65,15 @@ class SlmRun:
         self.cfg, self.scfg = cfg, cfg.slm
         self.run_dir = cfg.run_dir()
         cache = Path(self.scfg.cache_dir) if self.scfg.cache_dir else None
-        self.encoder = SentenceEncoder(resolve_encoder_dir(self.scfg.encoder), self.scfg.max_len, cache,
-                                       self.scfg.query_layers)
+        try:
+            self.encoder = SentenceEncoder(resolve_encoder_dir(self.scfg.encoder), self.scfg.max_len, cache,
+                                           self.scfg.query_layers)
+        except ValueError as err:          # bad max_len / query_layers for this encoder: name the config key
+            raise ConfigError(str(err)) from err
+        if self.encoder.dim % self.scfg.groups:      # checked before any text is encoded
+            raise ConfigError(f"slm.groups={self.scfg.groups} must divide the DTKR query width {self.encoder.dim} "
+                              f"(= encoder d_model {self.encoder.cfg.d_model} x "
+                              f"{max(1, len(self.scfg.query_layers))} slm.query_layers)")
         self.tasks = tuple(self.scfg.tasks)
         self.data: dict[str, dict[str, _Data]] = {}
         if self.scfg.mode == "lm":
