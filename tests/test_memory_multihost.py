@@ -3,7 +3,7 @@
 import numpy as np
 
 from tests.memory_multiprocess_worker import rows_of
-from tests.multiprocess import run_workers
+from tests.process_launcher import run_workers
 
 
 def test_search_merges_every_processes_top_k(tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 
 from jaxcl.data.stream import SequenceStream
-from tests.multiprocess import run_workers
+from tests.process_launcher import run_workers
 
 
 def test_two_processes_read_disjoint_shards_of_the_same_global_batch(tmp_path):
