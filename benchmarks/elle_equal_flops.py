@@ -1,7 +1,10 @@
 """ELLE vs. its baselines at equal training compute on the embedded 5-domain stream, over seeds.
 
-    python benchmarks/elle_equal_flops.py [--config configs/elle/demo.yaml] [--seeds 0,1,2]
-                                          [--out runs/elle-compare] [key=value ...]
+    python benchmarks/elle_equal_flops.py [--config configs/elle/compare.yaml] [--seeds 0,1,2]
+                                          [--out runs/elle-compare] [--only NAMES] [key=value ...]
+
+The default configuration is configs/elle/demo.yaml with 600 updates per new domain (about 30 min
+per run on 2 CPU cores); `--config configs/elle/demo.yaml` gives the demo's 150-update stages.
 
 Runs, each through jaxcl's own runners (same data, tokenizer, optimizer, evaluation), once per seed:
   elle-uniform      growth + domain prompts + replay + warmup, old domains replayed uniformly
@@ -71,7 +74,7 @@ def comparison_configs(base) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/elle/demo.yaml")
+    parser.add_argument("--config", default="configs/elle/compare.yaml")
     parser.add_argument("--out", default="runs/elle-compare")
     parser.add_argument("--seeds", default="0,1,2", help="comma list of run.seed values")
     parser.add_argument("--only", default="", help="comma list of run names to run (default: all)")

@@ -220,6 +220,8 @@ class SlmConfig:
     key_mask_prob: float = 0.2
     retrieval: Literal["example", "batch"] = "example"
     mix: Literal["global", "task"] = "global"   # eval: top-K over all slots (paper), or over the chosen task's
+    task_choice: Literal["vote", "best_keys"] = "vote"   # eval: the task by weight vote of the global top-K
+                                          # (paper), or the task whose own top-K keys match best on average
     head: Literal["retrieved", "union"] = "retrieved"
     baselines: tuple[str, ...] = ("sequential", "replay", "multitask")
     replay_per_task: int = 32             # examples kept per old task by the replay baseline

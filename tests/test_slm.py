@@ -65,6 +65,30 @@ def test_retrieval_from_text_mixes_only_the_chosen_tasks_slots_with_mix_task():
         dtkr.retrieve_from_text(q, bank, top_k=2, per_example=True, n_tasks=3, mix="nearest")
 
 
+def test_best_keys_task_choice_judges_every_task_on_its_own_top_k():
+    # Same pool as above: task 0 owns the single best key (slot 0) and one useless key; task 1's two keys
+    # both fit the query. The vote follows the best key; best_keys averages each task's own top-2.
+    keys = jnp.asarray(np.array([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.9, 0.4, 0.0], [0.8, 0.6, 0.0],
+                                  [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]], np.float32))
+    bank = dtkr.KeyBank(keys=keys, slot_task=jnp.array([0, 0, 1, 1, 2, dtkr.FREE], jnp.int32))
+    q = jnp.array([[1.0, 0.2, 0.0], [0.0, 0.3, 1.0]])
+    scores = np.asarray(dtkr.grouped_cosine(q, keys).mean(axis=1))
+    owners = np.array([0, 0, 1, 1, 2, -1])
+    expected = [int(np.argmax([np.sort(row[owners == t])[::-1][:2].mean() for t in range(3)])) for row in scores]
+    task = dtkr.best_keys_task(q, bank, top_k=2, per_example=True, n_tasks=4)      # task 3 has no slots
+    assert task.tolist() == expected == [1, 0]
+    _, _, voted = dtkr.retrieve_from_text(q[:1], bank, top_k=2, per_example=True, n_tasks=4)
+    assert voted.tolist() == [0]
+    slots, weights, task = dtkr.retrieve_from_text(q[:1], bank, top_k=2, per_example=True, n_tasks=4, mix="task",
+                                                   task_choice="best_keys")
+    assert task.tolist() == [1] and sorted(slots[0].tolist()) == [2, 3]
+    batch_task = dtkr.best_keys_task(q, bank, top_k=2, per_example=False, n_tasks=4)
+    assert batch_task.shape == (1,) and batch_task.tolist() == [int(np.argmax(
+        [np.sort(scores.mean(0)[owners == t])[::-1][:2].mean() for t in range(3)]))]
+    with pytest.raises(ValueError, match="slm.task_choice='nearest'"):
+        dtkr.retrieve_from_text(q, bank, top_k=2, per_example=True, n_tasks=3, task_choice="nearest")
+
+
 def test_key_training_separates_two_tasks_and_the_pool_rejects_a_task_twice():
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(2, 24)).astype(np.float32) * 3

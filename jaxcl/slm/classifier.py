@@ -46,8 +46,9 @@ class LearnerShape:
     targets: tuple[str, ...] = ("attn.o",)
     per_example: bool = True           # per-example retrieval (False: one retrieval per batch, as the paper)
     head: str = "retrieved"            # "retrieved": columns of the retrieved task; "union": all seen columns
-    mix: str = "global"                # "global": mix the top-K of all slots (paper); "task": choose the task by
-                                       # the top-K's weight vote, then mix the top-K of that task's slots only
+    mix: str = "global"                # "global": mix the top-K of all slots (paper); "task": mix the top-K of
+                                       # the chosen task's slots only
+    task_choice: str = "vote"          # "vote" (weight vote of the global top-K) or "best_keys" (see dtkr)
 
     @property
     def max_slots(self) -> int:
@@ -180,7 +181,7 @@ def _train_step(backbone, trainable, opt_state, ids, mask, labels, slots, weight
 def _predict(backbone, trainable, keys, ids, mask, queries, col_task, fixed_slots, use_retrieval, *, model, shape):
     """Predicted head column [b], chosen task [b] and retrieved slots [G, K] from text inputs only."""
     r_slots, r_weights, r_task = dtkr.retrieve_from_text(queries, keys, shape.top_k, shape.per_example,
-                                                         shape.max_tasks, shape.mix)
+                                                         shape.max_tasks, shape.mix, shape.task_choice)
     k = shape.top_k
     slots = jnp.where(use_retrieval, r_slots, jnp.broadcast_to(fixed_slots[None, :], r_slots.shape))
     weights = jnp.where(use_retrieval, r_weights, jnp.full(r_weights.shape, 1.0 / k))

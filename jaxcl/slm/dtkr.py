@@ -195,22 +195,53 @@ def chosen_task(slots: jax.Array, weights: jax.Array, slot_task: jax.Array, n_ta
     return jnp.argmax(votes, axis=-1).astype(jnp.int32)
 
 
+def best_keys_task(queries: jax.Array, bank: KeyBank, top_k: int, per_example: bool, n_tasks: int) -> jax.Array:
+    """The task whose own top-K keys are, on average, most similar to the query -> task int32 [G].
+
+    Unlike the weight vote of the global top-K (`chosen_task`), every task is judged on the same
+    number of its own keys, so one stray key of a neighbouring task cannot outvote a task whose keys
+    all fit the text. A task with no slots is never chosen.
+    """
+    scores = grouped_cosine(queries, bank.keys).mean(axis=1)                            # [n, P]
+    if not per_example:
+        scores = scores.mean(axis=0, keepdims=True)                                     # [1, P]
+    owns = bank.slot_task[None, :] == jnp.arange(n_tasks)[:, None]                      # [T, P]
+    per_task = jnp.where(owns[None], scores[:, None, :], -jnp.inf)                      # [G, T, P]
+    k = min(top_k, bank.max_slots)
+    top = jax.lax.top_k(per_task, k)[0]                                                 # [G, T, k]
+    count = jnp.minimum(owns.sum(axis=1), k)                                            # [T] keys averaged
+    total = jnp.where(jnp.isfinite(top), top, 0.0).sum(axis=-1)
+    mean = jnp.where(count > 0, total / jnp.maximum(count, 1), -jnp.inf)                # [G, T]
+    return jnp.argmax(mean, axis=-1).astype(jnp.int32)
+
+
+TASK_CHOICES = ("vote", "best_keys")
+
+
 def retrieve_from_text(queries: jax.Array, bank: KeyBank, top_k: int, per_example: bool, n_tasks: int,
-                       mix: str = "global") -> tuple[jax.Array, jax.Array, jax.Array]:
+                       mix: str = "global", task_choice: str = "vote") -> tuple[jax.Array, jax.Array, jax.Array]:
     """Evaluation-time retrieval from the query alone: (slots [G, K], weights [G, K], chosen task [G]).
 
-    `mix="global"`: the top-K of every learned slot (the paper), the task by weight vote. `mix="task"`:
-    the task by that vote, then the top-K among that task's slots only, so a text whose task is right
-    gets exactly the kind of mixture its task was trained with (no other task's increment in it).
+    The task: `task_choice="vote"`, the weight vote of the global top-K (`chosen_task`); `"best_keys"`,
+    the task whose own top-K keys score highest on average (`best_keys_task`). `mix="global"`: the
+    top-K of every learned slot (the paper). `mix="task"`: the top-K among the chosen task's slots
+    only, so a text whose task is right gets exactly the kind of mixture its task was trained with (no
+    other task's increment in it).
     """
     if mix not in ("global", "task"):
         raise ValueError(f"slm.mix={mix!r}: choose 'global' or 'task'")
+    if task_choice not in TASK_CHOICES:
+        raise ValueError(f"slm.task_choice={task_choice!r}: choose one of {TASK_CHOICES}")
     slots, weights = retrieve(queries, bank.keys, bank.slot_task != FREE, top_k, per_example)
-    task = chosen_task(slots, weights, bank.slot_task, n_tasks)
+    if task_choice == "vote":
+        task = chosen_task(slots, weights, bank.slot_task, n_tasks)
+    else:
+        task = best_keys_task(queries, bank, top_k, per_example, n_tasks)
     if mix == "task":
         slots, weights = retrieve(queries, bank.keys, bank.slot_task[None, :] == task[:, None], top_k, per_example)
     return slots, weights, task
 
 
 __all__ = ["KeyBank", "KEY_AXES", "FREE", "new_key_bank", "grouped_cosine", "retrieve", "key_loss",
-           "orthogonal_keys", "data_mean_keys", "train_task_keys", "add_task_keys", "chosen_task", "retrieve_from_text"]
+           "orthogonal_keys", "data_mean_keys", "train_task_keys", "add_task_keys", "chosen_task", "best_keys_task",
+           "TASK_CHOICES", "retrieve_from_text"]

@@ -125,7 +125,7 @@ def run_lm(runner, metrics) -> dict[str, Any]:
     @jax.jit
     def eval_nll(backbone, bank, pool, ids, queries):
         slots, weights, task = dtkr.retrieve_from_text(queries, pool, s.top_k, s.retrieval == "example",
-                                                       s.max_tasks, s.mix)
+                                                       s.max_tasks, s.mix, s.task_choice)
         total, count = nll(backbone, bank, ids, slots, weights)
         return total, count, task
 

@@ -94,7 +94,8 @@ class SlmRun:
         s = self.scfg
         shape = LearnerShape(max_tasks=s.max_tasks, slots_per_task=s.slots_per_task, top_k=s.top_k, rank=s.rank,
                              max_classes=s.max_classes, groups=s.groups, targets=tuple(s.targets),
-                             per_example=s.retrieval == "example", head=s.head, mix=s.mix)
+                             per_example=s.retrieval == "example", head=s.head, mix=s.mix,
+                             task_choice=s.task_choice)
         if not hasattr(self, "_tx"):          # one optimizer object: learners share compiled steps
             self._tx = optax.adamw(s.lr, weight_decay=s.weight_decay)
         return ContinualClassifier(self.encoder.cfg, self.encoder.params, shape, self.encoder.dim,
