@@ -61,7 +61,7 @@ def test_slm_run_writes_report_matrix_and_heatmaps(tmp_path, csv_root, tiny_enco
     from jaxcl.runs import run_config
 
     report = run_config(make_config(tmp_path, csv_root, "slm.query_layers=[1,2]", "slm.mix=task",
-                                    encoder=tiny_encoder))
+                                    "slm.task_choice=best_keys", encoder=tiny_encoder))
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["method"] == "slm" and saved["metric"] == "accuracy"
     assert saved["stages"] == saved["eval_on"] == ["ag_news", "yelp"]
