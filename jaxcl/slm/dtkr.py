@@ -232,7 +232,8 @@ def retrieve_from_text(queries: jax.Array, bank: KeyBank, top_k: int, per_exampl
         raise ValueError(f"slm.mix={mix!r}: choose 'global' or 'task'")
     if task_choice not in TASK_CHOICES:
         raise ValueError(f"slm.task_choice={task_choice!r}: choose one of {TASK_CHOICES}")
-    slots, weights = retrieve(queries, bank.keys, bank.slot_task != FREE, top_k, per_example)
+    if task_choice == "vote" or mix == "global":          # the global top-K is needed
+        slots, weights = retrieve(queries, bank.keys, bank.slot_task != FREE, top_k, per_example)
     if task_choice == "vote":
         task = chosen_task(slots, weights, bank.slot_task, n_tasks)
     else:
