@@ -1,12 +1,14 @@
 """Losses, masking, optimizer pieces and continual-learning metrics against hand-computed references."""
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxcl.config import OptimConfig
-from jaxcl.eval import accuracy_forgetting, average_seen, backward_transfer, perplexity_forgetting
+from jaxcl.eval import accuracy_forgetting, average_seen, backward_transfer, balanced_orders, perplexity_forgetting
 from jaxcl.models import ModelConfig, init_params
 from jaxcl.train import causal_lm_nll, learning_rate_schedule, mask_tokens, masked_lm_nll, weight_decay_mask
 
@@ -88,6 +90,30 @@ def test_accuracy_summaries_golden():
     assert average_seen(ACC) == pytest.approx((0.6 + 0.85 + 0.9) / 3)
     assert accuracy_forgetting(ACC) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.85)) / 2)
     assert backward_transfer(ACC) == pytest.approx(((0.6 - 0.9) + (0.85 - 0.8)) / 2)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_balanced_orders_put_every_task_everywhere_and_every_pair_adjacent_equally(n):
+    tasks = [f"task{i}" for i in range(n)]
+    orders = balanced_orders(tasks)
+    assert orders[0] == tuple(tasks)                          # the given order comes first
+    assert len(orders) == (n if n % 2 == 0 else 2 * n)
+    assert all(sorted(o) == sorted(tasks) for o in orders)
+    positions = collections.Counter((t, i) for o in orders for i, t in enumerate(o))
+    pairs = collections.Counter((o[i], o[i + 1]) for o in orders for i in range(n - 1))
+    per = len(orders) // n
+    assert positions == {(t, i): per for t in tasks for i in range(n)}
+    assert pairs == {(a, b): per for a in tasks for b in tasks if a != b}
+
+
+def test_balanced_orders_golden_and_bad_input():
+    assert balanced_orders("ABCD") == [tuple("ABCD"), tuple("BDAC"), tuple("DCBA"), tuple("CADB")]
+    assert balanced_orders(["only"]) == [("only",)]
+    assert balanced_orders("ABCD", count=2) == [tuple("ABCD"), tuple("BDAC")]
+    with pytest.raises(ValueError, match="distinct"):
+        balanced_orders(["a", "a"])
+    with pytest.raises(ValueError, match="count=5"):
+        balanced_orders("ABCD", count=5)
 
 
 def test_changed_config_keys_are_listed_for_the_resume_warning():
