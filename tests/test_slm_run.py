@@ -113,7 +113,8 @@ def test_lm_mode_keeps_the_frozen_backbone_domain_and_reports_perplexity(tmp_pat
     cfg = load_config(tmp_path / "lm.yaml", [
         f"run.dir={tmp_path / 'lm'}", "data.domains=[wordnet,jargon]", "data.seq_len=32", "data.batch_size=4",
         "data.eval_batches=1", "train.pretrain_steps=3", "slm.mode=lm", "slm.steps=2", "slm.train_examples=8",
-        "slm.max_len=16", "slm.rank=2", "slm.groups=4", "slm.max_tasks=2", "slm.key_epochs=1", "slm.baselines=[]",
+        "slm.max_len=16", "slm.rank=2", "slm.groups=4", "slm.max_tasks=2", "slm.key_epochs=1", "slm.replay_per_task=2",
+        "slm.baselines=[sequential,replay,multitask]",
         "slm.cache_dir=null", f"slm.encoder={tiny_encoder}"])
     report = run_config(cfg)
     assert report["metric"] == "perplexity" and report["stages"] == ["wordnet", "jargon"]
@@ -124,3 +125,16 @@ def test_lm_mode_keeps_the_frozen_backbone_domain_and_reports_perplexity(tmp_pat
     if report["retrieval"]["per_task_final"]["wordnet"] == 100.0:
         assert abs(matrix[1][0] - matrix[0][0]) < 1e-3 * matrix[0][0]
     assert (tmp_path / "lm" / "perplexity_matrix.png").is_file()
+    # The baselines ran in the same code path on the same backbone: a shared slot set, so training jargon
+    # moves wordnet's perplexity for sequential fine-tuning; multitask is one stage over both domains.
+    base = report["baselines"]
+    assert set(base) == {"sequential", "replay", "multitask"}
+    for name in ("sequential", "replay"):
+        assert base[name]["stages"] == ["wordnet", "jargon"] and base[name]["matrix"][0][1] is None
+        assert base[name]["matrix"][1][0] != base[name]["matrix"][0][0]
+        rows = base[name]["matrix"]
+        assert base[name]["summary"]["forgetting"] == pytest.approx(rows[1][0] - rows[0][0])
+    assert base["multitask"]["stages"] == ["multitask"] and len(base["multitask"]["matrix"]) == 1
+    assert all(v > 1 for v in base["multitask"]["matrix"][0])
+    for name in base:
+        assert (tmp_path / "lm" / f"perplexity_matrix_{name}.png").is_file()

@@ -6,12 +6,15 @@ included): train the domain's DTKR keys on the sentence-encoder queries of its t
 freeze them into the pool, train the domain's JARe slots with the causal-LM loss (backbone, keys and the
 other slots masked), and evaluate the perplexity of every domain's validation sequences with slots
 retrieved per sequence from its text alone. Report: the perplexity matrix plus `retrieval_accuracy`.
+
+The baselines (`slm.baselines`: sequential, replay, multitask) run in the same code path on the same
+frozen backbone: one shared set of K slots with uniform weights, trained domain after domain, with a
+replay buffer of earlier domains, or on all domains at once (the upper bound).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import jax
@@ -67,36 +70,47 @@ class LmStream:
 
 
 def run_lm(runner, metrics) -> dict[str, Any]:
-    """The LM-mode run (see the module docstring); returns the report's fields."""
+    """The LM-mode run (see the module docstring); returns {method: stages, matrix[, retrieval]}."""
     cfg, s = runner.cfg, runner.scfg
     stream = LmStream(runner)
-    model_cfg = cfg.model
-    model = build(model_cfg)
+    model = build(cfg.model)
     rng = np.random.default_rng(cfg.run.seed)
+    backbone, steps0 = _pretrain_backbone(model, cfg, stream, rng, metrics)
+    steps = _JareSteps(model, s)
+    results = {"slm": _run_slm(cfg, s, stream, runner.encoder.dim, backbone, steps, steps0, rng, metrics)}
+    for index, method in enumerate(s.baselines, start=1):
+        results[method] = _run_shared_slots(method, cfg, s, stream, backbone, steps, steps0,
+                                            np.random.default_rng([cfg.run.seed, index]), metrics)
+    return results
 
-    def nll(params, bank, ids, slots, weights):
-        adapters = None if bank is None else jare.mix_adapters(bank, slots, weights)
-        logits = model.apply({"params": params}, ids, adapters=adapters).logits
-        total, count, _ = causal_lm_nll(logits, ids, None)
-        return total, count
 
-    # ---- stage 0: the backbone, pre-trained on the first domain and frozen afterwards
+def _nll(model, params, bank, ids, slots, weights):
+    """(summed next-token NLL, token count) of `ids` with the bank's `slots` mixed by `weights` (or none)."""
+    adapters = None if bank is None else jare.mix_adapters(bank, slots, weights)
+    logits = model.apply({"params": params}, ids, adapters=adapters).logits
+    total, count, _ = causal_lm_nll(logits, ids, None)
+    return total, count
+
+
+def _pretrain_backbone(model, cfg, stream: LmStream, rng: np.random.Generator, metrics):
+    """Stage 0: all parameters trained on the first domain; returns (backbone params, steps taken)."""
+    from tqdm.auto import tqdm
+
     first = stream.domains[0]
     steps0 = cfg.train.pretrain_steps or cfg.train.steps
-    params = init_params(model_cfg, jax.random.key(cfg.run.seed))
+    params = init_params(cfg.model, jax.random.key(cfg.run.seed))
     tx0 = make_optimizer(cfg.optim, steps0)
     opt0 = tx0.init(params)
 
     @jax.jit
     def pretrain_step(params, opt_state, ids):
         def loss(p):
-            total, count = nll(p, None, ids, None, None)
+            total, count = _nll(model, p, None, ids, None, None)
             return total / count
         value, grads = jax.value_and_grad(loss)(params)
         updates, opt_state = tx0.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
-    from tqdm.auto import tqdm
     train0 = stream.train[first][0]
     for step in tqdm(range(steps0), desc=f"pre-train backbone on {first}", leave=False):
         batch = train0[rng.integers(len(train0), size=cfg.data.batch_size)]
@@ -104,30 +118,90 @@ def run_lm(runner, metrics) -> dict[str, Any]:
         if step % cfg.train.log_every == 0:
             metrics.write(kind="train", method="slm", stage=f"pretrain:{first}", step=step, global_step=step,
                           loss=float(loss))
-    backbone = params
+    return params, steps0
 
-    # ---- JARe bank + key pool, preallocated for max_tasks domains
-    bank = jare.init_increment_bank(jax.random.key(cfg.run.seed + 1), model_cfg,
-                                    max_slots=s.max_tasks * s.slots_per_task, rank=s.rank,
-                                    targets=tuple(s.targets), init_std=s.init_std)
-    keys = dtkr.new_key_bank(s.max_tasks * s.slots_per_task, runner.encoder.dim, s.groups)
-    tx = optax.adamw(s.lr, weight_decay=s.weight_decay)
 
-    @jax.jit
-    def slot_step(backbone, bank, opt_state, ids, slots, weights, mask):      # backbone: an argument, not a constant
-        def loss(b):
-            total, count = nll(backbone, b, ids, slots, weights)
-            return total / count
-        value, grads = jax.value_and_grad(loss)(bank)
-        updates, opt_state = tx.update(grads, opt_state, bank)
-        return jare.masked_apply(bank, updates, mask), opt_state, value
+class _JareSteps:
+    """The jitted pieces every LM-mode method shares: a masked slot step and the evaluation NLL.
 
-    @jax.jit
-    def eval_nll(backbone, bank, pool, ids, queries):
-        slots, weights, task = dtkr.retrieve_from_text(queries, pool, s.top_k, s.retrieval == "example",
-                                                       s.max_tasks, s.mix, s.task_choice)
-        total, count = nll(backbone, bank, ids, slots, weights)
-        return total, count, task
+    The backbone is an argument (not a closure constant), so SLM and the baselines run one compiled
+    program per shape.
+    """
+
+    def __init__(self, model, s):
+        self.s = s
+        self.tx = optax.adamw(s.lr, weight_decay=s.weight_decay)
+        tx = self.tx
+
+        @jax.jit
+        def slot_step(backbone, bank, opt_state, ids, slots, weights, mask):
+            def loss(b):
+                total, count = _nll(model, backbone, b, ids, slots, weights)
+                return total / count
+            value, grads = jax.value_and_grad(loss)(bank)
+            updates, opt_state = tx.update(grads, opt_state, bank)
+            return jare.masked_apply(bank, updates, mask), opt_state, value
+
+        @jax.jit
+        def retrieved_nll(backbone, bank, pool, ids, queries):
+            slots, weights, task = dtkr.retrieve_from_text(queries, pool, s.top_k, s.retrieval == "example",
+                                                           s.max_tasks, s.mix, s.task_choice)
+            total, count = _nll(model, backbone, bank, ids, slots, weights)
+            return total, count, task
+
+        @jax.jit
+        def fixed_nll(backbone, bank, ids, slots, weights):
+            return _nll(model, backbone, bank, ids, slots, weights)
+
+        self.slot_step, self.retrieved_nll, self.fixed_nll = slot_step, retrieved_nll, fixed_nll
+
+    def new_bank(self, cfg):
+        """A fresh preallocated increment bank (`up` zero: the model is the backbone until trained)."""
+        s = self.s
+        return jare.init_increment_bank(jax.random.key(cfg.run.seed + 1), cfg.model,
+                                        max_slots=s.max_tasks * s.slots_per_task, rank=s.rank,
+                                        targets=tuple(s.targets), init_std=s.init_std)
+
+
+def _evaluate_row(cfg, stream: LmStream, seen: int, score_batch, metrics, method: str, stage: str) -> tuple[list, dict]:
+    """Validation perplexity of the first `seen` domains (None after) and, where given, retrieval accuracy.
+
+    `score_batch(ids, queries, domain_index)` -> (NLL sum, token count, sequences whose retrieved task is
+    the domain or None): the domain index is used only to score retrieval, never by the model.
+    """
+    row, retrieval = [], {}
+    for j, other in enumerate(stream.domains):
+        if j >= seen:
+            row.append(None)
+            continue
+        v_seqs, v_queries = stream.valid[other]
+        total = count = right = 0.0
+        for start in range(0, len(v_seqs), cfg.data.batch_size):
+            t, c, hits = score_batch(jnp.asarray(v_seqs[start:start + cfg.data.batch_size]),
+                                     jnp.asarray(v_queries[start:start + cfg.data.batch_size]), j)
+            total, count = total + float(t), count + float(c)
+            right += 0.0 if hits is None else hits
+        ppl = math.exp(total / max(count, 1.0))
+        row.append(ppl)
+        record = dict(kind="eval", method=method, stage=stage, domain=other, perplexity=ppl)
+        if method == "slm":
+            retrieval[other] = record["retrieval_accuracy"] = 100.0 * right / len(v_seqs)
+        metrics.write(**record)
+    return row, retrieval
+
+
+def _run_slm(cfg, s, stream: LmStream, query_dim: int, backbone, steps: _JareSteps, steps0: int, rng,
+             metrics) -> dict[str, Any]:
+    """SLM: per-domain DTKR keys and JARe slots; evaluation retrieves per sequence from its text alone."""
+    from tqdm.auto import tqdm
+
+    bank = steps.new_bank(cfg)
+    keys = dtkr.new_key_bank(s.max_tasks * s.slots_per_task, query_dim, s.groups)
+
+    def score(ids, queries, j):
+        t, c, task = steps.retrieved_nll(backbone, bank, keys, ids, queries)
+        hits = float(jnp.sum(task == j)) * (1 if s.retrieval == "example" else len(ids))
+        return t, c, hits
 
     matrix, retrieval = [], {}
     for stage, domain in enumerate(stream.domains):
@@ -141,36 +215,62 @@ def run_lm(runner, metrics) -> dict[str, Any]:
         flags[slots_owned] = True
         mask = jare.slot_mask(bank, flags)
         allowed = jnp.asarray(np.asarray(keys.slot_task) == stage)
-        opt_state = tx.init(bank)
+        opt_state = steps.tx.init(bank)
         for step in tqdm(range(s.steps), desc=f"slm: {domain}", leave=False):
             rows = rng.integers(len(seqs), size=cfg.data.batch_size)
             r_slots, r_weights = dtkr.retrieve(jnp.asarray(queries[rows]), keys.keys, allowed, s.top_k,
                                                s.retrieval == "example")
-            bank, opt_state, loss = slot_step(backbone, bank, opt_state, jnp.asarray(seqs[rows]), r_slots, r_weights,
-                                              mask)
+            bank, opt_state, loss = steps.slot_step(backbone, bank, opt_state, jnp.asarray(seqs[rows]), r_slots,
+                                                    r_weights, mask)
             if step % cfg.train.log_every == 0 or step == s.steps - 1:
                 metrics.write(kind="train", method="slm", stage=domain, step=step,
                               global_step=steps0 + stage * s.steps + step, loss=float(loss))
-        row = []
-        for j, other in enumerate(stream.domains):
-            if j > stage:
-                row.append(None)
-                continue
-            v_seqs, v_queries = stream.valid[other]
-            total = count = right = 0.0
-            for start in range(0, len(v_seqs), cfg.data.batch_size):
-                t, c, task = eval_nll(backbone, bank, keys, jnp.asarray(v_seqs[start:start + cfg.data.batch_size]),
-                                      jnp.asarray(v_queries[start:start + cfg.data.batch_size]))
-                total, count = total + float(t), count + float(c)
-                right += float(jnp.sum(task == j)) * (1 if s.retrieval == "example" else
-                                                      len(v_seqs[start:start + cfg.data.batch_size]))
-            ppl = math.exp(total / max(count, 1.0))
-            row.append(ppl)
-            retrieval[other] = 100.0 * right / len(v_seqs)
-            metrics.write(kind="eval", method="slm", stage=domain, domain=other, perplexity=ppl,
-                          retrieval_accuracy=retrieval[other])
+        row, retrieval = _evaluate_row(cfg, stream, stage + 1, score, metrics, "slm", domain)
         matrix.append(row)
-    return {"stages": list(stream.domains), "matrix": matrix, "retrieval": retrieval, "time": time.time()}
+    return {"stages": list(stream.domains), "matrix": matrix, "retrieval": retrieval}
+
+
+def _run_shared_slots(method: str, cfg, s, stream: LmStream, backbone, steps: _JareSteps, steps0: int, rng,
+                      metrics) -> dict[str, Any]:
+    """A baseline in SLM's code path: one shared set of K slots (uniform weights) on the same frozen backbone.
+
+    sequential: domain after domain; replay: each batch row draws from the current domain or from a fixed
+    buffer of the first `replay_per_task` training sequences of one earlier domain (sources uniform);
+    multitask: one stage over every domain for `steps x domains` steps (the upper bound).
+    """
+    from tqdm.auto import tqdm
+
+    bank = steps.new_bank(cfg)
+    flags = np.zeros(s.max_tasks * s.slots_per_task, bool)
+    flags[:s.top_k] = True
+    mask = jare.slot_mask(bank, flags)
+    slots = jnp.arange(s.top_k, dtype=jnp.int32)[None]                          # [1, K]: the same for every row
+    weights = jnp.full((1, s.top_k), 1.0 / s.top_k, jnp.float32)
+
+    def score(ids, queries, j):
+        t, c = steps.fixed_nll(backbone, bank, ids, slots, weights)
+        return t, c, None
+
+    names = stream.domains
+    plan = [("multitask", list(range(len(names))), s.steps * len(names))] if method == "multitask" else \
+        [(d, [i], s.steps) for i, d in enumerate(names)]
+    matrix, done = [], 0
+    for stage_name, current, n_steps in plan:
+        pools = [stream.train[names[i]][0] for i in current]
+        if method == "replay":
+            pools += [stream.train[names[i]][0][:s.replay_per_task] for i in range(current[0])]
+        opt_state = steps.tx.init(bank)
+        for step in tqdm(range(n_steps), desc=f"{method}: {stage_name}", leave=False):
+            src = rng.integers(len(pools), size=cfg.data.batch_size)
+            batch = np.stack([pools[p][rng.integers(len(pools[p]))] for p in src])
+            bank, opt_state, loss = steps.slot_step(backbone, bank, opt_state, jnp.asarray(batch), slots, weights, mask)
+            if step % cfg.train.log_every == 0 or step == n_steps - 1:
+                metrics.write(kind="train", method=method, stage=stage_name, step=step,
+                              global_step=steps0 + done + step, loss=float(loss))
+        done += n_steps
+        row, _ = _evaluate_row(cfg, stream, max(current) + 1, score, metrics, method, stage_name)
+        matrix.append(row)
+    return {"stages": [stage for stage, _, _ in plan], "matrix": matrix}
 
 
 __all__ = ["run_lm", "LmStream"]

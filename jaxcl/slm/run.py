@@ -250,18 +250,27 @@ class SlmRun:
         self.learner = slm["learner"]
         return report
 
-
     def _run_lm(self, metrics, start: float) -> dict[str, Any]:
         from jaxcl.slm.lm import run_lm
 
-        out = run_lm(self, metrics)
-        report = build_report("slm", "perplexity", out["stages"], out["stages"], out["matrix"], time.time() - start,
-                              retrieval_accuracy=float(np.mean(list(out["retrieval"].values()))),
-                              retrieval={"per_task_final": out["retrieval"], "mode": self.scfg.retrieval})
+        results = run_lm(self, metrics)
+        slm = results.pop("slm")
+        baselines = {m: {"stages": r["stages"], "matrix": r["matrix"],
+                         "summary": summarize(r["matrix"], "perplexity")} for m, r in results.items()}
+        report = build_report("slm", "perplexity", slm["stages"], slm["stages"], slm["matrix"], time.time() - start,
+                              retrieval_accuracy=float(np.mean(list(slm["retrieval"].values()))),
+                              retrieval={"per_task_final": slm["retrieval"], "mode": self.scfg.retrieval},
+                              baselines=baselines)
         write_report(self.run_dir, report)
         plot_matrix(report, self.run_dir / "perplexity_matrix.png")
+        for m, r in baselines.items():
+            plot_matrix(build_report(m, "perplexity", r["stages"], slm["stages"], r["matrix"], 0.0),
+                        self.run_dir / f"perplexity_matrix_{m}.png")
         print(format_matrix(report))
-        print(f"retrieval accuracy {report['retrieval_accuracy']:.2f} %\noutputs in {self.run_dir}/")
+        print(f"retrieval accuracy {report['retrieval_accuracy']:.2f} %")
+        for m, r in baselines.items():
+            print(f"{m}: " + ", ".join(f"{k}={v:.2f}" for k, v in r["summary"].items()))
+        print(f"outputs in {self.run_dir}/")
         return report
 
 
