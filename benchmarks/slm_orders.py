@@ -66,13 +66,18 @@ def summary_rows(runs: dict[str, dict]) -> list[list]:
 
 
 def run_rows(runs: dict[str, dict]) -> list[list]:
-    """One row per (order, seed) run: SLM's numbers and each baseline's forgetting."""
+    """One row per (order, seed) run: SLM's numbers (forgetting on test and validation) and each baseline's
+    forgetting."""
+    from jaxcl.eval import accuracy_forgetting
+
     rows = []
     for key, report in runs.items():
         methods = _methods(report)
         slm = methods["slm"]
+        valid = report.get("valid_matrix")
         rows.append([key, " > ".join(SHORT.get(t, t) for t in report["stages"]), slm["summary"]["average"],
-                     slm["summary"]["forgetting"], slm["retrieval"],
+                     slm["summary"]["forgetting"], accuracy_forgetting(valid) if valid else float("nan"),
+                     slm["retrieval"],
                      *[methods[m]["summary"]["forgetting"] for m in methods if m != "slm"]])
     return rows
 
@@ -153,7 +158,7 @@ def main() -> None:
                  "forgetting std", "forgetting worst", "BWT mean", "retrieval % (SLM)"], summary_rows(runs))
     print()
     baselines = [m for m in _methods(next(iter(runs.values()))) if m != "slm"]
-    print_table(["run", "order", "SLM avg acc", "SLM forgetting", "SLM retrieval %",
+    print_table(["run", "order", "SLM avg acc", "SLM forgetting", "SLM forgetting (valid)", "SLM retrieval %",
                  *[f"{m} forgetting" for m in baselines]], run_rows(runs))
     out.mkdir(parents=True, exist_ok=True)
     (out / "orders.json").write_text(json.dumps(
