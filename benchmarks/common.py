@@ -65,3 +65,48 @@ def gpt2_benchmark_args(doc: str, default_sizes: str) -> argparse.Namespace:
     args = parser.parse_args()
     args.sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     return args
+
+
+def run_comparison_parser(doc: str, config: str, out: str, seeds: str) -> argparse.ArgumentParser:
+    """The command line shared by benchmarks that repeat `jaxcl run`s over seeds (more options may be added)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=config)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--seeds", default=seeds, help="comma list of run.seed values")
+    parser.add_argument("--rerun", action="store_true", help="run again even where a report.json exists")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
+    return parser
+
+
+def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    seeds = [int(s) for s in text.split(",") if s]
+    if not seeds:
+        parser.error("--seeds needs at least one seed")
+    return seeds
+
+
+def finished_or_run(cfg, run_dir, *, rerun: bool, banner: str = "") -> dict:
+    """The report of the run in `run_dir` if it finished with exactly `cfg`, else `cfg` run there.
+
+    A finished run with a different config is an error (never silently mixed into a comparison);
+    `rerun` deletes a finished run and starts it afresh. An unfinished run directory is kept, so a
+    runner that resumes from its checkpoints (ELLE, sequential) goes on where it stopped.
+    """
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from jaxcl.config import load_config
+    from jaxcl.runs import run_config
+
+    run_dir = Path(run_dir)
+    report_path = run_dir / "report.json"
+    if report_path.exists():
+        if not rerun:
+            if load_config(run_dir / "config.yaml") != cfg:
+                sys.exit(f"{run_dir} holds a finished run with a different config: delete it or pass --rerun")
+            return json.loads(report_path.read_text())
+        shutil.rmtree(run_dir)
+    if banner:
+        print(banner, flush=True)
+    return run_config(cfg)

@@ -23,7 +23,6 @@ compare.png into --out. Finished runs (a report.json in their directory) are not
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -32,7 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_summary, print_table  # noqa: E402
+from benchmarks.common import finished_or_run, machine_summary, parse_seeds, print_table, \
+    run_comparison_parser  # noqa: E402
 
 ADAPTIVE_EVERY_FALLBACK = 25
 
@@ -73,21 +73,13 @@ def comparison_configs(base) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/elle/compare.yaml")
-    parser.add_argument("--out", default="runs/elle-compare")
-    parser.add_argument("--seeds", default="0,1,2", help="comma list of run.seed values")
+    parser = run_comparison_parser(__doc__, "configs/elle/compare.yaml", "runs/elle-compare", "0,1,2")
     parser.add_argument("--only", default="", help="comma list of run names to run (default: all)")
-    parser.add_argument("--rerun", action="store_true", help="run again even where a report.json exists")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
     args = parser.parse_args()
 
     from jaxcl.config import load_config
-    from jaxcl.runs import run_config
 
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    if not seeds:
-        parser.error("--seeds needs at least one seed")
+    seeds = parse_seeds(parser, args.seeds)
     only = [s for s in args.only.split(",") if s]
     out = Path(args.out)
     reports: dict[str, dict[int, dict]] = {}
@@ -96,22 +88,14 @@ def main() -> None:
         runs, domains = comparison_configs(base)
         for name, cfg in runs.items():
             run_dir = out / f"seed{seed}" / name
-            report_path = run_dir / "report.json"
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(
                 cfg.run, name=f"{base.run.name}-{name}-seed{seed}", dir=str(run_dir)))
             wanted = not only or name in only
-            if report_path.exists() and not (args.rerun and wanted):
-                if load_config(run_dir / "config.yaml") != cfg:
-                    sys.exit(f"{run_dir} holds a finished run with a different config: delete it or pass --rerun")
-                reports.setdefault(name, {})[seed] = json.loads(report_path.read_text())
+            if not wanted and not (run_dir / "report.json").exists():
                 continue
-            if not wanted:
-                continue
-            if report_path.exists():                              # --rerun: start that run afresh
-                import shutil
-                shutil.rmtree(run_dir)
-            print(f"=== seed {seed} {name}: stage steps {list(cfg.train.stage_steps) or 'as configured'}", flush=True)
-            reports.setdefault(name, {})[seed] = run_config(cfg)
+            banner = f"=== seed {seed} {name}: stage steps {list(cfg.train.stage_steps) or 'as configured'}"
+            reports.setdefault(name, {})[seed] = finished_or_run(cfg, run_dir, rerun=args.rerun and wanted,
+                                                                 banner=banner)
 
     reference = "elle-uniform" if base.elle.adaptive_every == 0 else "elle-adaptive"
     rows = _summary_rows(reports, reference)

@@ -17,17 +17,16 @@ runs (a report.json whose saved config matches) are not repeated; --rerun forces
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine_summary, print_table  # noqa: E402
+from benchmarks.common import finished_or_run, machine_summary, parse_seeds, print_table, \
+    run_comparison_parser  # noqa: E402
 
 SHORT = {"bible_books": "bible", "wordnet_pos": "wordnet", "manpage_section": "man", "pydoc_package": "pydoc"}
 
@@ -112,22 +111,14 @@ def _plot(runs: dict[str, dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/slm/demo.yaml")
-    parser.add_argument("--out", default="runs/slm-orders")
+    parser = run_comparison_parser(__doc__, "configs/slm/demo.yaml", "runs/slm-orders", "0")
     parser.add_argument("--orders", type=int, default=0, help="how many balanced orders (default: all)")
-    parser.add_argument("--seeds", default="0", help="comma list of run.seed values")
-    parser.add_argument("--rerun", action="store_true", help="run again even where a report.json exists")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every run")
     args = parser.parse_args()
 
     from jaxcl.config import load_config
     from jaxcl.eval.orders import balanced_orders
-    from jaxcl.runs import run_config
 
-    seeds = [int(s) for s in args.seeds.split(",") if s]
-    if not seeds:
-        parser.error("--seeds needs at least one seed")
+    seeds = parse_seeds(parser, args.seeds)
     base = load_config(args.config, list(args.overrides))
     if base.run.method != "slm" or base.slm.mode != "classification":
         parser.error(f"{args.config}: needs run.method slm and slm.mode classification")
@@ -141,16 +132,7 @@ def main() -> None:
             cfg = dataclasses.replace(
                 base, run=dataclasses.replace(base.run, seed=seed, name=f"{base.run.name}-{key}", dir=str(run_dir)),
                 slm=dataclasses.replace(base.slm, tasks=tuple(order)))
-            report_path = run_dir / "report.json"
-            if report_path.exists() and not args.rerun:
-                if load_config(run_dir / "config.yaml") != cfg:
-                    sys.exit(f"{run_dir} holds a finished run with a different config: delete it or pass --rerun")
-                runs[key] = json.loads(report_path.read_text())
-                continue
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            print(f"=== {key}: {' > '.join(order)}", flush=True)
-            runs[key] = run_config(cfg)
+            runs[key] = finished_or_run(cfg, run_dir, rerun=args.rerun, banner=f"=== {key}: {' > '.join(order)}")
 
     print(f"\n{machine_summary()}; config {args.config} {' '.join(args.overrides)}; "
           f"{len(orders)} balanced orders x seeds {seeds}")
