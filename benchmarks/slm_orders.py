@@ -32,11 +32,17 @@ SHORT = {"bible_books": "bible", "wordnet_pos": "wordnet", "manpage_section": "m
 
 
 def _methods(report: dict) -> dict[str, dict]:
-    """{method: {"summary", "matrix", "retrieval"?}} of one SLM run's report."""
-    out = {"slm": {"summary": report["summary"], "matrix": report["matrix"],
-                   "retrieval": report.get("retrieval_accuracy")}}
+    """{method: {"summary", "matrix", "retrieval"?}} of one SLM run's report (summaries recomputed from the
+    matrices, so reports written before a metrics fix are read right)."""
+    from jaxcl.eval.metrics import seen_domains, summarize
+
+    def entry(stages, matrix, retrieval=None):
+        return {"summary": summarize(matrix, report["metric"], seen_domains(stages, report["eval_on"])),
+                "matrix": matrix, "retrieval": retrieval}
+
+    out = {"slm": entry(report["stages"], report["matrix"], report.get("retrieval_accuracy"))}
     for name, base in report.get("baselines", {}).items():
-        out[name] = {"summary": base["summary"], "matrix": base["matrix"], "retrieval": None}
+        out[name] = entry(base["stages"], base["matrix"])
     return out
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxcl.config import OptimConfig
-from jaxcl.eval import accuracy_forgetting, average_seen, backward_transfer, balanced_orders, perplexity_forgetting
+from jaxcl.eval import accuracy_forgetting, average_seen, backward_transfer, balanced_orders, build_report, \
+    perplexity_forgetting, seen_domains
 from jaxcl.models import ModelConfig, init_params
 from jaxcl.train import causal_lm_nll, learning_rate_schedule, mask_tokens, masked_lm_nll, weight_decay_mask
 
@@ -90,6 +91,16 @@ def test_accuracy_summaries_golden():
     assert average_seen(ACC) == pytest.approx((0.6 + 0.85 + 0.9) / 3)
     assert accuracy_forgetting(ACC) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.85)) / 2)
     assert backward_transfer(ACC) == pytest.approx(((0.6 - 0.9) + (0.85 - 0.8)) / 2)
+
+
+def test_a_joint_stage_averages_over_every_domain_it_trained():
+    # One multitask / joint stage over three domains: the average is over all three, not only the first.
+    report = build_report("multitask", "accuracy", ["multitask"], ["a", "b", "c"], [[0.5, 0.7, 0.9]], 0.0)
+    assert report["summary"]["average"] == pytest.approx(0.7)
+    assert seen_domains(["joint"], ["a", "b", "c"]) == 3
+    assert seen_domains(["a", "b"], ["a", "b", "c"]) == 2          # sequential, stopped after two stages
+    assert seen_domains(["b", "c"], ["a", "b", "c"]) == 3          # "a" learned before the first stage
+    assert average_seen([[0.5, 0.7, 0.9]], seen=2) == pytest.approx(0.6)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])

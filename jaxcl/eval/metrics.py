@@ -16,9 +16,13 @@ def _final_row(matrix: Matrix) -> Sequence[float | None]:
     return matrix[-1]
 
 
-def average_seen(matrix: Matrix) -> float:
-    """Mean metric over the domains seen by the end (AP for perplexity, average accuracy)."""
-    seen = len(matrix)
+def average_seen(matrix: Matrix, seen: int | None = None) -> float:
+    """Mean metric over the domains seen by the end (AP for perplexity, average accuracy).
+
+    `seen`: how many of the first domains were trained on; default one per stage (stage i trains domain
+    i). A joint / multitask stage trains on every domain: pass the number of domains (see `seen_domains`).
+    """
+    seen = len(matrix) if seen is None else seen
     values = [v for v in _final_row(matrix)[:seen] if v is not None]
     return float(sum(values) / len(values)) if values else math.nan
 
@@ -53,9 +57,22 @@ def backward_transfer(matrix: Matrix) -> float:
     return float(sum(diffs) / len(diffs)) if diffs else 0.0
 
 
-def summarize(matrix: Matrix, metric: str) -> dict[str, float]:
-    """The `summary` block of report.json for a perplexity or accuracy matrix."""
+def seen_domains(stages: Sequence[str], eval_on: Sequence[str]) -> int:
+    """How many of the first `eval_on` domains were trained on by the end of `stages`.
+
+    When every stage is named after the domain it trains, that is every domain up to the last stage's
+    (a domain learned before the first stage, e.g. SeMem's pre-training domain, counts as seen);
+    otherwise a stage trained on all of them (joint / multitask), so all are seen.
+    """
+    eval_on = list(eval_on)
+    if stages and all(s in eval_on for s in stages):
+        return eval_on.index(stages[-1]) + 1
+    return len(eval_on)
+
+
+def summarize(matrix: Matrix, metric: str, seen: int | None = None) -> dict[str, float]:
+    """The `summary` block of report.json for a perplexity or accuracy matrix (`seen`: `average_seen`)."""
     if metric == "perplexity":
-        return {"average": average_seen(matrix), "forgetting": perplexity_forgetting(matrix)}
-    return {"average": average_seen(matrix), "forgetting": accuracy_forgetting(matrix),
+        return {"average": average_seen(matrix, seen), "forgetting": perplexity_forgetting(matrix)}
+    return {"average": average_seen(matrix, seen), "forgetting": accuracy_forgetting(matrix),
             "backward_transfer": backward_transfer(matrix)}

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from jaxcl.eval.metrics import summarize
+from jaxcl.eval.metrics import seen_domains, summarize
 
 
 def build_report(method: str, metric: str, stages: Sequence[str], eval_on: Sequence[str],
@@ -15,7 +15,8 @@ def build_report(method: str, metric: str, stages: Sequence[str], eval_on: Seque
     """The report.json payload: matrix, its summary, and any method-specific keys."""
     report = {"method": method, "metric": metric, "stages": list(stages), "eval_on": list(eval_on),
               "matrix": [[None if v is None or not math.isfinite(v) else float(v) for v in row] for row in matrix],
-              "summary": summarize(matrix, metric) if matrix else {}, "wall_seconds": float(wall_seconds)}
+              "summary": summarize(matrix, metric, seen_domains(stages, eval_on)) if matrix else {},
+              "wall_seconds": float(wall_seconds)}
     report.update(extra)
     return report
 

@@ -4,9 +4,9 @@ Retrieval).
 A query `q [h]` (mean-pooled frozen-encoder embedding) is cut into `g` contiguous groups of `c = h / g`
 channels. Every slot of the pool owns one `c`-dim sub-key per group (`keys [g, P, c]`); a slot's score is
 the cosine between query group and sub-key, averaged over groups. Each task trains its own `P_t` slots on
-its own texts only (keys started at data means or orthogonal, random score mask, per-group top-2 loss), then they are frozen and
-written into the next free slots of the preallocated pool (`slot_task[p]` records the owner, -1 = free),
-so the pool's shape never changes and nothing jitted recompiles when a task is added.
+its own texts only (keys started at data means or orthogonal, random score mask, per-group top-2 loss),
+then they are frozen and written into the next free slots of the preallocated pool (`slot_task[p]`
+records the owner, -1 = free), so the pool's shape never changes and nothing jitted recompiles when a task is added.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import optax
 
 from jaxcl.config import Config, ConfigError, save_config
 from jaxcl.data.classification import TaskSplit, load_task
-from jaxcl.eval.metrics import summarize
+from jaxcl.eval.metrics import seen_domains, summarize
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, write_report
 from jaxcl.slm import dtkr
 from jaxcl.slm.classifier import ContinualClassifier, LearnerShape
@@ -206,7 +206,7 @@ class SlmRun:
             valid_matrix.append(vrow)
             log.info("%s after %s: %s", method, name, row)
         out = {"stages": list(stages), "matrix": matrix, "valid_matrix": valid_matrix,
-               "summary": summarize(matrix, "accuracy")}
+               "summary": summarize(matrix, "accuracy", seen_domains(stages, self.tasks))}
         if slm:
             out["retrieval"] = retrieval
             out["key_loss"] = key_losses
@@ -256,7 +256,8 @@ class SlmRun:
         results = run_lm(self, metrics)
         slm = results.pop("slm")
         baselines = {m: {"stages": r["stages"], "matrix": r["matrix"],
-                         "summary": summarize(r["matrix"], "perplexity")} for m, r in results.items()}
+                         "summary": summarize(r["matrix"], "perplexity", seen_domains(r["stages"], slm["stages"]))}
+                     for m, r in results.items()}
         report = build_report("slm", "perplexity", slm["stages"], slm["stages"], slm["matrix"], time.time() - start,
                               retrieval_accuracy=float(np.mean(list(slm["retrieval"].values()))),
                               retrieval={"per_task_final": slm["retrieval"], "mode": self.scfg.retrieval},
