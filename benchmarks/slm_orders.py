@@ -104,12 +104,13 @@ def _plot(runs: dict[str, dict], path: Path) -> None:
         xs = np.arange(len(keys)) + (i - (len(methods) - 1) / 2) * width
         axes[0].bar(xs, forg, width, label=method)
         axes[1].bar(xs, acc, width, label=method)
-    labels = [f"{k}\n" + ">".join(SHORT.get(t, t) for t in runs[k]["stages"]) for k in keys]
-    axes[0].set(ylabel="forgetting (points)", title="forgetting per task order (log scale)", yscale="symlog")
+    labels = [f"{k}: " + ">".join(SHORT.get(t, t) for t in runs[k]["stages"]) for k in keys]
+    axes[0].set_yscale("symlog", linthresh=1.0)
+    axes[0].set(ylabel="forgetting (points, symmetric log)", title="forgetting per task order (dashed: 1 point)")
     axes[0].axhline(1.0, color="black", lw=0.8, ls="--")
     axes[1].set(ylabel="average accuracy (%)", title="average accuracy after the last task")
     for ax in axes:
-        ax.set_xticks(range(len(keys)), labels, fontsize=7)
+        ax.set_xticks(range(len(keys)), labels, fontsize=7, rotation=20, ha="right")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
