@@ -74,6 +74,7 @@ def test_train_command_runs_one_joint_stage(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["method"] == "joint" and report["stages"] == ["joint"] and len(report["matrix"][0]) == 2
+    assert report["summary"]["average"] == pytest.approx(sum(report["matrix"][0]) / 2)     # both domains
     assert max(report["matrix"][0]) < 0.5 * min(report["initial_perplexity"])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     periodic = [r for r in records if r["kind"] == "eval_step"]
