@@ -129,7 +129,10 @@ def main() -> None:
     base = load_config(args.config, list(args.overrides))
     if base.run.method != "slm" or base.slm.mode != "classification":
         parser.error(f"{args.config}: needs run.method slm and slm.mode classification")
-    orders = balanced_orders(base.slm.tasks, args.orders or None)
+    try:
+        orders = balanced_orders(base.slm.tasks, args.orders or None)
+    except ValueError as err:
+        parser.error(f"--orders {args.orders}: {err}")
     out = Path(args.out)
     runs: dict[str, dict] = {}
     for o, order in enumerate(orders):

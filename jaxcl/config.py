@@ -233,6 +233,9 @@ class SlmConfig:
             raise ConfigError(f"slm.baselines: unknown {bad} (choose from sequential, replay, multitask)")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"slm.tasks lists a task twice: {list(self.tasks)}")
+        if "replay" in self.baselines and self.replay_per_task < 1:
+            raise ConfigError(f"slm.replay_per_task={self.replay_per_task}: the replay baseline keeps at least "
+                              "1 example per old task (or drop replay from slm.baselines)")
         if self.mode == "classification" and (not self.tasks or len(self.tasks) > self.max_tasks):
             raise ConfigError(f"slm.tasks must hold 1..slm.max_tasks={self.max_tasks} tasks, got {len(self.tasks)}")
         if not 1 <= self.top_k <= self.slots_per_task:

@@ -83,6 +83,8 @@ def test_bad_slm_configs_are_named(tmp_path, csv_root):
         make_config(tmp_path, csv_root, "slm.top_k=5")
     with pytest.raises(ConfigError, match="slm.baselines"):
         make_config(tmp_path, csv_root, "slm.baselines=[ewc]")
+    with pytest.raises(ConfigError, match="slm.replay_per_task=0"):
+        make_config(tmp_path, csv_root, "slm.baselines=[replay]", "slm.replay_per_task=0")
     with pytest.raises(ConfigError, match="slm.query_layers"):
         make_config(tmp_path, csv_root, "slm.query_layers=[3,3]")
 
@@ -136,5 +138,6 @@ def test_lm_mode_keeps_the_frozen_backbone_domain_and_reports_perplexity(tmp_pat
         assert base[name]["summary"]["forgetting"] == pytest.approx(rows[1][0] - rows[0][0])
     assert base["multitask"]["stages"] == ["multitask"] and len(base["multitask"]["matrix"]) == 1
     assert all(v > 1 for v in base["multitask"]["matrix"][0])
+    assert base["multitask"]["summary"]["average"] == pytest.approx(sum(base["multitask"]["matrix"][0]) / 2)
     for name in base:
         assert (tmp_path / "lm" / f"perplexity_matrix_{name}.png").is_file()

@@ -97,10 +97,15 @@ def test_a_joint_stage_averages_over_every_domain_it_trained():
     # One multitask / joint stage over three domains: the average is over all three, not only the first.
     report = build_report("multitask", "accuracy", ["multitask"], ["a", "b", "c"], [[0.5, 0.7, 0.9]], 0.0)
     assert report["summary"]["average"] == pytest.approx(0.7)
-    assert seen_domains(["joint"], ["a", "b", "c"]) == 3
-    assert seen_domains(["a", "b"], ["a", "b", "c"]) == 2          # sequential, stopped after two stages
-    assert seen_domains(["b", "c"], ["a", "b", "c"]) == 3          # "a" learned before the first stage
+    assert seen_domains(["joint"], ["a", "b", "c"]) == [0, 1, 2]
+    assert seen_domains(["a", "b"], ["a", "b", "c"]) == [0, 1]
+    # SeMem: "a" pre-trained, then a custom stream of "d" and "b": "c" was never trained.
+    assert seen_domains(["d", "b"], ["a", "b", "c", "d"], also=["a"]) == [0, 1, 3]
     assert average_seen([[0.5, 0.7, 0.9]], seen=2) == pytest.approx(0.6)
+    assert average_seen([[0.5, 0.7, 0.9]], seen=[0, 2]) == pytest.approx(0.7)
+    report = build_report("semem", "perplexity", ["d", "b"], ["a", "b", "c", "d"], [[1.0, 2.0, 30.0, 4.0]] * 2, 0.0,
+                          seen=seen_domains(["d", "b"], ["a", "b", "c", "d"], also=["a"]))
+    assert report["summary"]["average"] == pytest.approx((1 + 2 + 4) / 3)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])

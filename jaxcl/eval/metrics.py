@@ -1,7 +1,10 @@
 """Continual-learning summaries of a stage x domain metric matrix.
 
-`matrix[i][j]` is the metric on domain/task j after stage i (None where not evaluated). Stage i
-trains on `eval_on[i]` for the first len(stages) domains (the usual protocol).
+`matrix[i][j]` is the metric on domain/task j after stage i (None where not evaluated). The usual
+protocol: stage i trains on `eval_on[i]`. The average can be taken over any set of seen columns
+(`seen_domains`: a joint stage has seen every domain, SeMem also its pre-training domain); forgetting
+and backward transfer read "just after learning domain j" from the diagonal `matrix[j][j]`, so they
+assume the usual protocol.
 """
 
 from __future__ import annotations
@@ -16,14 +19,17 @@ def _final_row(matrix: Matrix) -> Sequence[float | None]:
     return matrix[-1]
 
 
-def average_seen(matrix: Matrix, seen: int | None = None) -> float:
+def average_seen(matrix: Matrix, seen: int | Sequence[int] | None = None) -> float:
     """Mean metric over the domains seen by the end (AP for perplexity, average accuracy).
 
-    `seen`: how many of the first domains were trained on; default one per stage (stage i trains domain
-    i). A joint / multitask stage trains on every domain: pass the number of domains (see `seen_domains`).
+    `seen`: the seen columns — None: one per stage (stage i trains domain i); an int n: the first n;
+    a sequence: those column indices (see `seen_domains`).
     """
-    seen = len(matrix) if seen is None else seen
-    values = [v for v in _final_row(matrix)[:seen] if v is not None]
+    final = _final_row(matrix)
+    if seen is None:
+        seen = len(matrix)
+    columns = range(min(seen, len(final))) if isinstance(seen, int) else seen
+    values = [final[j] for j in columns if final[j] is not None]
     return float(sum(values) / len(values)) if values else math.nan
 
 
@@ -57,20 +63,21 @@ def backward_transfer(matrix: Matrix) -> float:
     return float(sum(diffs) / len(diffs)) if diffs else 0.0
 
 
-def seen_domains(stages: Sequence[str], eval_on: Sequence[str]) -> int:
-    """How many of the first `eval_on` domains were trained on by the end of `stages`.
+def seen_domains(stages: Sequence[str], eval_on: Sequence[str], also: Sequence[str] = ()) -> list[int]:
+    """Indices of the `eval_on` columns trained on by the end of `stages`, plus those named in `also`
+    (domains learned before the first stage, e.g. SeMem's pre-training domain).
 
-    When every stage is named after the domain it trains, that is every domain up to the last stage's
-    (a domain learned before the first stage, e.g. SeMem's pre-training domain, counts as seen);
-    otherwise a stage trained on all of them (joint / multitask), so all are seen.
+    Every stage must be named after the domain it trains; a stage named otherwise (joint / multitask
+    training on the union) means every domain was seen. A runner whose stage names could collide with
+    domain names passes its columns to `summarize` explicitly instead.
     """
     eval_on = list(eval_on)
-    if stages and all(s in eval_on for s in stages):
-        return eval_on.index(stages[-1]) + 1
-    return len(eval_on)
+    if not stages or not all(s in eval_on for s in stages):
+        return list(range(len(eval_on)))
+    return sorted({eval_on.index(s) for s in stages} | {eval_on.index(d) for d in also if d in eval_on})
 
 
-def summarize(matrix: Matrix, metric: str, seen: int | None = None) -> dict[str, float]:
+def summarize(matrix: Matrix, metric: str, seen: int | Sequence[int] | None = None) -> dict[str, float]:
     """The `summary` block of report.json for a perplexity or accuracy matrix (`seen`: `average_seen`)."""
     if metric == "perplexity":
         return {"average": average_seen(matrix, seen), "forgetting": perplexity_forgetting(matrix)}

@@ -11,11 +11,16 @@ from jaxcl.eval.metrics import seen_domains, summarize
 
 
 def build_report(method: str, metric: str, stages: Sequence[str], eval_on: Sequence[str],
-                 matrix: Sequence[Sequence[float | None]], wall_seconds: float, **extra: Any) -> dict[str, Any]:
-    """The report.json payload: matrix, its summary, and any method-specific keys."""
+                 matrix: Sequence[Sequence[float | None]], wall_seconds: float, *,
+                 seen: Sequence[int] | None = None, **extra: Any) -> dict[str, Any]:
+    """The report.json payload: matrix, its summary, and any method-specific keys.
+
+    `seen`: the columns the summary's average covers (default `seen_domains(stages, eval_on)`).
+    """
+    seen = seen_domains(stages, eval_on) if seen is None else seen
     report = {"method": method, "metric": metric, "stages": list(stages), "eval_on": list(eval_on),
               "matrix": [[None if v is None or not math.isfinite(v) else float(v) for v in row] for row in matrix],
-              "summary": summarize(matrix, metric, seen_domains(stages, eval_on)) if matrix else {},
+              "summary": summarize(matrix, metric, seen) if matrix else {},
               "wall_seconds": float(wall_seconds)}
     report.update(extra)
     return report

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl.config import Config, ConfigError, save_config
+from jaxcl.eval.metrics import seen_domains
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_memory_growth, plot_series, \
     write_report
 from jaxcl.memory.calibrator import Calibrator, fit_calibrator
@@ -219,8 +220,9 @@ class SememRun(ContinualRun):
             acceptance["larger_model_admits_fewer"] = all(
                 m["memory_size"]["semem"] < models[0]["memory_size"]["semem"] for m in models[1:]
                 if m["architecture"]["params"] > models[0]["architecture"]["params"])
+        seen = seen_domains(self.stream, self.domains, also=[self.pretrain_domain])
         return build_report(self.method, "perplexity", self.stream, self.domains, main["matrices"]["semem"], wall,
-                            memory=memory,
+                            seen=seen, memory=memory,
                             baselines={"full_memory": main["matrices"]["full"],
                                        "lm_only": [main["lm_only"][d] for d in self.domains]},
                             pretrain_domain=self.pretrain_domain, models=models, acceptance=acceptance)

@@ -70,7 +70,8 @@ class LmStream:
 
 
 def run_lm(runner, metrics) -> dict[str, Any]:
-    """The LM-mode run (see the module docstring); returns {method: stages, matrix[, retrieval]}."""
+    """The LM-mode run (see the module docstring); returns {method: stages, matrix, and retrieval (SLM) or
+    the seen columns (baselines)}."""
     cfg, s = runner.cfg, runner.scfg
     stream = LmStream(runner)
     model = build(cfg.model)
@@ -184,7 +185,7 @@ def _evaluate_row(cfg, stream: LmStream, seen: int, score_batch, metrics, method
         ppl = math.exp(total / max(count, 1.0))
         row.append(ppl)
         record = dict(kind="eval", method=method, stage=stage, domain=other, perplexity=ppl)
-        if method == "slm":
+        if hits is not None:
             retrieval[other] = record["retrieval_accuracy"] = 100.0 * right / len(v_seqs)
         metrics.write(**record)
     return row, retrieval
@@ -270,7 +271,7 @@ def _run_shared_slots(method: str, cfg, s, stream: LmStream, backbone, steps: _J
         done += n_steps
         row, _ = _evaluate_row(cfg, stream, max(current) + 1, score, metrics, method, stage_name)
         matrix.append(row)
-    return {"stages": [stage for stage, _, _ in plan], "matrix": matrix}
+    return {"stages": [stage for stage, _, _ in plan], "matrix": matrix, "seen": list(range(len(names)))}
 
 
 __all__ = ["run_lm", "LmStream"]

@@ -25,7 +25,7 @@ import optax
 
 from jaxcl.config import Config, ConfigError, save_config
 from jaxcl.data.classification import TaskSplit, load_task
-from jaxcl.eval.metrics import seen_domains, summarize
+from jaxcl.eval.metrics import summarize
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, write_report
 from jaxcl.slm import dtkr
 from jaxcl.slm.classifier import ContinualClassifier, LearnerShape
@@ -206,7 +206,7 @@ class SlmRun:
             valid_matrix.append(vrow)
             log.info("%s after %s: %s", method, name, row)
         out = {"stages": list(stages), "matrix": matrix, "valid_matrix": valid_matrix,
-               "summary": summarize(matrix, "accuracy", seen_domains(stages, self.tasks))}
+               "summary": summarize(matrix, "accuracy", list(range(seen)))}
         if slm:
             out["retrieval"] = retrieval
             out["key_loss"] = key_losses
@@ -256,7 +256,7 @@ class SlmRun:
         results = run_lm(self, metrics)
         slm = results.pop("slm")
         baselines = {m: {"stages": r["stages"], "matrix": r["matrix"],
-                         "summary": summarize(r["matrix"], "perplexity", seen_domains(r["stages"], slm["stages"]))}
+                         "summary": summarize(r["matrix"], "perplexity", r["seen"])}
                      for m, r in results.items()}
         report = build_report("slm", "perplexity", slm["stages"], slm["stages"], slm["matrix"], time.time() - start,
                               retrieval_accuracy=float(np.mean(list(slm["retrieval"].values()))),
@@ -264,8 +264,9 @@ class SlmRun:
                               baselines=baselines)
         write_report(self.run_dir, report)
         plot_matrix(report, self.run_dir / "perplexity_matrix.png")
-        for m, r in baselines.items():
-            plot_matrix(build_report(m, "perplexity", r["stages"], slm["stages"], r["matrix"], 0.0),
+        for m, r in results.items():
+            plot_matrix(build_report(m, "perplexity", r["stages"], slm["stages"], r["matrix"], 0.0,
+                                     seen=r["seen"]),
                         self.run_dir / f"perplexity_matrix_{m}.png")
         print(format_matrix(report))
         print(f"retrieval accuracy {report['retrieval_accuracy']:.2f} %")
