@@ -1,9 +1,9 @@
 """Evaluation: continual-learning metrics over stage x domain matrices, balanced task orders, and run
 reports (JSON + PNG)."""
 
-from jaxcl.eval.orders import balanced_orders
 from jaxcl.eval.metrics import accuracy_forgetting, average_seen, backward_transfer, perplexity_forgetting, \
     seen_domains, summarize
+from jaxcl.eval.orders import balanced_orders
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_memory_growth, plot_series, \
     plot_training_curves, write_report
 
