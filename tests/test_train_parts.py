@@ -9,7 +9,7 @@ import pytest
 
 from jaxcl.config import OptimConfig
 from jaxcl.eval import accuracy_forgetting, average_seen, backward_transfer, balanced_orders, build_report, \
-    perplexity_forgetting, seen_domains
+    learned_rows, perplexity_forgetting, seen_domains
 from jaxcl.models import ModelConfig, init_params
 from jaxcl.train import causal_lm_nll, learning_rate_schedule, mask_tokens, masked_lm_nll, weight_decay_mask
 
@@ -106,6 +106,22 @@ def test_a_joint_stage_averages_over_every_domain_it_trained():
     report = build_report("semem", "perplexity", ["d", "b"], ["a", "b", "c", "d"], [[1.0, 2.0, 30.0, 4.0]] * 2, 0.0,
                           seen=seen_domains(["d", "b"], ["a", "b", "c", "d"], also=["a"]))
     assert report["summary"]["average"] == pytest.approx((1 + 2 + 4) / 3)
+
+
+def test_forgetting_compares_each_domain_with_the_stage_that_learned_it():
+    # SeMem-like: "a" pre-trained (no stage), stages stream "b" then "c". Row 0 learned b, row 1 learned c.
+    matrix = [[10.0, 20.0, 90.0],
+              [12.0, 26.0, 40.0]]
+    assert learned_rows(["b", "c"], ["a", "b", "c"]) == [None, 0, 1]
+    assert perplexity_forgetting(matrix, [None, 0, 1]) == pytest.approx(26.0 - 20.0)      # only b is old
+    assert backward_transfer(matrix, [None, 0, 1]) == pytest.approx(6.0)
+    report = build_report("semem", "perplexity", ["b", "c"], ["a", "b", "c"], matrix, 0.0)
+    assert report["summary"]["forgetting"] == pytest.approx(6.0)
+    # The usual protocol is unchanged: the diagonal (stage i learned domain i).
+    assert learned_rows(["a", "b", "c"], ["a", "b", "c"]) == [0, 1, 2]
+    assert perplexity_forgetting(MATRIX) == perplexity_forgetting(MATRIX, [0, 1, 2])
+    assert accuracy_forgetting(ACC) == accuracy_forgetting(ACC, learned_rows(["x", "y", "z"], ["x", "y", "z"]))
+    assert learned_rows(["joint"], ["a", "b"]) == [0, 0]
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])

@@ -1,12 +1,12 @@
 """Evaluation: continual-learning metrics over stage x domain matrices, balanced task orders, and run
 reports (JSON + PNG)."""
 
-from jaxcl.eval.metrics import accuracy_forgetting, average_seen, backward_transfer, perplexity_forgetting, \
-    seen_domains, summarize
+from jaxcl.eval.metrics import accuracy_forgetting, average_seen, backward_transfer, learned_rows, \
+    perplexity_forgetting, seen_domains, summarize
 from jaxcl.eval.orders import balanced_orders
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_memory_growth, plot_series, \
     plot_training_curves, write_report
 
 __all__ = ["average_seen", "perplexity_forgetting", "accuracy_forgetting", "backward_transfer", "summarize",
-           "seen_domains", "build_report", "write_report", "format_matrix", "plot_matrix", "plot_training_curves",
-           "plot_memory_growth", "plot_series", "balanced_orders"]
+           "seen_domains", "learned_rows", "build_report", "write_report", "format_matrix", "plot_matrix",
+           "plot_training_curves", "plot_memory_growth", "plot_series", "balanced_orders"]

@@ -3,8 +3,8 @@
 `matrix[i][j]` is the metric on domain/task j after stage i (None where not evaluated). The usual
 protocol: stage i trains on `eval_on[i]`. The average can be taken over any set of seen columns
 (`seen_domains`: a joint stage has seen every domain, SeMem also its pre-training domain); forgetting
-and backward transfer read "just after learning domain j" from the diagonal `matrix[j][j]`, so they
-assume the usual protocol.
+and backward transfer compare the final row with the row that learned each column (`learned_rows`:
+the diagonal under the usual protocol, shifted for SeMem whose first stage streams the second domain).
 """
 
 from __future__ import annotations
@@ -33,34 +33,56 @@ def average_seen(matrix: Matrix, seen: int | Sequence[int] | None = None) -> flo
     return float(sum(values) / len(values)) if values else math.nan
 
 
-def perplexity_forgetting(matrix: Matrix) -> float:
+Learned = Sequence[int | None]          # per column: the row (stage) that learned it, None = no stage
+
+
+def _old_columns(matrix: Matrix, learned: Learned | None) -> list[tuple[int, int]]:
+    """(column, row that learned it) for every column learned before the last stage; default: the
+    usual protocol, column j learned by row j."""
+    last = len(matrix) - 1
+    if learned is None:
+        learned = range(last)
+    return [(j, r) for j, r in enumerate(learned) if r is not None and r < last]
+
+
+def perplexity_forgetting(matrix: Matrix, learned: Learned | None = None) -> float:
     """Mean increase of an old domain's perplexity from just after learning it to the end (ELLE's AP+).
 
-    Positive = forgetting. Domains trained in the last stage are excluded.
+    Positive = forgetting. Domains trained in the last stage are excluded. `learned`: see
+    `learned_rows` (default: stage i learned domain i).
     """
     last = len(matrix) - 1
-    diffs = [matrix[last][j] - matrix[j][j] for j in range(last)
-             if matrix[last][j] is not None and matrix[j][j] is not None]
+    diffs = [matrix[last][j] - matrix[r][j] for j, r in _old_columns(matrix, learned)
+             if matrix[last][j] is not None and matrix[r][j] is not None]
     return float(sum(diffs) / len(diffs)) if diffs else 0.0
 
 
-def accuracy_forgetting(matrix: Matrix) -> float:
+def accuracy_forgetting(matrix: Matrix, learned: Learned | None = None) -> float:
     """Mean drop from an old task's best accuracy at any earlier stage to its final accuracy."""
     last = len(matrix) - 1
     drops = []
-    for j in range(last):
-        history = [matrix[i][j] for i in range(j, last) if matrix[i][j] is not None]
+    for j, r in _old_columns(matrix, learned):
+        history = [matrix[i][j] for i in range(r, last) if matrix[i][j] is not None]
         if history and matrix[last][j] is not None:
             drops.append(max(history) - matrix[last][j])
     return float(sum(drops) / len(drops)) if drops else 0.0
 
 
-def backward_transfer(matrix: Matrix) -> float:
+def backward_transfer(matrix: Matrix, learned: Learned | None = None) -> float:
     """Mean of (final metric - metric just after learning) over old tasks (negative = forgetting for accuracy)."""
     last = len(matrix) - 1
-    diffs = [matrix[last][j] - matrix[j][j] for j in range(last)
-             if matrix[last][j] is not None and matrix[j][j] is not None]
+    diffs = [matrix[last][j] - matrix[r][j] for j, r in _old_columns(matrix, learned)
+             if matrix[last][j] is not None and matrix[r][j] is not None]
     return float(sum(diffs) / len(diffs)) if diffs else 0.0
+
+
+def learned_rows(stages: Sequence[str], eval_on: Sequence[str]) -> list[int | None]:
+    """Per `eval_on` column, the first stage (matrix row) named after it, None where no stage is (e.g.
+    SeMem's pre-training domain). A stage named otherwise (joint / multitask) learned every column."""
+    stages, eval_on = list(stages), list(eval_on)
+    if not stages or not all(s in eval_on for s in stages):
+        return [0] * len(eval_on)
+    return [stages.index(d) if d in stages else None for d in eval_on]
 
 
 def seen_domains(stages: Sequence[str], eval_on: Sequence[str], also: Sequence[str] = ()) -> list[int]:
@@ -77,9 +99,11 @@ def seen_domains(stages: Sequence[str], eval_on: Sequence[str], also: Sequence[s
     return sorted({eval_on.index(s) for s in stages} | {eval_on.index(d) for d in also if d in eval_on})
 
 
-def summarize(matrix: Matrix, metric: str, seen: int | Sequence[int] | None = None) -> dict[str, float]:
-    """The `summary` block of report.json for a perplexity or accuracy matrix (`seen`: `average_seen`)."""
+def summarize(matrix: Matrix, metric: str, seen: int | Sequence[int] | None = None,
+              learned: Learned | None = None) -> dict[str, float]:
+    """The `summary` block of report.json for a perplexity or accuracy matrix (`seen`: `average_seen`;
+    `learned`: `learned_rows`, default the usual protocol)."""
     if metric == "perplexity":
-        return {"average": average_seen(matrix, seen), "forgetting": perplexity_forgetting(matrix)}
-    return {"average": average_seen(matrix, seen), "forgetting": accuracy_forgetting(matrix),
-            "backward_transfer": backward_transfer(matrix)}
+        return {"average": average_seen(matrix, seen), "forgetting": perplexity_forgetting(matrix, learned)}
+    return {"average": average_seen(matrix, seen), "forgetting": accuracy_forgetting(matrix, learned),
+            "backward_transfer": backward_transfer(matrix, learned)}

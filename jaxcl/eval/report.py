@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from jaxcl.eval.metrics import seen_domains, summarize
+from jaxcl.eval.metrics import learned_rows, seen_domains, summarize
 
 
 def build_report(method: str, metric: str, stages: Sequence[str], eval_on: Sequence[str],
@@ -15,12 +15,14 @@ def build_report(method: str, metric: str, stages: Sequence[str], eval_on: Seque
                  seen: Sequence[int] | None = None, **extra: Any) -> dict[str, Any]:
     """The report.json payload: matrix, its summary, and any method-specific keys.
 
-    `seen`: the columns the summary's average covers (default `seen_domains(stages, eval_on)`).
+    `seen`: the columns the summary's average covers (default `seen_domains(stages, eval_on)`); forgetting
+    compares each column with the stage that learned it (`learned_rows`).
     """
     seen = seen_domains(stages, eval_on) if seen is None else seen
+    learned = learned_rows(stages, eval_on)
     report = {"method": method, "metric": metric, "stages": list(stages), "eval_on": list(eval_on),
               "matrix": [[None if v is None or not math.isfinite(v) else float(v) for v in row] for row in matrix],
-              "summary": summarize(matrix, metric, seen) if matrix else {},
+              "summary": summarize(matrix, metric, seen, learned) if matrix else {},
               "wall_seconds": float(wall_seconds)}
     report.update(extra)
     return report
