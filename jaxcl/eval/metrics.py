@@ -93,10 +93,8 @@ def seen_domains(stages: Sequence[str], eval_on: Sequence[str], also: Sequence[s
     training on the union) means every domain was seen. A runner whose stage names could collide with
     domain names passes its columns to `summarize` explicitly instead.
     """
-    eval_on = list(eval_on)
-    if not stages or not all(s in eval_on for s in stages):
-        return list(range(len(eval_on)))
-    return sorted({eval_on.index(s) for s in stages} | {eval_on.index(d) for d in also if d in eval_on})
+    learned = learned_rows(stages, eval_on)
+    return [j for j, domain in enumerate(eval_on) if learned[j] is not None or domain in also]
 
 
 def summarize(matrix: Matrix, metric: str, seen: int | Sequence[int] | None = None,
