@@ -76,10 +76,16 @@ def test_segments_freeze_compact_and_reload_from_disk(tmp_path, real_keys):
     spans = [(s.start, s.end) for s in ds.index.segments]
     assert spans[0][0] == 0 and spans[-1][1] == 6000 and len(spans) <= 2
     assert any(e - s > 1500 for s, e in spans), "compaction merged segments"
-    listing = json.loads((tmp_path / "s" / "index.json").read_text())
+    newest = sorted((tmp_path / "s" / "commits").iterdir())[-1]           # the commit record lists them
+    listing = json.loads(newest.read_text())["body"]["index"]
     assert [(s["start"], s["end"]) for s in listing["segments"]] == spans
     for s in listing["segments"]:
         assert (tmp_path / "s" / "index" / s["name"] / "scann_config.pb").is_file()
+        assert set(s["files"]) == {p.name for p in (tmp_path / "s" / "index" / s["name"]).iterdir()}
+    # segments replaced by compaction were deleted once no kept commit record listed them
+    kept = {s["name"] for p in (tmp_path / "s" / "commits").iterdir()
+            for s in json.loads(p.read_text())["body"]["index"]["segments"]}
+    assert {p.name for p in (tmp_path / "s" / "index").iterdir()} == kept
     queries = real_keys[8000:8100]
     before = ds.search(queries, 32)
     reopened = Datastore.open(tmp_path / "s")

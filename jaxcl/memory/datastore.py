@@ -2,16 +2,22 @@
 
 Layout under `path` (a local directory or any tensorstore kvstore URL, e.g. `gs://bucket/store`):
 
-    manifest.json   format, dim, key/value types, model fingerprint, tokenizer, backend, *count*
-    keys/           zarr array float16 [capacity, dim] (rows >= count are not part of the store)
-    values/         zarr array int32 [capacity]
-    index.json, index/<segment>/...   the ScaNN backend's frozen segments (see `jaxcl.memory.index`)
+    manifest.json        format, dim, key/value types, model fingerprint, tokenizer, backend (written once)
+    commits/<seq>.json   commit records: the committed row *count* and the index's segment list, each
+                         with a SHA-256; the newest valid record is the store's state (`jaxcl.memory.storage`)
+    keys/                zarr array float16 [capacity, dim] (rows >= count are not part of the store)
+    values/              zarr array int32 [capacity]
+    index/<segment>/...  the ScaNN backend's frozen segments (see `jaxcl.memory.index`), checksummed in
+                         the commit record that lists them
 
-Crash safety: `add` writes the new rows first and waits until tensorstore reports them written
-(the file kvstore writes each chunk to a temporary file and renames it, so a chunk holding committed
-rows is always either its old or its new version), and only then rewrites `manifest.json` with the
-new count (again written whole and renamed). A process killed mid-append leaves the last committed
-count and every committed row intact; the rows past the count are ignored and overwritten later.
+Crash safety (docs/reliability.md): `add` writes the new rows first and waits until tensorstore reports
+them written (a zarr chunk is always written whole through a temporary and renamed, so a chunk holding
+committed rows is its old or its new version), builds and writes any new index segment under a fresh
+name, and only then writes a *new* commit record — the commit point. Control files never overwrite a
+key in place: a commit record is a new key written atomically (temporary + fsync + rename locally, one
+all-or-nothing object PUT on object stores). A process killed at any moment leaves the last committed
+count, every committed row and a loadable index; rows past the count are ignored and overwritten later,
+temporaries are removed when a writer next opens the store. One writer per store (per process shard).
 
 Multi-host: with `jax.process_count() > 1` every process owns the rows it adds, stored under
 `path/process-<i>`; `search` runs on each process's rows and merges all processes' top-k lists
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from typing import Any
 
@@ -31,11 +38,14 @@ import numpy as np
 import tensorstore as ts
 
 from jaxcl.memory.index import make_index, merge_topk
+from jaxcl.memory.storage import CommitError, CommitLog, StoreFiles, is_local, local_path
 
 __all__ = ["Datastore", "DatastoreError", "params_fingerprint"]
 
+log = logging.getLogger(__name__)
+
 FORMAT = "jaxcl.datastore"
-VERSION = 1
+VERSION = 2                   # 2: count and index listing in commit records (1: in manifest.json / index.json)
 MAX_ROWS = 1 << 40            # the zarr arrays' nominal shape: chunks are only written where rows exist
 
 
@@ -57,38 +67,13 @@ def params_fingerprint(params: Any) -> str:
 
 def _kvstore_spec(path: str) -> dict | str:
     path = str(path)
-    if "://" in path:
-        return path.rstrip("/") + "/"
-    import os
-    return {"driver": "file", "path": os.path.abspath(path) + "/"}
-
-
-class _Files:
-    """Small whole-file reads and atomic writes in the store's kvstore (manifest, index segments)."""
-
-    def __init__(self, path: str):
-        self.kv = ts.KvStore.open(_kvstore_spec(path)).result()
-
-    def read_bytes(self, key: str) -> bytes | None:
-        r = self.kv.read(key).result()
-        return bytes(r.value) if r.state == "value" else None
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        self.kv.write(key, data).result()
-
-    def read_json(self, key: str, default: Any = None) -> Any:
-        raw = self.read_bytes(key)
-        return default if raw is None else json.loads(raw)
-
-    def write_json(self, key: str, value: Any) -> None:
-        self.write_bytes(key, json.dumps(value, indent=1).encode())
-
-    def list_keys(self, prefix: str) -> list[str]:
-        keys = self.kv.list(ts.KvStore.KeyRange(prefix, prefix + "\xff")).result()
-        return sorted(k.decode()[len(prefix):] for k in keys)
+    if is_local(path):
+        return {"driver": "file", "path": str(local_path(path)) + "/"}
+    return path.rstrip("/") + "/"
 
 
 def _open_arrays(path: str, dim: int, chunk_rows: int, create: bool):
+    """The keys and values zarr arrays; `create` replaces arrays left by a create that never committed."""
     base = _kvstore_spec(path)
     def spec(name, shape, chunks, dtype):
         kv = dict(base, path=base["path"] + name + "/") if isinstance(base, dict) else base + name + "/"
@@ -96,9 +81,24 @@ def _open_arrays(path: str, dim: int, chunk_rows: int, create: bool):
         if create:
             s["metadata"] = {"shape": shape, "chunks": chunks, "dtype": dtype, "compressor": None}
         return s
-    keys = ts.open(spec("keys", [MAX_ROWS, dim], [chunk_rows, dim], "<f2"), create=create, open=not create).result()
-    values = ts.open(spec("values", [MAX_ROWS], [chunk_rows * 16], "<i4"), create=create, open=not create).result()
+    kw = {"create": True, "delete_existing": True} if create else {"open": True}
+    keys = ts.open(spec("keys", [MAX_ROWS, dim], [chunk_rows, dim], "<f2"), **kw).result()
+    values = ts.open(spec("values", [MAX_ROWS], [chunk_rows * 16], "<i4"), **kw).result()
     return keys, values
+
+
+def _read_manifest(files: StoreFiles, where: str) -> dict[str, Any]:
+    raw = files.read_bytes("manifest.json")
+    try:
+        manifest = None if raw is None else json.loads(raw)
+    except ValueError as e:
+        raise DatastoreError(f"{where!r} is not a jaxcl datastore (unreadable manifest.json: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DatastoreError(f"{where!r} is not a jaxcl datastore (no manifest.json with format {FORMAT!r})")
+    if manifest.get("version") not in (1, VERSION):
+        raise DatastoreError(f"{where!r}: datastore format version {manifest.get('version')} is not supported "
+                             f"(this jaxcl reads versions 1 and {VERSION})")
+    return manifest
 
 
 class Datastore:
@@ -110,14 +110,21 @@ class Datastore:
     """
 
     def __init__(self, path: str, manifest: dict[str, Any], *, mesh=None, distributed: bool | None = None,
-                 _root: str | None = None):
-        self.path, self.manifest = str(path), manifest
+                 _root: str | None = None, _files: StoreFiles | None = None):
+        self.path, self._manifest = str(path), {k: v for k, v in manifest.items() if k != "count"}
         self.root = _root or self.path
         self.dim = int(manifest["dim"])
         self.distributed = jax.process_count() > 1 if distributed is None else distributed
-        self._files = _Files(self.path)
+        self._files = _files or StoreFiles(self.path)
+        self._files.remove_temporaries()             # what a killed writer left; never part of the store
+        self._log = CommitLog(self._files)
+        latest = self._log.latest()
+        if latest is None:     # version 1 (or a store with no commit yet): the manifest's count, index.json
+            self._state = {"count": int(manifest.get("count", 0)), "index": self._v1_index_state()}
+        else:
+            self._state = latest[1]
+        count, index_state = int(self._state["count"]), self._state.get("index", {})
         self._keys_ts, self._values_ts = _open_arrays(self.path, self.dim, manifest["chunk_rows"], create=False)
-        count = int(manifest["count"])
         self._keys = np.empty((max(1024, count), self.dim), np.float16)        # host copy, grown by doubling
         self._values = np.empty((max(1024, count),), np.int32)
         if count:
@@ -125,8 +132,21 @@ class Datastore:
             self._values[:count] = self._values_ts[:count].read().result()
         self._count = count
         self.index = make_index(manifest["backend"], self.dim, manifest.get("index_options"), mesh)
-        self.index.load(self._files, self.keys)
+        self.index.load(self._files, self.keys, index_state)
         self._global_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def _v1_index_state(self) -> dict[str, Any]:
+        raw = self._files.read_bytes("index.json")
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            log.warning("%s: index.json of a version-1 store is unreadable; the index is rebuilt", self.path)
+            return {}
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The store's description (format, dim, dtypes, backend, fingerprint, tokenizer, ...) and `count`."""
+        return dict(self._manifest, count=self._count)
 
     # ------------------------------------------------------------------ create / open
     @staticmethod
@@ -138,42 +158,43 @@ class Datastore:
     def create(cls, path: str, dim: int, backend: str = "exact", *, model_fingerprint: str = "",
                tokenizer: str = "", chunk_rows: int = 4096, index_options: dict[str, Any] | None = None,
                mesh=None, distributed: bool | None = None) -> "Datastore":
-        """A new, empty store at `path`; refuses to overwrite an existing one."""
+        """A new, empty store at `path`; refuses to overwrite an existing one.
+
+        The manifest is written last (atomically): a create killed before it leaves no store, and
+        creating again at the same path replaces whatever it left.
+        """
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"datastore dim must be a positive integer, got {dim!r}")
         make_index(backend, int(dim), index_options, mesh)          # fails early on a bad backend/options
         shard = cls._shard_path(path, distributed)
-        files = _Files(shard)
+        files = StoreFiles(shard)
         if files.read_bytes("manifest.json") is not None:
             raise FileExistsError(f"{shard!r} already holds a datastore: open it with Datastore.open, "
                                   "or choose another path (nothing was changed)")
+        for stale in files.list_keys(CommitLog.PREFIX):       # records of a create that never finished
+            files.delete(CommitLog.PREFIX + stale)
         _open_arrays(shard, int(dim), chunk_rows, create=True)
-        manifest = {"format": FORMAT, "version": VERSION, "dim": int(dim), "count": 0, "key_dtype": "float16",
+        manifest = {"format": FORMAT, "version": VERSION, "dim": int(dim), "key_dtype": "float16",
                     "value_dtype": "int32", "backend": backend, "index_options": dict(index_options or {}),
                     "model_fingerprint": model_fingerprint, "tokenizer": tokenizer, "chunk_rows": int(chunk_rows)}
-        files.write_json("manifest.json", manifest)
-        return cls(shard, manifest, mesh=mesh, distributed=distributed, _root=str(path))
+        files.write_bytes("manifest.json", json.dumps(manifest, indent=1).encode())
+        return cls(shard, manifest, mesh=mesh, distributed=distributed, _root=str(path), _files=files)
 
     @classmethod
     def open(cls, path: str, *, model_fingerprint: str | None = None, mesh=None,
              distributed: bool | None = None) -> "Datastore":
         """Reopen a store at its last committed count; `model_fingerprint`, when given, must match."""
         shard = cls._shard_path(path, distributed)
-        try:
-            manifest = _Files(shard).read_json("manifest.json")
-        except (ValueError, json.JSONDecodeError) as e:
-            raise DatastoreError(f"{shard!r} is not a jaxcl datastore (unreadable manifest.json: {e})") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise DatastoreError(f"{shard!r} is not a jaxcl datastore (no manifest.json with format {FORMAT!r})")
-        if manifest.get("version") != VERSION:
-            raise DatastoreError(f"{shard!r}: datastore format version {manifest.get('version')} is not supported "
-                                 f"(this jaxcl reads version {VERSION})")
+        files = StoreFiles(shard)
+        manifest = _read_manifest(files, shard)
         if model_fingerprint is not None and manifest["model_fingerprint"] != model_fingerprint:
             raise DatastoreError(f"{shard!r} holds keys of model {manifest['model_fingerprint']!r}, not of "
                                  f"{model_fingerprint!r}: its keys are not comparable with this model's queries")
-        return cls(shard, manifest, mesh=mesh, distributed=distributed, _root=str(path))
+        try:
+            return cls(shard, manifest, mesh=mesh, distributed=distributed, _root=str(path), _files=files)
+        except CommitError as e:
+            raise DatastoreError(str(e)) from None
 
-    # ------------------------------------------------------------------ contents
     def __len__(self) -> int:
         """Rows in the store (all processes' rows when distributed)."""
         return int(self._process_counts().sum()) if self.distributed else self._count
@@ -231,7 +252,8 @@ class Datastore:
         """Append rows and commit them; returns this process's new local row ids.
 
         keys [n, dim] float (stored as float16), values [n] int. Everything is checked before anything
-        is written; the count in the manifest moves only after the rows are durable.
+        is written; the rows, then any new index segment, are durable before the commit record that
+        makes them part of the store is written. A kill at any moment keeps the previous commit.
         """
         keys, values = self._check_rows(keys, values)
         n, start = len(keys), self._count
@@ -242,8 +264,6 @@ class Datastore:
         write_v = self._values_ts[start:end].write(values)
         write_k.result()
         write_v.result()
-        self._files.write_json("manifest.json", dict(self.manifest, count=end))      # the commit point
-        self.manifest = dict(self.manifest, count=end)
         if end > len(self._keys):
             cap = 1 << math.ceil(math.log2(end))
             grown_k = np.empty((cap, self.dim), np.float16)
@@ -251,18 +271,51 @@ class Datastore:
             grown_v = np.empty((cap,), np.int32)
             grown_v[:start] = self._values[:start]
             self._keys, self._values = grown_k, grown_v
-        self._keys[start:end] = keys
+        self._keys[start:end] = keys            # past the committed count until the commit below
         self._values[start:end] = values
-        self._count = end
-        self.index.sync(self.keys)
-        self.index.save(self._files)
+        self._commit(end, lambda: self.index.sync(self._keys[:end]))
         return range(start, end)
 
     def compact(self) -> None:
         """Rebuild the index over every committed row as one segment (ScaNN: freezes the delta and merges
-        all segments; exact: nothing to do), and save it next to the data."""
-        self.index.compact(self.keys)
-        self.index.save(self._files)
+        all segments; exact: nothing to do), and commit it next to the data."""
+        self._commit(self._count, lambda: self.index.compact(self.keys))
+
+    def rollback(self, count: int) -> None:
+        """Make the first `count` rows (<= the committed count) the whole store, committed like an add.
+
+        For a caller that committed rows and then lost the work that depended on them (e.g. a SeMem run
+        resuming from the last chunk it completed). The dropped rows stay on disk until overwritten.
+        """
+        if not isinstance(count, (int, np.integer)) or not 0 <= count <= self._count:
+            raise ValueError(f"rollback count must be an integer in [0, {self._count}] (the committed rows), "
+                             f"got {count!r}")
+        if count == self._count:
+            return
+        self._commit(int(count), lambda: self.index.load(self._files, self._keys[:count],
+                                                         self._state.get("index", {})))
+
+    def _commit(self, count: int, update_index) -> None:
+        """Bring the index up to date, write its new segments, then the commit record (the commit point)."""
+        try:
+            update_index()
+            state = {"count": int(count), "index": self.index.commit_state(self._files)}
+            self._log.commit(state)
+        except BaseException:
+            # Nothing was committed: back to the last commit's view (rows past it are ignored).
+            self.index.load(self._files, self.keys, self._state.get("index", {}))
+            raise
+        self._state, self._count = state, int(count)
+        self._global_cache = None
+        self._collect_garbage()
+
+    def _collect_garbage(self) -> None:
+        """Delete index segments that no kept commit record lists (built by killed or superseded commits)."""
+        referenced = {s["name"] for body in self._log.kept_bodies()
+                      for s in body.get("index", {}).get("segments", [])}
+        on_disk = {name.split("/", 1)[0] for name in self._files.list_keys("index/")}
+        for name in sorted(on_disk - referenced - {s.name for s in getattr(self.index, "segments", [])}):
+            self._files.delete_prefix(f"index/{name}/")
 
     # ------------------------------------------------------------------ search
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:

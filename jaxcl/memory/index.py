@@ -10,14 +10,18 @@ from the stored keys and sorts them, so every backend returns the same kind of a
 - `ScannIndex`: frozen ScaNN segments (tree + asymmetric hashing + exact reorder) over contiguous row
   ranges, plus the mutable tail ("delta") searched by an `ExactIndex`. When the delta reaches
   `segment_rows` it is frozen into a new segment; when there are more than `max_segments` segments
-  they are compacted into one. Segments are serialized next to the data and reloaded on open.
+  they are compacted into one. Segments are serialized next to the data (checksummed, listed in the
+  datastore's commit records) and reloaded on open.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import logging
 import math
+import secrets
 import platform
 import tempfile
 from pathlib import Path
@@ -27,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ExactIndex", "ScannIndex", "ScannOptions", "make_index", "scann_available", "merge_topk"]
 
@@ -156,10 +162,12 @@ class ExactIndex:
         self.sync(keys)
 
     # The exact index is rebuilt from the stored keys on open: nothing to serialize.
-    def save(self, store) -> None:
-        pass
+    def commit_state(self, store) -> dict[str, Any]:
+        """What a commit record holds for this index: nothing (it is rebuilt from the keys)."""
+        return {}
 
-    def load(self, store, keys: np.ndarray) -> None:
+    def load(self, store, keys: np.ndarray, state: dict[str, Any] | None = None) -> None:
+        """Cover the committed `keys`."""
         self.sync(keys)
 
 
@@ -206,6 +214,7 @@ class _Segment:
     name: str
     searcher: Any
     leaves: int = 0            # tree partitions (0: brute-force AH, no tree)
+    files: dict[str, str] | None = None     # file name -> SHA-256 once written (None: not on disk yet)
 
 
 class ScannIndex:
@@ -218,7 +227,6 @@ class ScannIndex:
         self.dim, self.opts = dim, options
         self.segments: list[_Segment] = []
         self.delta = ExactIndex(dim, mesh=mesh)
-        self.dirty = False         # segments changed since the last save
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self.opts)
@@ -235,8 +243,8 @@ class ScannIndex:
         return min(leaves, max(self.opts.min_leaves_to_search, round(leaves * self.opts.leaves_to_search), 1))
 
     def _segment(self, keys: np.ndarray, start: int, end: int) -> _Segment:
-        return _Segment(start, end, f"segment-{start:012d}-{end:012d}", self._build(keys[start:end]),
-                        self._leaves(end - start))
+        return _Segment(start, end, f"segment-{start:012d}-{end:012d}-{secrets.token_hex(4)}",
+                        self._build(keys[start:end]), self._leaves(end - start))
 
     def _build(self, rows: np.ndarray):
         n = len(rows)
@@ -258,18 +266,15 @@ class ScannIndex:
             s = self.frozen_end
             e = s + self.opts.segment_rows
             self.segments.append(self._segment(keys, s, e))
-            self.dirty = True
         if len(self.segments) > self.opts.max_segments:
             e = self.frozen_end
             self.segments = [self._segment(keys, 0, e)]
-            self.dirty = True
         self.delta.sync(keys, self.frozen_end)
 
     def compact(self, keys: np.ndarray) -> None:
         """Freeze the delta and merge every segment into one (e.g. after a bulk load, before serving)."""
         if len(keys) and (len(self.segments) != 1 or self.frozen_end != len(keys)):
             self.segments = [self._segment(keys, 0, len(keys))]
-            self.dirty = True
         self.delta.sync(keys, self.frozen_end)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,38 +295,64 @@ class ScannIndex:
         return merge_topk(dists, ids, min(k, dists.shape[1]))
 
     # ------------------------------------------------------------------ persistence (next to the data)
-    def save(self, store) -> None:
-        """Serialize new segments under `index/<name>/`, then commit the segment list (index.json)."""
-        if not self.dirty:
-            return
-        listed = {s["name"] for s in store.read_json("index.json", {"segments": []})["segments"]}
+    def commit_state(self, store) -> dict[str, Any]:
+        """Write every segment not yet on disk and return the segment list a commit record holds.
+
+        A segment's files go under `index/<name>/`, where the name is unique to that build (rows and a
+        random suffix), so a directory is only ever written by one build and a rebuild after a crash never
+        mixes with a killed build's files; each file is written atomically and its SHA-256 listed.
+        """
         for seg in self.segments:
-            if seg.name in listed:
+            if seg.files is not None:
                 continue
+            files = {}
             with tempfile.TemporaryDirectory() as tmp:
                 seg.searcher.serialize(tmp, relative_path=True)
                 for f in sorted(Path(tmp).iterdir()):
-                    store.write_bytes(f"index/{seg.name}/{f.name}", f.read_bytes())
-        store.write_json("index.json", {"segments": [{"start": s.start, "end": s.end, "name": s.name}
-                                                     for s in self.segments], "options": self.options()})
-        self.dirty = False
+                    data = f.read_bytes()
+                    store.write_bytes(f"index/{seg.name}/{f.name}", data)
+                    files[f.name] = hashlib.sha256(data).hexdigest()
+            seg.files = files
+        return {"segments": [{"start": s.start, "end": s.end, "name": s.name, "files": s.files}
+                             for s in self.segments], "options": self.options()}
 
-    def load(self, store, keys: np.ndarray) -> None:
-        """Reload the committed segments (those within the committed rows) and rebuild the delta."""
-        listing = store.read_json("index.json", {"segments": []})["segments"]
+    def load(self, store, keys: np.ndarray, state: dict[str, Any] | None = None) -> None:
+        """Reload the committed segments (those within the committed rows, contiguous from row 0, whose
+        files check out) and rebuild the rest: a segment that is missing or fails its checksum is rebuilt
+        from the keys with a warning, never trusted."""
+        listing = (state or {}).get("segments", [])
         self.segments = []
         for s in listing:
             if s["end"] > len(keys) or s["start"] != self.frozen_end:
                 break
-            with tempfile.TemporaryDirectory() as tmp:
-                names = store.list_keys(f"index/{s['name']}/")
-                for name in names:
-                    (Path(tmp) / name).write_bytes(store.read_bytes(f"index/{s['name']}/{name}"))
-                searcher = self.scann.load_searcher(tmp)
-            if self.opts.threads:
-                searcher.set_num_threads(self.opts.threads)
-            self.segments.append(_Segment(s["start"], s["end"], s["name"], searcher, self._leaves(s["end"] - s["start"])))
+            searcher = self._read_segment(store, s)
+            if searcher is None:
+                break
+            self.segments.append(_Segment(s["start"], s["end"], s["name"], searcher,
+                                          self._leaves(s["end"] - s["start"]), files=s.get("files")))
         self.sync(keys)
+
+    def _read_segment(self, store, s: dict[str, Any]):
+        expected = s.get("files")           # None: a version-1 store (no checksums)
+        names = sorted(expected) if expected is not None else store.list_keys(f"index/{s['name']}/")
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in names:
+                data = store.read_bytes(f"index/{s['name']}/{name}")
+                if data is None or (expected is not None and hashlib.sha256(data).hexdigest() != expected[name]):
+                    log.warning("index segment %s: file %s is %s; rebuilding the segment from the keys", s["name"],
+                                name, "missing" if data is None else "damaged (checksum mismatch)")
+                    return None
+                (Path(tmp) / name).write_bytes(data)
+            if not names:
+                return None
+            try:
+                searcher = self.scann.load_searcher(tmp)
+            except Exception as e:     # ScaNN raises its own error types on unreadable files
+                log.warning("index segment %s cannot be loaded (%s); rebuilding it from the keys", s["name"], e)
+                return None
+        if self.opts.threads:
+            searcher.set_num_threads(self.opts.threads)
+        return searcher
 
 
 def make_index(backend: str, dim: int, options: dict[str, Any] | None = None, mesh: Mesh | None = None):
