@@ -2,8 +2,9 @@
 
 Loading reads one tensor at a time from the safetensors files (no torch, no network), checks every
 shape against the target model before converting it, and can place each leaf straight onto its
-`NamedSharding`. Saving writes files under temporary names and renames them into place, so an
-interrupted save never leaves a half-written checkpoint behind under the final names.
+`NamedSharding`. Saving writes the whole checkpoint into a staged sibling directory and publishes it
+with one atomic directory swap (`jaxcl.atomic_io.replace_directory`), so after a kill at any moment the
+directory holds the complete old checkpoint or the complete new one, never shards of both.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
 import jax
 import numpy as np
 
+from jaxcl.atomic_io import recover_directory, replace_directory, temporary_sibling
 from jaxcl.hf.config import CheckpointError, hf_config_from_model, model_config_from_hf, read_config_json
 from jaxcl.hf.mapping import Entry, FamilyTable, legacy_names, table_for
 from jaxcl.models import ModelConfig, abstract_params
@@ -126,6 +129,7 @@ def load_pretrained(directory: str | os.PathLike, *, shardings: Any = None) -> t
     Errors name the missing/mis-shaped tensor and the directory.
     """
     directory = Path(directory)
+    recover_directory(directory)          # a save killed mid-swap left the old version aside
     raw = read_config_json(directory)
     reader = SafetensorsReader(directory)
     cfg = model_config_from_hf(raw, where=str(directory / "config.json"), tensor_names=reader.names)
@@ -191,22 +195,38 @@ def _check_params(cfg: ModelConfig, flat: dict[ParamPath, Any]) -> dict[ParamPat
     return shapes
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _stage_other_files(directory: Path, staged: Path) -> None:
+    """Hard-link (or copy) what an existing checkpoint directory holds besides the files a save writes
+    (tokenizer, README, generation config ...) into the staged directory, so the swap keeps them."""
+    if not directory.is_dir():
+        return
+    for item in directory.iterdir():
+        if item.name in (SAFETENSORS_INDEX, "config.json") or (item.name.startswith("model")
+                                                              and item.name.endswith(".safetensors")):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, staged / item.name, copy_function=_link_or_copy, symlinks=True)
+        else:
+            _link_or_copy(item, staged / item.name)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict[str, Any], *,
                     max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write `params` as an HF checkpoint (config.json + safetensors) loadable by `from_pretrained`.
 
-    Files are written under temporary names then renamed, so a crash mid-save leaves any previous
-    checkpoint in `directory` intact. In multi-process runs every process must call this (sharded
-    leaves are gathered); only process 0 writes.
+    Crash-atomic: everything is written into a staged sibling directory (other files already in
+    `directory`, e.g. a tokenizer, are carried over by hard links) and published with one atomic swap,
+    so after a kill at any moment `directory` is the complete old checkpoint or the complete new one.
+    In multi-process runs every process must call this (sharded leaves are gathered); only process 0
+    writes.
     """
-    from safetensors.numpy import save
-
     directory = Path(directory)
     if cfg.num_prompts:
         raise CheckpointError(f"the model has learned prompts (model.num_prompts={cfg.num_prompts}), which Hugging "
@@ -232,7 +252,25 @@ def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict
     if jax.process_index() != 0:
         return directory
 
-    directory.mkdir(parents=True, exist_ok=True)
+    recover_directory(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staged = temporary_sibling(directory)
+    staged.mkdir()
+    try:
+        _stage_other_files(directory, staged)
+        _write_checkpoint_files(staged, tensors, max_shard_bytes)
+        (staged / "config.json").write_bytes(hf_config.to_json_string(use_diff=False).encode())
+        replace_directory(staged, directory)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return directory
+
+
+def _write_checkpoint_files(directory: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+    """The safetensors files (one, or shards of at most `max_shard_bytes` plus the HF index)."""
+    from safetensors.numpy import save_file
+
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -243,23 +281,13 @@ def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict
         shards[-1][name] = tensors[name]
         size += nbytes
     metadata = {"format": "pt"}
-    written: set[str] = set()
     if len(shards) == 1:
-        _atomic_write_bytes(directory / SAFETENSORS_SINGLE, save(shards[0], metadata=metadata))
-        written.add(SAFETENSORS_SINGLE)
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, 1):
-            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write_bytes(directory / file, save(shard, metadata=metadata))
-            weight_map.update({name: file for name in shard})
-            written.add(file)
-        index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}
-        _atomic_write_bytes(directory / SAFETENSORS_INDEX, json.dumps(index, indent=2).encode())
-        written.add(SAFETENSORS_INDEX)
-    # Weights of an earlier save in another layout would shadow or mix with the new ones.
-    for stale in [directory / SAFETENSORS_INDEX, *directory.glob("model*.safetensors")]:
-        if stale.name not in written and stale.exists():
-            stale.unlink()
-    _atomic_write_bytes(directory / "config.json", hf_config.to_json_string(use_diff=False).encode())
-    return directory
+        save_file(shards[0], directory / SAFETENSORS_SINGLE, metadata=metadata)
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file, metadata=metadata)
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}
+    (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))

@@ -25,16 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
 from pathlib import Path
 from typing import Any
+
+from jaxcl.atomic_io import TMP_MARK, atomic_write_file, writer_alive
 
 log = logging.getLogger(__name__)
 
 __all__ = ["StoreFiles", "CommitLog", "CommitError", "is_local", "local_path"]
-
-TMP_MARK = ".tmp-"
 
 
 class CommitError(ValueError):
@@ -51,43 +49,6 @@ def local_path(path: str) -> Path:
     """The filesystem path of a local store path (`file://` prefix removed), absolute."""
     path = str(path)
     return Path(path[len("file://"):] if path.startswith("file://") else path).absolute()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:          # some filesystems cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader (or a kill at any moment) sees the old or the new bytes.
-
-    A unique temporary beside `path` is created exclusively, written, fsynced and renamed over
-    `path`; then the directory is fsynced so the rename itself is durable.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class StoreFiles:
@@ -162,27 +123,10 @@ class StoreFiles:
                 continue
             found = base.rglob(f"*{TMP_MARK}*") if prefix else base.glob(f".*{TMP_MARK}*")
             for p in found:
-                if p.is_file() and not _writer_alive(p.name):
+                if p.is_file() and not writer_alive(p.name):
                     p.unlink(missing_ok=True)
                     removed += 1
         return removed
-
-
-def _writer_alive(name: str) -> bool:
-    """Whether the process that named this temporary (`...tmp-<pid>-<hex>`) still runs on this host."""
-    try:
-        pid = int(name.rsplit(TMP_MARK, 1)[1].split("-")[0])
-    except (IndexError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _digest(body: Any) -> str:
