@@ -150,3 +150,78 @@ def test_sigkill_mid_append_keeps_the_last_commit_intact(tmp_path):
     np.testing.assert_array_equal(ds.values, ids % 8192)
     ds.add(expected[:5], np.arange(5))                      # and it keeps working after the crash
     assert len(Datastore.open(tmp_path / "s")) == n + 5
+
+
+def test_stale_tensorstore_lock_files_and_temporaries_never_reach_a_commit(tmp_path):
+    """The failure that lost a store: a killed writer's `<key>.__lock` (reused without truncation by
+    tensorstore's file kvstore) and our own temporaries, planted longer than any real file."""
+    rng = np.random.default_rng(5)
+    keys = rng.normal(size=(300, 8)).astype(np.float32)
+    ds = Datastore.create(tmp_path / "s", dim=8)
+    ds.add(keys[:100], np.arange(100))
+    junk = b"x" * 4096
+    for name in ("manifest.json.__lock", "commits/0000000000000002.json.__lock",
+                 "commits/0000000000000003.json.__lock", "commits/.0000000000000003.json.tmp-999999999-abcd"):
+        (tmp_path / "s" / name).write_bytes(junk)
+    again = Datastore.open(tmp_path / "s")
+    assert not (tmp_path / "s" / "commits" / ".0000000000000003.json.tmp-999999999-abcd").exists()
+    again.add(keys[100:200], np.arange(100, 200))
+    again.add(keys[200:], np.arange(200, 300))
+    third = Datastore.open(tmp_path / "s")
+    assert len(third) == 300 and third.manifest["dim"] == 8
+    np.testing.assert_array_equal(third.keys, keys.astype(np.float16))
+    for record in (tmp_path / "s" / "commits").glob("*.json"):
+        json.loads(record.read_text())                    # every record parses: nothing stale appended
+
+
+def test_a_damaged_newest_commit_falls_back_and_is_never_overwritten(tmp_path, caplog):
+    rng = np.random.default_rng(6)
+    keys = rng.normal(size=(30, 4)).astype(np.float32)
+    ds = Datastore.create(tmp_path / "s", dim=4)
+    for i in range(3):
+        ds.add(keys[10 * i:10 * (i + 1)], np.arange(10))
+    newest = sorted((tmp_path / "s" / "commits").glob("*.json"))[-1]
+    record = json.loads(newest.read_text())
+    record["body"]["count"] = 29                           # bit rot: the checksum no longer matches
+    newest.write_text(json.dumps(record))
+    reopened = Datastore.open(tmp_path / "s")
+    assert len(reopened) == 20 and "damaged" in caplog.text
+    reopened.add(keys[20:], np.arange(10))
+    assert newest.read_text() == json.dumps(record)       # the damaged record was left as evidence
+    assert len(Datastore.open(tmp_path / "s")) == 30
+    for record in (tmp_path / "s" / "commits").glob("*.json"):
+        record.write_text("{}")
+    with pytest.raises(DatastoreError, match="none of the .* commit records"):
+        Datastore.open(tmp_path / "s")
+
+
+def test_rollback_drops_later_rows_and_keeps_working(tmp_path):
+    rng = np.random.default_rng(7)
+    keys = rng.normal(size=(500, 8)).astype(np.float32)
+    ds = Datastore.create(tmp_path / "s", dim=8)
+    ds.add(keys[:300], np.arange(300))
+    ds.add(keys[300:400], np.arange(100))
+    ds.rollback(300)
+    assert len(ds) == len(Datastore.open(tmp_path / "s")) == 300
+    with pytest.raises(ValueError, match=r"\[0, 300\]"):
+        ds.rollback(301)
+    ds.add(keys[400:], np.arange(100))
+    reopened = Datastore.open(tmp_path / "s")
+    np.testing.assert_array_equal(reopened.keys, np.concatenate([keys[:300], keys[400:]]).astype(np.float16))
+    _, ids = reopened.search(keys[450:455], 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(350, 355))
+
+
+def test_a_version_1_store_opens_and_upgrades_on_its_next_commit(tmp_path):
+    rng = np.random.default_rng(8)
+    keys = rng.normal(size=(200, 8)).astype(np.float32)
+    ds = Datastore.create(tmp_path / "s", dim=8)
+    ds.add(keys[:120], np.arange(120))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())      # rewrite it as version 1 did
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(dict(manifest, version=1, count=120)))
+    for record in (tmp_path / "s" / "commits").glob("*.json"):
+        record.unlink()
+    old = Datastore.open(tmp_path / "s")
+    assert len(old) == 120
+    old.add(keys[120:], np.arange(80))
+    np.testing.assert_array_equal(Datastore.open(tmp_path / "s").keys, keys.astype(np.float16))

@@ -70,18 +70,25 @@ class Contention:
             p.wait()
 
 
-def run_victim(case: str, directory: Path, seed: int, delay: float, timeout: float = 240) -> tuple[int, list[int]]:
-    """Start a victim, SIGKILL it `delay` s after it is READY; returns (state at READY, acknowledged commits)."""
+def run_victim(case: str, directory: Path, seed: int, delay: float, timeout: float = 240,
+               command: list[str] | None = None) -> tuple[int, list[int]]:
+    """Start a victim, SIGKILL it `delay` s after it is READY; returns (state at READY, acknowledged commits).
+
+    `command`: another program to kill instead (e.g. the `jaxcl` CLI), which prints no READY: the delay
+    then counts from its start, and a program that finishes before the kill returns (-1, []).
+    """
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.Popen([sys.executable, str(VICTIM), case, str(directory), str(seed)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = command or [sys.executable, str(VICTIM), case, str(directory), str(seed)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
     reader.start()
     acked: list[int] = []
     ready: int | None = None
     deadline, kill_at = time.time() + timeout, None
+    if command is not None and VICTIM.name not in " ".join(command):
+        kill_at, ready = time.time() + delay, 0
 
     def take(line: str) -> None:
         nonlocal ready, kill_at
@@ -101,6 +108,8 @@ def run_victim(case: str, directory: Path, seed: int, delay: float, timeout: flo
             proc.kill()
             raise TrialFailure(f"{case}: victim never became ready in {timeout} s")
         if proc.poll() is not None and lines.empty():
+            if kill_at is not None and proc.returncode == 0 and ready == 0:
+                return -1, []               # a whole run finished before its kill
             raise TrialFailure(f"{case}: victim exited with {proc.returncode} before the kill: "
                                f"{proc.stderr.read()[-2000:]}")
     proc.send_signal(signal.SIGKILL)
@@ -289,6 +298,75 @@ class HFScenario(Scenario):
         return version
 
 
+class RunScenario(Scenario):
+    """`jaxcl run` killed at a random moment (checkpoints, metrics, datastores, reports in flight), then
+    resumed to the end: the report must equal an uninterrupted run's, with no duplicated metrics."""
+
+    CONFIGS = {
+        "run-sequential": ("configs/demo.yaml", [
+            "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=64",
+            "data.seq_len=32", "data.batch_size=8", "data.eval_batches=2", "data.domains=[bible,manpages]",
+            "train.pretrain_steps=30", "train.steps=30", "train.log_every=5", "optim.warmup_steps=5",
+            "optim.lr=1e-2", "checkpoint.every=4"]),
+        "run-semem": ("configs/semem/demo.yaml", [
+            "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=64",
+            "data.seq_len=64", "data.batch_size=8", "data.eval_batches=2", "data.domains=[bible,wordnet]",
+            "train.pretrain_steps=30", "optim.warmup_steps=5", "optim.lr=1e-2", "semem.chunk_tokens=1024",
+            "semem.chunks_per_domain=3", "semem.heldout_tokens=256", "semem.eval_tokens=256",
+            "semem.calibrator_steps=30", "semem.index_options={segment_rows: 1500}"]),
+    }
+    # compared between the resumed and the uninterrupted report (wall time and the like differ)
+    COMPARED = ("matrix", "summary", "initial_perplexity", "train_tokens", "memory", "models", "baselines")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.window = 25.0 if name == "run-sequential" else 40.0
+        self.reference: dict | None = None
+
+    def command(self, directory: Path) -> list[str]:
+        config, overrides = self.CONFIGS[self.name]
+        return [sys.executable, "-m", "jaxcl.cli", "run", config, *overrides, f"run.dir={directory}"]
+
+    def _complete(self, directory: Path) -> dict:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+        env.pop("XLA_FLAGS", None)
+        out = subprocess.run(self.command(directory), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if out.returncode != 0:
+            raise TrialFailure(f"{self.name}: the resumed run failed: {(out.stdout + out.stderr)[-1500:]}")
+        return json.loads((directory / "report.json").read_text())
+
+    def setup(self, directory: Path, seed: int) -> None:
+        if self.reference is None:
+            ref = directory.parent / f"reference-{self.name}"
+            self.reference = json.loads((ref / "report.json").read_text()) if (ref / "report.json").exists() \
+                else self._complete(ref)
+
+    def verify(self, directory: Path, start: int, acked: list[int], seed: int) -> int:
+        report = self._complete(directory)
+        for key in self.COMPARED:
+            if key in self.reference and not _close(report.get(key), self.reference[key]):
+                raise TrialFailure(f"{self.name}: report[{key!r}] after kill + resume differs from the "
+                                   f"uninterrupted run's")
+        records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+        keys = [json.dumps({k: r.get(k) for k in ("kind", "stage_index", "step", "domain", "model", "policy",
+                                                   "chunk")}, sort_keys=True) for r in records
+                if r.get("kind") in ("train", "eval", "semem_chunk")]
+        if len(keys) != len(set(keys)):
+            raise TrialFailure(f"{self.name}: metrics.jsonl holds duplicated records after the resume")
+        return 0
+
+
+def _close(a, b, rtol: float = 1e-5) -> bool:
+    """Equal structure, numbers equal to `rtol` (the runs are deterministic; float formatting aside)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rtol) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y, rtol) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(a - b) <= rtol * max(abs(a), abs(b)) + 1e-12
+    return a == b
+
+
 SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "datastore-exact": lambda: DatastoreScenario("exact"),
     "datastore-scann": lambda: DatastoreScenario("scann"),
@@ -296,6 +374,8 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "orbax-async": lambda: OrbaxScenario(True),
     "hf-exchange": lambda: HFScenario(True),
     "hf-rename": lambda: HFScenario(False),
+    "run-sequential": lambda: RunScenario("run-sequential"),
+    "run-semem": lambda: RunScenario("run-semem"),
 }
 
 
@@ -311,9 +391,11 @@ def run_trial(scenario: Scenario, workdir: Path, seed: int, double_crash: bool, 
     delay = float(rng.uniform(0, scenario.window))
     start, acked, state, error = 0, [], -1, None
     try:
-        start, acked = run_victim(scenario.name, directory, seed, delay)
+        command = scenario.command(directory) if isinstance(scenario, RunScenario) else None
+        start, acked = run_victim(scenario.name, directory, seed, delay, command=command)
         if double_crash:       # reopen and die again within the first moments of recovery
-            start2, acked2 = run_victim(scenario.name, directory, seed + 1, float(rng.uniform(0, 0.6)))
+            early = float(rng.uniform(0, 0.6)) if command is None else float(rng.uniform(3, 10))
+            start2, acked2 = run_victim(scenario.name, directory, seed + 1, early, command=command)
             if start2 < max([start, *acked]):
                 raise TrialFailure(f"{scenario.name}: the second victim reopened at {start2}, "
                                    f"below the committed {max([start, *acked])}")
