@@ -18,6 +18,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from jaxcl.atomic_io import atomic_write_file
 from jaxcl.models.config import ConfigError, ModelConfig
 
 __all__ = ["ConfigError", "Config", "RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "MeshConfig",
@@ -436,5 +437,5 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (what `load_config` reads back to an equal `Config`)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (what `load_config` reads back to an equal `Config`), atomically."""
+    atomic_write_file(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())

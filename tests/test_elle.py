@@ -140,7 +140,7 @@ def test_adaptive_weights_follow_elles_rule():
                                [1e-9, 1.0 / 12800])
 
 
-def test_memory_is_a_fixed_fraction_and_mixing_is_the_same_on_every_process():
+def test_memory_is_a_fixed_fraction_and_mixing_is_a_function_of_the_generator():
     seqs = {d: np.arange(200 * 4).reshape(200, 4) + 1000 * i for i, d in enumerate("abc")}
     rows = memory_rows(200, 0.1, seed=3)
     assert len(rows) == 20 and len(set(rows)) == 20
@@ -148,12 +148,14 @@ def test_memory_is_a_fixed_fraction_and_mixing_is_the_same_on_every_process():
     memory = ReplayMemory(seqs, "abc", 0.1, seed=0)
     batch = {"input_ids": seqs["c"][:16].copy(), "attention_mask": np.ones((16, 4), np.int32),
              "prompt_ids": np.full(16, 2, np.int32)}
-    whole, counts = memory.mix(batch, slice(0, 16), 16, ("a", "b"), [1.0, 1.0], 0.5, 8, np.random.default_rng(7))
-    halves = [memory.mix({k: v[s] for k, v in batch.items()}, s, 16, ("a", "b"), [1.0, 1.0], 0.5, 8,
-                         np.random.default_rng(7))[0] for s in (slice(0, 8), slice(8, 16))]
+    whole, counts = memory.mix(batch, ("a", "b"), [1.0, 1.0], 0.5, 8, np.random.default_rng(7))
+    again, _ = memory.mix(batch, ("a", "b"), [1.0, 1.0], 0.5, 8, np.random.default_rng(7))   # another process
     for k in batch:
-        np.testing.assert_array_equal(whole[k], np.concatenate([h[k] for h in halves]))
+        np.testing.assert_array_equal(whole[k], again[k])
+    assert (batch["prompt_ids"] == 2).all()                     # the input batch is not modified
     replaced = whole["prompt_ids"] != 2
+    # whole micro-batches (of 2 rows) are replaced; the draws are pinned (the same as before the global-batch mix)
+    assert replaced.tolist() == [False] * 6 + [True] * 8 + [False] * 2 and counts == {"a": 2, "b": 6}
     assert replaced.sum() == sum(counts.values()) and replaced.sum() % 2 == 0 and 0 < replaced.sum() < 16
     for row, p in zip(whole["input_ids"][replaced], whole["prompt_ids"][replaced]):
         bank = memory.banks["ab"[p]]
@@ -278,6 +280,13 @@ def test_elle_resumes_from_warmup_and_mid_stage_to_the_same_result(elle_run, tmp
     np.testing.assert_allclose(resumed["matrix"], reference["matrix"], rtol=1e-5)
     np.testing.assert_allclose(resumed["train_flops"], reference["train_flops"], rtol=1e-9)
     assert resumed["warmup_tokens"] == reference["warmup_tokens"]
+    # Accounting sums the three invocations; what an interrupted one logged after its checkpoint (stage 1's
+    # warmup before the first SIGTERM) was dropped on resume and redone once.
+    assert len(resumed["invocations"]) == 3
+    assert resumed["wall_seconds"] == pytest.approx(sum(i["wall_seconds"] for i in resumed["invocations"]))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["kind"], r["stage"], r["step"]) for r in records if r["kind"] in ("train", "warmup")]
+    assert len(steps) == len(set(steps)) and any(k == "warmup" for k, _, _ in steps)
 
 
 @pytest.mark.parametrize("overrides, message", [

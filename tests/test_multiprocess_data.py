@@ -1,23 +1,32 @@
-"""Two JAX processes on localhost: each reads a disjoint shard; the global batch equals one process's."""
+"""Two JAX processes on localhost: on any mesh (the batch split over processes, replicated across them
+by a tensor axis spanning both, or mixed) the global batch and the training losses equal one process's."""
 
 import numpy as np
+import pytest
 
 from jaxcl.data.stream import SequenceStream
+from tests.multiprocess_cases import CASES, GLOBAL_BATCH, SEED, STEPS, case_mesh, sequences, tensor_processes, \
+    train_losses
 from tests.process_launcher import run_workers
 
 
-def test_two_processes_read_disjoint_shards_of_the_same_global_batch(tmp_path):
-    results = run_workers("multiprocess_worker.py", tmp_path)
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_workers("multiprocess_worker.py", tmp_path_factory.mktemp("multiprocess"))
 
-    sequences = np.arange(37 * 5, dtype=np.int32).reshape(37, 5)
-    single = SequenceStream(sequences, global_batch=8, seed=11, process_index=0, process_count=1)
-    expected = np.stack([single.next_local()["input_ids"] for _ in range(6)])     # [steps, 8, 5]
 
-    local0, local1 = results[0]["local"], results[1]["local"]
-    assert local0.shape == local1.shape == (6, 4, 5)
-    np.testing.assert_array_equal(np.concatenate([local0, local1], axis=1), expected)
-    for step in range(6):      # disjoint: no sequence is read by both processes in the same step
-        assert not set(map(tuple, local0[step])) & set(map(tuple, local1[step]))
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_build_the_single_process_batch_and_losses(results, name):
+    single = SequenceStream(sequences(), global_batch=GLOBAL_BATCH, seed=SEED)
+    expected = np.stack([single.next_batch()["input_ids"] for _ in range(STEPS)])     # [steps, 8, 16]
+    assert len({tuple(r) for r in expected.reshape(-1, expected.shape[-1])}) > GLOBAL_BATCH   # rows differ
+    prompts = np.stack([np.arange(GLOBAL_BATCH) + 10 * s for s in range(STEPS)])
+    mesh = case_mesh(name)                          # the same layout over this process's 8 fake devices
+    assert tensor_processes(mesh) == {0}
+    reference = train_losses(mesh)
+    assert reference[-1] < reference[0]             # it trains
     for r in results:
-        np.testing.assert_array_equal(r["gathered"], expected)
-        assert int(r["position"]) == 48
+        np.testing.assert_array_equal(r[f"{name}/gathered"], expected)
+        np.testing.assert_array_equal(r[f"{name}/prompt_ids"], prompts)
+        assert int(r[f"{name}/position"]) == STEPS * GLOBAL_BATCH
+        np.testing.assert_allclose(r[f"{name}/losses"], reference, atol=1e-6, rtol=0)

@@ -36,6 +36,27 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under the run dir: its bytes and modification time (ns)."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def train_records(run_dir: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["kind"], r["stage"], r["step"]) for r in records if r["kind"] == "train"]
+
+
+def assert_accounting_sums_invocations(report: dict, walls: list[float]) -> None:
+    """report.json accounts each invocation that did work, measured inside that invocation's own wall."""
+    invocations = report["invocations"]
+    assert len(invocations) == len(walls), invocations
+    for inv, wall in zip(invocations, walls):
+        assert 0 < inv["wall_seconds"] < wall and 0 <= inv["train_seconds"] <= inv["wall_seconds"]
+    assert report["wall_seconds"] == pytest.approx(sum(i["wall_seconds"] for i in invocations), rel=1e-12)
+    assert report["train_seconds"] == pytest.approx(sum(i["train_seconds"] for i in invocations), rel=1e-9)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full")
@@ -85,19 +106,47 @@ def test_train_command_runs_one_joint_stage(tmp_path):
 
 def test_sigkill_then_restart_resumes_and_matches_uninterrupted(uninterrupted, tmp_path):
     _, reference, _ = uninterrupted
+    start = time.time()
     proc = jaxcl("run", "configs/demo.yaml", *TINY, run_dir=tmp_path, wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and not [s for s in checkpoint_steps(tmp_path) if s > 30]:
         time.sleep(0.2)           # wait until a checkpoint inside stage 2 exists
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    first_wall = time.time() - start
     steps = checkpoint_steps(tmp_path)
     assert steps and max(steps) < 60 and not (tmp_path / "report.json").exists(), steps
+    start = time.time()
     out = jaxcl("run", "configs/demo.yaml", *TINY, run_dir=tmp_path)
+    second_wall = time.time() - start
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming from checkpoint" in out.stderr
     resumed = json.loads((tmp_path / "report.json").read_text())
     np.testing.assert_allclose(resumed["matrix"], reference["matrix"], rtol=1e-5)
+    # The records the killed invocation wrote after its last checkpoint were dropped and redone once.
+    assert sorted(train_records(tmp_path)) == sorted(train_records(uninterrupted[0]))
+    assert_accounting_sums_invocations(resumed, [first_wall, second_wall])
+
+
+def test_changed_training_keys_are_refused_and_change_nothing(uninterrupted):
+    run_dir, _, _ = uninterrupted
+    before = snapshot(run_dir)
+    out = jaxcl("run", "configs/demo.yaml", *TINY, "train.steps=31", "model.n_layers=3", run_dir=run_dir)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("jaxcl run: error:")]
+    assert len(errors) == 1 and "changed: model.n_layers, train.steps" in errors[0], out.stderr[-2000:]
+    assert "run.name=" in errors[0] and "checkpoint.resume=false" in errors[0]
+    assert snapshot(run_dir) == before
+
+
+def test_rerunning_a_finished_run_says_so_and_changes_nothing(uninterrupted):
+    run_dir, report, _ = uninterrupted
+    before = snapshot(run_dir)
+    out = jaxcl("run", "configs/demo.yaml", *TINY, "train.log_every=3", run_dir=run_dir)   # harmless key
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert f"{run_dir} holds a finished run: its report is {run_dir / 'report.json'}" in out.stdout
+    assert "perplexity matrix" not in out.stdout
+    assert snapshot(run_dir) == before
 
 
 def test_a_run_dir_is_never_reused_by_another_run(uninterrupted, tmp_path):
@@ -108,7 +157,8 @@ def test_a_run_dir_is_never_reused_by_another_run(uninterrupted, tmp_path):
     assert fresh.returncode == 2 and "already holds checkpoints" in fresh.stderr
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_exits_cleanly_and_the_resumed_report_sums_both_invocations(tmp_path):
+    start = time.time()
     proc = jaxcl("run", "configs/demo.yaml", *TINY, "checkpoint.every=0", run_dir=tmp_path, wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
@@ -116,9 +166,26 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
+    first_wall = time.time() - start
     assert proc.returncode == 0, output[-3000:]
     assert "preempted at global step" in output
     assert checkpoint_steps(tmp_path), "no checkpoint written on SIGTERM"
+    # Resuming with a key that changes what is trained is refused before anything is written ...
+    before = snapshot(tmp_path)
+    refused = jaxcl("run", "configs/demo.yaml", *TINY, "checkpoint.every=0", "model.n_layers=3", run_dir=tmp_path)
+    assert refused.returncode == 2 and "changed: model.n_layers" in refused.stderr, refused.stderr[-2000:]
+    assert snapshot(tmp_path) == before
+    # ... while a harmless one (logging frequency) is accepted, and config.yaml keeps describing the run.
+    start = time.time()
+    out = jaxcl("run", "configs/demo.yaml", *TINY, "checkpoint.every=0", "train.log_every=3", run_dir=tmp_path)
+    second_wall = time.time() - start
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming from checkpoint" in out.stderr
+    assert (tmp_path / "config.yaml").read_bytes() == before["config.yaml"][0]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert_accounting_sums_invocations(report, [first_wall, second_wall])
+    records = train_records(tmp_path)
+    assert len(records) == len(set(records))
 
 
 def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):

@@ -1,11 +1,14 @@
 """Selective memorization and the λ calibrator on controlled inputs, and the SeMem run end to end."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from jaxcl.memory import Datastore
 from jaxcl.memory.calibrator import CalibrationData, Calibrator, calibrator_features, fit_calibrator, mixture_nll
@@ -91,11 +94,25 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=6
         "semem.calibrator_steps=30", "semem.extra_models=[{d_model: 48}]", "semem.index_options={segment_rows: 1500}"]
 
 
-def test_semem_run_writes_the_report_contract(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "jaxcl.cli", "run", "configs/semem/demo.yaml", *TINY,
-                          f"run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def semem(*args, run_dir, wait=True):
+    cmd = [sys.executable, "-m", "jaxcl.cli", "run", "configs/semem/demo.yaml", *TINY, *args, f"run.dir={run_dir}"]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A tiny SeMem run; its pre-trained LMs live in a shared semem.pretrain_dir (reused by the kill test)."""
+    pretrain = tmp_path_factory.mktemp("pretrain")
+    run_dir = tmp_path_factory.mktemp("semem")
+    out = semem(f"semem.pretrain_dir={pretrain}", run_dir=run_dir)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    return run_dir, pretrain, json.loads((run_dir / "report.json").read_text())
+
+
+def test_semem_run_writes_the_report_contract(uninterrupted):
+    tmp_path, _, report = uninterrupted
     assert report["method"] == "semem" and report["metric"] == "perplexity"
     assert report["stages"] == ["wordnet"] and report["eval_on"] == ["bible", "wordnet"]
     assert np.array(report["matrix"], float).shape == (1, 2)
@@ -120,6 +137,64 @@ def test_semem_run_writes_the_report_contract(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "semem_chunk" for r in records) == 2 * 2 * 3        # models x policies x chunks
+    assert report["wall_seconds"] == sum(i["wall_seconds"] for i in report["invocations"]) > 0
+
+
+def _chunk_records(run_dir):
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, (line for line in lines if line.endswith("}")))
+            if r["kind"] == "semem_chunk"]
+
+
+def _kill_after(run_dir, pretrain, model, n):
+    """Start the run and SIGKILL it once `n` chunk records of `model` are in metrics.jsonl: inside the
+    chunk loop, typically after the next policy's rows were added but before the chunk completed."""
+    proc = semem(f"semem.pretrain_dir={pretrain}", run_dir=run_dir, wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and \
+            sum(r["model"] == model for r in _chunk_records(run_dir)) < n:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def _snapshot(run_dir):
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_semem_killed_mid_stream_resumes_to_the_same_memories_and_numbers(uninterrupted, tmp_path):
+    _, pretrain, reference = uninterrupted
+    tags = [m["tag"] for m in reference["models"]]
+    _kill_after(tmp_path, pretrain, tags[0], 3)            # mid chunk 1 of the main model
+    assert not (tmp_path / "report.json").exists()
+    _kill_after(tmp_path, pretrain, tags[1], 3)            # resumed, then killed mid chunk 1 of the second model
+    assert not (tmp_path / "report.json").exists()
+    out = semem(f"semem.pretrain_dir={pretrain}", run_dir=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    resumed = json.loads((tmp_path / "report.json").read_text())
+    accounting = ("wall_seconds", "invocations")
+    assert {k: v for k, v in resumed.items() if k not in accounting} == \
+        {k: v for k, v in reference.items() if k not in accounting}        # memory sizes, perplexities, matrix
+    # Every invocation that did work is accounted for (the pre-training is shared, so each is short).
+    assert len(resumed["invocations"]) == 3
+    assert resumed["wall_seconds"] == sum(i["wall_seconds"] for i in resumed["invocations"])
+    # Each chunk is recorded once, though two invocations were killed after logging part of a chunk.
+    chunks = [(r["model"], r["policy"], r["domain"], r["chunk"]) for r in _chunk_records(tmp_path)]
+    assert len(chunks) == len(set(chunks)) == 2 * 2 * 3
+    for model in reference["models"]:
+        for policy in ("semem", "full"):
+            store = Datastore.open(tmp_path / model["tag"] / policy / "datastore")
+            assert len(store) == model["memory_size"][policy]
+    # A rerun of the finished run changes no file; a config that changes what is trained is refused.
+    before = _snapshot(tmp_path)
+    again = semem(f"semem.pretrain_dir={pretrain}", run_dir=tmp_path)
+    assert again.returncode == 0 and f"{tmp_path} holds a finished run" in again.stdout and "report.json" in again.stdout
+    changed = semem(f"semem.pretrain_dir={pretrain}", "semem.threshold=-1.0", run_dir=tmp_path)
+    assert changed.returncode == 2 and "semem.threshold" in changed.stderr
+    assert _snapshot(tmp_path) == before
 
 
 def test_semem_config_errors_name_the_key(tmp_path):

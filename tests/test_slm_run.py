@@ -74,6 +74,9 @@ def test_slm_run_writes_report_matrix_and_heatmaps(tmp_path, csv_root, tiny_enco
     assert (tmp_path / "run" / "config.yaml").is_file()
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in records} == {"train", "keys", "eval"}
+    cfg = make_config(tmp_path, csv_root, "slm.query_layers=[1,2]", "slm.mix=task", "slm.task_choice=best_keys",
+                      encoder=tiny_encoder)
+    assert_rerun_changes_nothing(tmp_path / "run", cfg, "rank", 3)
 
 
 def test_bad_slm_configs_are_named(tmp_path, csv_root):
@@ -141,3 +144,26 @@ def test_lm_mode_keeps_the_frozen_backbone_domain_and_reports_perplexity(tmp_pat
     assert base["multitask"]["summary"]["average"] == pytest.approx(sum(base["multitask"]["matrix"][0]) / 2)
     for name in base:
         assert (tmp_path / "lm" / f"perplexity_matrix_{name}.png").is_file()
+    assert report["wall_seconds"] == report["invocations"][0]["wall_seconds"] > 0
+    assert_rerun_changes_nothing(tmp_path / "lm", cfg, "steps", 3)
+
+
+def snapshot(run_dir):
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def assert_rerun_changes_nothing(run_dir, cfg, slm_key, value):
+    """A finished run: rerunning it returns its report and touches no file; a config that changes what
+    is trained (slm.<slm_key>=value) is refused, also touching no file."""
+    import dataclasses
+
+    from jaxcl.runs import run_config
+
+    before = snapshot(run_dir)
+    harmless = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=3))
+    assert run_config(harmless) == json.loads((run_dir / "report.json").read_text())
+    changed = dataclasses.replace(cfg, slm=dataclasses.replace(cfg.slm, **{slm_key: value}))
+    with pytest.raises(ConfigError, match=f"changed: slm.{slm_key}"):
+        run_config(changed)
+    assert snapshot(run_dir) == before

@@ -1,20 +1,22 @@
-"""Sequence streams: deterministic, epoch-complete, restorable; eval batches padded with masked rows."""
+"""Sequence streams: deterministic, epoch-complete, restorable; eval batches padded with masked rows;
+global batches placed on any mesh."""
 
 import numpy as np
 import pytest
 
-from jaxcl.config import ConfigError
-from jaxcl.data.stream import SequenceStream, eval_batches, pack_sequences
+from jaxcl.config import ConfigError, MeshConfig
+from jaxcl.data.stream import SequenceStream, device_batch, eval_batches, pack_sequences
 from jaxcl.data.tokenizer import load_tokenizer
+from jaxcl.parallel import batch_sharding, make_mesh
 
 
-def make_stream(position=0, seed=3, pi=0, pc=1):
+def make_stream(position=0, seed=3):
     seqs = np.arange(20 * 4, dtype=np.int32).reshape(20, 4)
-    return SequenceStream(seqs, global_batch=5, seed=seed, position=position, process_index=pi, process_count=pc)
+    return SequenceStream(seqs, global_batch=5, seed=seed, position=position)
 
 
 def rows(stream, steps):
-    return [tuple(r[0] // 4 for r in stream.next_local()["input_ids"]) for _ in range(steps)]
+    return [tuple(r[0] // 4 for r in stream.next_batch()["input_ids"]) for _ in range(steps)]
 
 
 def test_stream_is_deterministic_and_covers_each_epoch_once():
@@ -38,12 +40,27 @@ def test_restored_stream_continues_exactly():
         SequenceStream(np.zeros((7, 4), np.int32), 5, 3).restore(a.state())
 
 
-def test_eval_batches_pad_with_masked_rows_and_split_processes():
+def test_eval_batches_pad_with_masked_rows():
     seqs = np.arange(7 * 3).reshape(7, 3)
-    batches = list(eval_batches(seqs, global_batch=4, process_index=1, process_count=2))
+    batches = list(eval_batches(seqs, global_batch=4))
     assert len(batches) == 2
-    np.testing.assert_array_equal(batches[0]["input_ids"], seqs[2:4])
-    assert batches[1]["attention_mask"][:, 0].tolist() == [1, 0]   # row 6 real, row 7 padding
+    np.testing.assert_array_equal(batches[0]["input_ids"], seqs[0:4])
+    np.testing.assert_array_equal(batches[1]["input_ids"][:3], seqs[4:7])
+    assert batches[1]["attention_mask"][:, 0].tolist() == [1, 1, 1, 0]   # rows 4-6 real, row 7 padding
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 1, 8)])
+def test_device_batch_is_the_numpy_batch_on_any_mesh(shape):
+    mesh = make_mesh(MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2]))
+    batch = make_stream().next_batch() | {"prompt_ids": np.arange(5, dtype=np.int32)}
+    batch = {k: np.concatenate([v, v[:3]]) for k, v in batch.items()}        # 8 rows
+    out = device_batch(batch, batch_sharding(mesh))
+    for k, v in batch.items():
+        assert out[k].shape == v.shape and out[k].dtype == v.dtype
+        np.testing.assert_array_equal(np.asarray(out[k]), v)
+    assert tuple(out["prompt_ids"].sharding.spec) == tuple(batch_sharding(mesh).spec)[:1]
+    with pytest.raises(ConfigError, match="batch of 5 rows cannot be split over the 8 shards"):
+        device_batch(make_stream().next_batch(), batch_sharding(make_mesh(MeshConfig(data=8))))
 
 
 def test_pack_and_tokenizer_round_trip():

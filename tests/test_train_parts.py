@@ -148,13 +148,31 @@ def test_balanced_orders_golden_and_bad_input():
         balanced_orders("ABCD", count=5)
 
 
-def test_changed_config_keys_are_listed_for_the_resume_warning():
-    from jaxcl.train.loop import _changed_keys
+def test_changed_config_keys_are_listed_and_only_harmless_ones_may_change_on_resume():
+    from pathlib import Path
+
+    from jaxcl.config import ConfigError, config_to_dict, load_config
+    from jaxcl.rundir import changed_keys, check_compatible, incompatible_keys
 
     old = {"train": {"steps": 100, "log_every": 10}, "data": {"domains": ["a", "b"]}}
     new = {"train": {"steps": 200, "log_every": 10}, "data": {"domains": ["a", "b"]}, "run": {"seed": 1}}
-    assert _changed_keys(old, new) == ["run", "train.steps"]
-    assert _changed_keys(old, old) == []
+    assert changed_keys(old, new) == ["run", "train.steps"]
+    assert changed_keys(old, old) == []
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    recorded = config_to_dict(load_config(demo, ["run.dir=/a"]))
+    harmless = load_config(demo, ["run.dir=/b", "run.name=x", "train.log_every=3", "train.eval_every=7",
+                                  "checkpoint.every=5", "checkpoint.keep=9", "checkpoint.async_save=false",
+                                  "checkpoint.resume=false", "mesh.data=1", "elle.replay_ratio=0.5",
+                                  "semem.k=3", "slm.steps=9"])        # elle/semem/slm: unused by sequential
+    assert incompatible_keys(recorded, harmless, "sequential") == []
+    assert incompatible_keys(recorded, harmless, "elle") == ["elle.replay_ratio"]
+    changed = load_config(demo, ["model.n_layers=6", "train.steps=300", "optim.lr=0.1", "run.seed=3"])
+    assert incompatible_keys(recorded, changed, "sequential") == ["model.n_layers", "optim.lr", "run.seed",
+                                                                  "train.steps"]
+    with pytest.raises(ConfigError, match=r"changed: model.n_layers, optim.lr, run.seed, train.steps\)"):
+        check_compatible(recorded, changed, "sequential", "runs/demo")
+    check_compatible(None, changed, "sequential", "runs/demo")       # nothing recorded yet: a new run
 
 
 def test_evaluation_is_deterministic_even_with_dropout():

@@ -1,13 +1,18 @@
-"""Token streams cut into fixed-length sequences, shuffled deterministically, read per process.
+"""Token streams cut into fixed-length sequences, shuffled deterministically, placed on any mesh.
 
 The global batch at step t is a fixed function of (seed, t): rows `[t*B, (t+1)*B)` of an endless
-sequence of per-epoch permutations. Process p of P reads only its `B/P` rows of that batch, and
-`jax.make_array_from_process_local_data` assembles the global array. The stream's position is one
-integer, saved in every checkpoint, so a resumed run sees exactly the batches it would have seen.
+sequence of per-epoch permutations. Every process computes that whole batch in numpy from the global
+row ids (an int32 `[B, seq]` gather, cheap next to a train step), and `device_batch` makes the global
+`jax.Array` with `jax.make_array_from_callback`, so each process transfers exactly the shards its own
+devices hold. Nothing assumes which rows a process owns: any mesh over any process layout (the batch
+split over processes, replicated across them, or both, e.g. a `tensor` axis spanning hosts) gives the
+single-process batch. The stream's position is one integer, saved in every checkpoint, so a resumed
+run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator
 
 import jax
@@ -18,38 +23,37 @@ from jaxcl.config import ConfigError
 
 
 def pack_sequences(tokens: np.ndarray, seq_len: int, what: str = "stream") -> np.ndarray:
-    """`[n_tokens]` -> `[n_tokens // seq_len, seq_len]` (the ragged tail is dropped)."""
+    """`[n_tokens]` -> `[n_tokens // seq_len, seq_len]` (the ragged tail is dropped).
+
+    Raises ConfigError naming `what` when there are fewer tokens than one sequence.
+    """
     n = len(tokens) // seq_len
     if n == 0:
         raise ConfigError(f"{what}: {len(tokens)} tokens are fewer than data.seq_len={seq_len}")
     return np.ascontiguousarray(tokens[: n * seq_len].reshape(n, seq_len))
 
 
-def _process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
-    if global_batch % process_count:
-        raise ConfigError(f"data.batch_size={global_batch} is not divisible by the {process_count} processes")
-    local = global_batch // process_count
-    return slice(process_index * local, (process_index + 1) * local)
-
-
 class SequenceStream:
-    """An endless, seeded, per-process view of one domain's packed training sequences."""
+    """An endless, seeded stream of global batches of one domain's packed training sequences.
 
-    def __init__(self, sequences: np.ndarray, global_batch: int, seed: int, *, position: int = 0,
-                 process_index: int | None = None, process_count: int | None = None):
+    `sequences` is `[n, seq_len]` int32; each call of `next_batch` returns the next `global_batch`
+    rows of the concatenated per-epoch permutations (the same on every process) and advances
+    `position` (global rows consumed so far) by `global_batch`.
+    """
+
+    def __init__(self, sequences: np.ndarray, global_batch: int, seed: int, *, position: int = 0):
+        if global_batch < 1:
+            raise ConfigError(f"data.batch_size must be positive, got {global_batch}")
         self.sequences = sequences                     # [n, seq_len] int32
         self.global_batch = global_batch
         self.seed = seed
         self.position = position                       # global rows consumed so far
-        self.process_index = jax.process_index() if process_index is None else process_index
-        self.process_count = jax.process_count() if process_count is None else process_count
-        self.rows = _process_rows(global_batch, self.process_index, self.process_count)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.sequences))
 
     def global_row_ids(self, position: int) -> np.ndarray:
-        """Sequence ids of the whole global batch starting at `position` (same on every process)."""
+        """Sequence ids `[global_batch]` of the global batch starting at `position` (same on every process)."""
         n = len(self.sequences)
         flat = np.arange(position, position + self.global_batch)
         epochs = flat // n
@@ -59,28 +63,33 @@ class SequenceStream:
             out[sel] = self._permutation(int(epoch))[flat[sel] % n]
         return out
 
-    def next_local(self) -> dict[str, np.ndarray]:
-        """This process's rows of the next global batch: input_ids and attention_mask `[B/P, seq]`."""
-        ids = self.sequences[self.global_row_ids(self.position)[self.rows]]
+    def next_batch(self) -> dict[str, np.ndarray]:
+        """The whole next global batch: input_ids and attention_mask `[global_batch, seq]` (numpy).
+
+        Every process gets the same arrays; `device_batch` places them on a mesh.
+        """
+        ids = self.sequences[self.global_row_ids(self.position)]
         self.position += self.global_batch
         return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
     def state(self) -> dict[str, Any]:
+        """JSON state saved in checkpoints: position, seed and the number of sequences."""
         return {"position": int(self.position), "seed": int(self.seed), "n_sequences": int(len(self.sequences))}
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a `state()`; ConfigError when the data changed since it was saved."""
         if state.get("n_sequences") not in (None, len(self.sequences)):
             raise ConfigError(f"checkpointed data stream had {state['n_sequences']} sequences, now "
                               f"{len(self.sequences)}: data or data.seq_len changed since the checkpoint")
         self.position = int(state["position"])
 
 
-def eval_batches(sequences: np.ndarray, global_batch: int, *, process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """This process's rows of fixed, unshuffled evaluation batches; the last one padded with mask-0 rows."""
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    rows = _process_rows(global_batch, pi, pc)
+def eval_batches(sequences: np.ndarray, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed, unshuffled global evaluation batches `[global_batch, seq]` of `sequences` `[n, seq]`.
+
+    The last batch is padded to `global_batch` rows with mask-0 rows, so every batch has one shape
+    (one compiled eval step). The same on every process; place them with `device_batch`.
+    """
     for start in range(0, len(sequences), global_batch):
         chunk = sequences[start:start + global_batch]
         mask = np.ones_like(chunk)
@@ -88,18 +97,39 @@ def eval_batches(sequences: np.ndarray, global_batch: int, *, process_index: int
             pad = global_batch - len(chunk)
             chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)])
             mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), mask.dtype)])
-        yield {"input_ids": chunk[rows], "attention_mask": mask[rows]}
+        yield {"input_ids": chunk, "attention_mask": mask}
 
 
-def to_global(local_batch: dict[str, np.ndarray], sharding: Sharding) -> dict[str, jax.Array]:
-    """Assemble the global batch from every process's local rows (no host sees the whole batch).
+def _for_rank(sharding: Sharding, ndim: int) -> Sharding:
+    """`sharding` of `[batch, seq]` arrays cut to the leading `ndim` dims (per-row arrays use the batch axis)."""
+    if isinstance(sharding, NamedSharding) and len(sharding.spec) > ndim:
+        return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:ndim]))
+    return sharding
+
+
+def _check_rows(rows: int, sharding: Sharding) -> None:
+    if not isinstance(sharding, NamedSharding) or not len(sharding.spec) or sharding.spec[0] is None:
+        return
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    shards = math.prod(sharding.mesh.shape[a] for a in axes)
+    if rows % shards:
+        raise ConfigError(f"a batch of {rows} rows cannot be split over the {shards} shards of mesh axes "
+                          f"{'x'.join(axes)}: data.batch_size must be a multiple of {shards}")
+
+
+def device_batch(batch: dict[str, np.ndarray], sharding: Sharding) -> dict[str, jax.Array]:
+    """The global numpy batch (identical on every process) -> global `jax.Array`s laid out by `sharding`.
 
     `sharding` is that of `[batch, seq]` arrays; per-row arrays (`[batch]`, e.g. prompt ids) use its
-    batch axis only.
+    batch axis only. Each process copies to its devices only the shards they hold (rows and, for a
+    replicated batch, whole copies), whatever the mesh: the batch may be split across processes,
+    replicated across them (a `tensor` axis spanning hosts), or both. Raises ConfigError when the
+    rows do not divide over the batch axis.
     """
-    def for_rank(ndim: int) -> Sharding:
-        if isinstance(sharding, NamedSharding) and len(sharding.spec) > ndim:
-            return NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:ndim]))
-        return sharding
-
-    return {k: jax.make_array_from_process_local_data(for_rank(np.ndim(v)), v) for k, v in local_batch.items()}
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        sh = _for_rank(sharding, v.ndim)
+        _check_rows(v.shape[0], sh)
+        out[k] = jax.make_array_from_callback(v.shape, sh, lambda index, v=v: v[index])
+    return out

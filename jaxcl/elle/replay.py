@@ -86,30 +86,31 @@ class ReplayMemory:
     def size(self, domain: str) -> int:
         return len(self.banks[domain])
 
-    def mix(self, local: dict[str, np.ndarray], rows: np.ndarray, global_batch: int, old_domains: Sequence[str],
-            weights: Sequence[float], ratio: float, micro_batches: int,
-            rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        """Replace this process's rows that fall in replayed micro-batches; returns (batch, rows per domain).
+    def mix(self, batch: dict[str, np.ndarray], old_domains: Sequence[str], weights: Sequence[float], ratio: float,
+            micro_batches: int, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """Replace the replayed micro-batches of a global batch by memory rows; returns (batch, rows per domain).
 
-        `local` holds the rows `rows` (a slice or index array of global rows) of the batch, with their `prompt_ids`; the
-        plan is drawn from `rng` identically on every process. Counts cover the whole global batch.
+        `batch` is the whole global batch (`input_ids`, `attention_mask` `[B, seq]`, optionally
+        `prompt_ids` `[B]`), identical on every process; micro-batch s is rows `[s*B/m, (s+1)*B/m)`.
+        The plan and the memory rows are drawn from `rng`, so every process builds the same batch.
+        Replaced rows get mask 1 and the prompt of the domain they came from. Raises ConfigError when
+        `micro_batches` does not divide B.
         """
+        global_batch = len(batch["input_ids"])
         if global_batch % micro_batches:
             raise ConfigError(f"elle.micro_batches={micro_batches} must divide data.batch_size={global_batch}")
         per_micro = global_batch // micro_batches
-        rows = np.arange(global_batch)[rows]                                  # global index of each local row
-        out = {k: v.copy() for k, v in local.items()}
+        out = {k: v.copy() for k, v in batch.items()}
         counts: dict[str, int] = {}
         for slot, source in replay_plan(rng, micro_batches, ratio, weights):
             domain = old_domains[source]
-            picks = rng.integers(0, len(self.banks[domain]), size=per_micro)     # drawn on every process
+            picks = rng.integers(0, len(self.banks[domain]), size=per_micro)
             counts[domain] = counts.get(domain, 0) + per_micro
-            local_rows = np.nonzero((rows >= slot * per_micro) & (rows < (slot + 1) * per_micro))[0]
-            chosen = picks[rows[local_rows] - slot * per_micro]
-            out["input_ids"][local_rows] = self.banks[domain][chosen]
-            out["attention_mask"][local_rows] = 1
+            rows = slice(slot * per_micro, (slot + 1) * per_micro)
+            out["input_ids"][rows] = self.banks[domain][picks]
+            out["attention_mask"][rows] = 1
             if "prompt_ids" in out:
-                out["prompt_ids"][local_rows] = self.domains.index(domain)
+                out["prompt_ids"][rows] = self.domains.index(domain)
         return out, counts
 
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jaxcl.config import Config, ConfigError
-from jaxcl.data.stream import SequenceStream, to_global
+from jaxcl.data.stream import SequenceStream, device_batch
 from jaxcl.elle.replay import ReplayMemory, adaptive_weights, stage_rng
 from jaxcl.models import ModelConfig, abstract_params, param_axes
 from jaxcl.parallel import batch_sharding, logical_to_sharding
@@ -124,8 +124,8 @@ class ElleRun(ContinualRun):
                 log.warning("preempted during the warmup of stage %d: resuming will redo it from the "
                             "checkpoint of stage %d", stage, stage - 1)
                 raise Preempted(self._global_step(stage, 0))
-            local = self._replayed(stage, WARMUP, step, stream, previous)
-            state, m = train_step(state, to_global(local, sharding), rng)
+            batch = self._replayed(stage, WARMUP, step, stream, previous)
+            state, m = train_step(state, device_batch(batch, sharding), rng)
             self.stage_flops[stage] += flops
             self.warmup_tokens[stage] += cfg.data.batch_size * cfg.data.seq_len
             bar.update()
@@ -140,25 +140,27 @@ class ElleRun(ContinualRun):
         return state.params
 
     # ------------------------------------------------------------------ replay
-    def local_batch(self, stage: int, stream: SequenceStream) -> dict[str, np.ndarray]:
+    def next_batch(self, stage: int, stream: SequenceStream) -> dict[str, np.ndarray]:
+        """The next global batch of the stage's domain with replayed memory micro-batches mixed in."""
         step = stream.position // self.cfg.data.batch_size
         return self._replayed(stage, MAIN, step, stream, self.stages[stage])
 
     def _replayed(self, stage: int, phase: int, step: int, stream: SequenceStream, domain: str) -> dict[str, np.ndarray]:
-        """The next batch of `domain` (with its prompt) with memory micro-batches of older domains mixed in."""
+        """The next global batch of `domain` (with its prompt) with memory micro-batches of older domains
+        mixed in (the same on every process: the mix is drawn from a generator of (seed, stage, phase, step))."""
         e = self.cfg.elle
-        local = stream.next_local()
+        batch = stream.next_batch()
         if e.prompt_length:
-            local["prompt_ids"] = np.full((len(local["input_ids"]),), self.domains.index(domain), np.int32)
+            batch["prompt_ids"] = np.full((len(batch["input_ids"]),), self.domains.index(domain), np.int32)
         old = self._old_domains(stage, phase)
         if not old or e.replay_ratio == 0:
-            return local
+            return batch
         weights = [self.replay["weights"][d] for d in old]
-        local, counts = self.memory.mix(local, stream.rows, self.cfg.data.batch_size, old, weights, e.replay_ratio,
-                                        e.micro_batches, stage_rng(self.cfg.run.seed, stage, phase, step))
+        batch, counts = self.memory.mix(batch, old, weights, e.replay_ratio, e.micro_batches,
+                                        stage_rng(self.cfg.run.seed, stage, phase, step))
         for d, n in counts.items():
             self.replay["tokens"][d] += n * self.cfg.data.seq_len
-        return local
+        return batch
 
     def _old_domains(self, stage: int, phase: int) -> tuple[str, ...]:
         """Domains replayed in this phase: before stage i, during warmup before stage i - 1."""

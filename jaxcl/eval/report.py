@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from jaxcl.atomic_io import atomic_write_file
 from jaxcl.eval.metrics import learned_rows, seen_domains, summarize
 
 
@@ -29,8 +30,10 @@ def build_report(method: str, metric: str, stages: Sequence[str], eval_on: Seque
 
 
 def write_report(run_dir: str | Path, report: dict[str, Any]) -> Path:
+    """Write report.json atomically (old or new version after a kill): runners write it last, as the
+    commit point that marks the run finished (`jaxcl.rundir`)."""
     path = Path(run_dir) / "report.json"
-    path.write_text(json.dumps(report, indent=2))
+    atomic_write_file(path, json.dumps(report, indent=2).encode())
     return path
 
 

@@ -251,8 +251,11 @@ class ScannIndex:
         builder = self.scann.builder(np.ascontiguousarray(rows, np.float32), 10, "squared_l2")
         leaves = self._leaves(n)
         if leaves:
+            # random_init=False: ScaNN's k-means++ start is seeded, its random start is not; a segment
+            # must be the same on every build so a resumed run (or a rebuilt segment) gives the same numbers
             builder = builder.tree(num_leaves=leaves, num_leaves_to_search=self._probe(leaves),
-                                   training_sample_size=min(n, max(self.opts.training_sample, 4 * leaves)))
+                                   training_sample_size=min(n, max(self.opts.training_sample, 4 * leaves)),
+                                   random_init=False)
         bpb = self.opts.dims_per_block if self.dim % self.opts.dims_per_block == 0 else 1
         builder = builder.score_ah(bpb, anisotropic_quantization_threshold=float("nan")).reorder(64)
         searcher = builder.build()

@@ -13,6 +13,12 @@ For every model size (`model`, then each of `semem.extra_models`):
    memory as it now is, the calibrator is retrained from scratch, and every domain's validation
    perplexity is measured.
 
+Resumable at any moment: after each completed chunk, `semem_state.npz` is replaced atomically with what
+the stream has produced so far (records, calibrators, the row count each datastore committed, the
+metrics.jsonl offset, the accounting). A resumed run reopens each datastore and rolls it back to that
+count, recomputes what is a pure function of the chunks seen (token counts, held-out scores), and goes
+on with the next chunk: it ends with the same memories and numbers as a run never interrupted.
+
 Writes report.json (the DESIGN.md contract; `matrix` is SeMem's perplexity after each streamed domain
 for the main model, `memory` its per-chunk memory records), metrics.jsonl, memory_growth.png,
 perplexity_per_chunk.png, perplexity_matrix.png, and one datastore per model and policy.
@@ -21,9 +27,11 @@ perplexity_per_chunk.png, perplexity_matrix.png, and one datastore per model and
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import logging
 import math
-import time
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl.config import Config, ConfigError, save_config
+from jaxcl import rundir
+from jaxcl.config import Config, ConfigError
 from jaxcl.eval.metrics import seen_domains
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_memory_growth, plot_series, \
     write_report
 from jaxcl.memory.calibrator import Calibrator, fit_calibrator
-from jaxcl.memory.datastore import Datastore, params_fingerprint
+from jaxcl.memory.datastore import Datastore, DatastoreError, params_fingerprint
 from jaxcl.memory.selective import SelectiveMemory, make_lm_scorer, score_sequences
 from jaxcl.models import ModelConfig, abstract_params
 from jaxcl.train.checkpoint import Checkpointer, abstract_like
@@ -47,6 +56,7 @@ from jaxcl.train.state import TrainState, state_shardings
 log = logging.getLogger(__name__)
 
 POLICIES = {"semem": "selective", "full": "all"}
+STATE_FILE = "semem_state.npz"
 
 
 class SememRun(ContinualRun):
@@ -82,11 +92,15 @@ class SememRun(ContinualRun):
         """Pre-train on the first domain with ContinualRun (resumable, cached) and return the params."""
         pre = object.__new__(ContinualRun)
         pre.__dict__.update(self.__dict__)
+        # Always resumed/reused: a SeMem run from scratch (checkpoint.resume=false) starts in an empty
+        # run.dir anyway, and a shared semem.pretrain_dir is a cache meant to be reused.
         pre.cfg = dataclasses.replace(self.cfg, model=model_cfg,
-                                      run=dataclasses.replace(self.cfg.run, method="sequential"))
+                                      run=dataclasses.replace(self.cfg.run, method="sequential"),
+                                      checkpoint=dataclasses.replace(self.cfg.checkpoint, resume=True))
         pre.run_dir = Path(self.cfg.semem.pretrain_dir or self.run_dir) / f"pretrain-{tag}"
         pre.stages = (self.pretrain_domain,)
         pre.stage_flops = []          # per pre-training run (the dict copy above would share the list)
+        pre.announce_finished = False     # a finished pre-training is the cache working, not news
         report = pre.run()
         ckpt = Checkpointer(pre.run_dir / "checkpoints", self.cfg.checkpoint)
         try:
@@ -109,7 +123,34 @@ class SememRun(ContinualRun):
                 yield d, c, seqs[start:start + self.chunk_rows], \
                     seqs[start + self.chunk_rows:start + self.chunk_rows + self.heldout_rows]
 
-    def _run_model(self, model_cfg: ModelConfig, tag: str, metrics: MetricsLog) -> dict[str, Any]:
+    def _open_store(self, path: Path, count: int, model_cfg: ModelConfig, fingerprint: str) -> Datastore:
+        """The policy's datastore holding exactly the `count` rows the last completed chunk committed:
+        a new one, or the one an interrupted invocation left, rolled back (rows added by a chunk that
+        never completed are dropped)."""
+        sm = self.cfg.semem
+        if path.exists() and any(path.iterdir()):
+            try:
+                store = Datastore.open(str(path), model_fingerprint=fingerprint)
+            except DatastoreError as e:
+                if count:
+                    raise ConfigError(f"{path} cannot be resumed: {e}") from None
+                store = None             # a create that never finished and nothing committed: start it again
+            if store is not None:
+                if len(store) < count:
+                    raise ConfigError(f"{path} holds {len(store)} rows but {self.run_dir / STATE_FILE} says its last "
+                                      f"completed chunk committed {count}: the run directory was changed outside jaxcl")
+                store.rollback(count)
+                return store
+            shutil.rmtree(path)
+        elif count:
+            raise ConfigError(f"{path} is missing but {self.run_dir / STATE_FILE} says it holds {count} rows")
+        return Datastore.create(str(path), dim=model_cfg.d_model, backend=sm.backend, model_fingerprint=fingerprint,
+                                tokenizer=self.cfg.data.tokenizer, index_options=dict(sm.index_options), mesh=None)
+
+    def _run_model(self, model_cfg: ModelConfig, tag: str, metrics: MetricsLog,
+                   saved: dict[str, Any] | None) -> dict[str, Any]:
+        """Stream every chunk past the memories of one model; `saved`: this model's stream state from an
+        interrupted invocation (None: from the start)."""
         sm = self.cfg.semem
         params, pre_report = self._pretrain(model_cfg, tag)
         scorer = make_lm_scorer(model_cfg)
@@ -117,30 +158,51 @@ class SememRun(ContinualRun):
         eval_tokens = {d: score_sequences(scorer, params, self.valid_sequences[d][:self.eval_rows])
                        for d in self.domains}
         lm_only = {d: math.exp(-float(t.lm_logp.mean())) for d in self.domains for t in [eval_tokens[d]]}
-        metrics.write(kind="semem_lm_only", model=tag, perplexity=lm_only)
+        if saved is None:
+            metrics.write(kind="semem_lm_only", model=tag, perplexity=lm_only)
+        # Held-out text of the pre-training domain too (validation rows the evaluation does not use), so
+        # that the calibrator also learns when the memory is irrelevant to what the LM already knows.
+        spare = self.valid_sequences[self.pretrain_domain][self.eval_rows:self.eval_rows + self.heldout_rows]
+        spare_tokens = score_sequences(scorer, params, spare) if len(spare) else None
         memories = {}
         for name, admit in POLICIES.items():
-            path = self.run_dir / tag / name / "datastore"
-            if (path / "manifest.json").exists():
-                raise ConfigError(f"{path} already holds a datastore from an earlier run: choose another run.dir")
-            store = Datastore.create(str(path), dim=model_cfg.d_model, backend=sm.backend,
-                                     model_fingerprint=fingerprint, tokenizer=self.cfg.data.tokenizer,
-                                     index_options=dict(sm.index_options), mesh=None)
-            memories[name] = SelectiveMemory(store, admit, sm.threshold, sm.k, Calibrator.initial(sm.lam, sm.temperature))
-            # Held-out text of the pre-training domain too (validation rows the evaluation does not use), so
-            # that the calibrator also learns when the memory is irrelevant to what the LM already knows.
-            spare = self.valid_sequences[self.pretrain_domain][self.eval_rows:self.eval_rows + self.heldout_rows]
-            if len(spare):
-                memories[name].heldout.append(score_sequences(scorer, params, spare))
+            store = self._open_store(self.run_dir / tag / name / "datastore", saved["counts"][name] if saved else 0,
+                                     model_cfg, fingerprint)
+            calibrator = saved["calibrators"][name] if saved else Calibrator.initial(sm.lam, sm.temperature)
+            memories[name] = SelectiveMemory(store, admit, sm.threshold, sm.k, calibrator)
+            if spare_tokens is not None:
+                memories[name].heldout.append(spare_tokens)
         counts = np.ones(self.cfg.model.vocab_size, np.float64)          # token frequencies of the stream so far
-        records = {name: [] for name in memories}
-        curves = {name: {d: [] for d in self.domains} for name in memories}
-        matrices = {name: [] for name in memories}
-        tokens_seen = 0
+        if saved is None:
+            records = {name: [] for name in memories}
+            curves = {name: {d: [] for d in self.domains} for name in memories}
+            matrices = {name: [] for name in memories}
+            tokens_seen, done = 0, 0
+        else:
+            records, curves, matrices = saved["records"], saved["curves"], saved["matrices"]
+            tokens_seen, done = saved["tokens_seen"], saved["chunks_done"]
+        result = {"tag": tag, "architecture": {k: getattr(model_cfg, k) for k in ("family", "d_model", "n_layers",
+                                                                                  "n_heads", "d_ff")}
+                  | {"params": model_cfg.num_params()},
+                  "pretrain_matrix_row": pre_report["matrix"][0], "lm_only": lm_only, "records": records,
+                  "curves": curves, "matrices": matrices}
+
+        def commit(chunks_done: int) -> None:
+            self._commit_state(current=result | {"chunks_done": chunks_done, "tokens_seen": tokens_seen,
+                                                 "counts": {n: len(m) for n, m in memories.items()}},
+                               calibrators={n: m.calibrator for n, m in memories.items()}, metrics=metrics)
+
+        if saved is None:
+            commit(0)        # the pre-training and the new stores are this invocation's work so far
         n_chunks = len(self.stream) * sm.chunks_per_domain
-        bar = _progress(n_chunks, 0, f"semem {tag}")
+        bar = _progress(n_chunks, done, f"semem {tag}")
         for index, (domain, c, chunk, heldout) in enumerate(self._chunks()):
             counts += np.bincount(chunk[:, :-1].reshape(-1), minlength=len(counts))
+            if index < done:           # completed before an interruption: rebuild what the state leaves out
+                heldout_tokens = score_sequences(scorer, params, heldout)
+                for mem in memories.values():
+                    mem.heldout.append(heldout_tokens)
+                continue
             log_freq = np.log(counts).astype(np.float32)
             chunk_tokens = score_sequences(scorer, params, chunk)
             heldout_tokens = score_sequences(scorer, params, heldout)
@@ -165,25 +227,72 @@ class SememRun(ContinualRun):
                 if c == sm.chunks_per_domain - 1:
                     matrices[name].append([ppl[d] for d in self.domains])
                 metrics.write(kind="semem_chunk", model=tag, policy=name, **rec)
+            commit(index + 1)          # the chunk is complete: its rows, records and calibrators are kept
             bar.update()
             bar.set_postfix(semem=len(memories["semem"]), full=len(memories["full"]))
         bar.close()
-        return {"tag": tag, "architecture": {k: getattr(model_cfg, k) for k in ("family", "d_model", "n_layers",
-                                                                                "n_heads", "d_ff")}
-                | {"params": model_cfg.num_params()},
-                "pretrain_matrix_row": pre_report["matrix"][0], "lm_only": lm_only, "records": records,
-                "curves": curves, "matrices": matrices}
+        self._done_models[tag] = result
+        self._commit_state(current=None, calibrators={}, metrics=metrics)
+        return result
+
+    # ------------------------------------------------------------------ the stream state (resume)
+    def _commit_state(self, *, current: dict[str, Any] | None, calibrators: dict[str, Calibrator],
+                      metrics: MetricsLog) -> None:
+        """Replace semem_state.npz (atomically) with the finished models' results, the current model's
+        stream state, the metrics.jsonl offset and the accounting."""
+        if jax.process_index() != 0:
+            return
+        state = {"models": self._done_models, "current": current, "metrics_offset": metrics.offset(),
+                 "invocations": self._acct.record()}
+        arrays = {"state.json": np.frombuffer(json.dumps(state).encode(), np.uint8)}
+        for name, cal in calibrators.items():
+            arrays[f"cal|{name}|meta"] = np.frombuffer(json.dumps({"mode": cal.mode, "hidden": cal.hidden}).encode(),
+                                                       np.uint8)
+            arrays[f"cal|{name}|mean"], arrays[f"cal|{name}|std"] = np.asarray(cal.mean), np.asarray(cal.std)
+            for path, leaf in _flatten(cal.params):
+                arrays[f"cal|{name}|params|{path}"] = np.asarray(jax.device_get(leaf))
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        rundir.atomic_write(self.run_dir / STATE_FILE, buf.getvalue())
+
+    def _load_state(self) -> dict[str, Any] | None:
+        """What the last completed chunk committed (None: no chunk state yet)."""
+        path = self.run_dir / STATE_FILE
+        if not path.is_file():
+            return None
+        with np.load(path) as z:
+            state = json.loads(bytes(z["state.json"]).decode())
+            if state["current"] is not None:
+                calibrators = {}
+                for name in POLICIES:
+                    meta = json.loads(bytes(z[f"cal|{name}|meta"]).decode())
+                    prefix = f"cal|{name}|params|"
+                    params = _unflatten({k[len(prefix):]: np.asarray(z[k]) for k in z.files if k.startswith(prefix)})
+                    calibrators[name] = Calibrator(meta["mode"], params, np.asarray(z[f"cal|{name}|mean"]),
+                                                   np.asarray(z[f"cal|{name}|std"]), meta["hidden"])
+                state["current"]["calibrators"] = calibrators
+        return state
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
-        start = time.time()
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
+        finished = rundir.begin(self.run_dir, self.cfg, self.method)      # before anything is written
+        if finished is not None:
+            return finished
+        state = self._load_state()
+        self._acct = rundir.Invocations(state["invocations"] if state else [])
+        self._done_models: dict[str, Any] = dict(state["models"]) if state else {}
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        results = [self._run_model(m, f"model{i}-d{m.d_model}", metrics) for i, m in enumerate(self.models)]
-        report = self._report(results, time.time() - start)
+        metrics.truncate(state["metrics_offset"] if state else 0)       # records after the last completed chunk go
+        current = state["current"] if state else None
+        results = []
+        for i, m in enumerate(self.models):
+            tag = f"model{i}-d{m.d_model}"
+            if tag in self._done_models:
+                results.append(self._done_models[tag])
+                continue
+            results.append(self._run_model(m, tag, metrics, current if current and current["tag"] == tag else None))
+        invocations = self._acct.record()
+        report = self._report(results, rundir.Invocations.total(invocations)) | {"invocations": invocations}
         if jax.process_index() == 0:
             self._write(report, results)
         return report
@@ -228,7 +337,6 @@ class SememRun(ContinualRun):
                             pretrain_domain=self.pretrain_domain, models=models, acceptance=acceptance)
 
     def _write(self, report, results) -> None:
-        write_report(self.run_dir, report)
         plot_matrix(report, self.run_dir / "perplexity_matrix.png")
         curves = {f"{res['tag']} {name}": res["records"][name] for res in results for name in POLICIES}
         plot_memory_growth(curves, self.run_dir / "memory_growth.png")
@@ -245,6 +353,7 @@ class SememRun(ContinualRun):
         rates = {f"{res['tag']} semem": [r["admitted_rate"] for r in res["records"]["semem"]] for res in results}
         plot_series(rates, self.run_dir / "admitted_rate.png", xlabel="chunk", ylabel="admitted fraction",
                     title=f"SeMem memorization rate (δ = {self.cfg.semem.threshold})", xticks=labels)
+        write_report(self.run_dir, report)          # last: report.json marks the run finished
         print(format_matrix(report))
         for m in report["models"]:
             print(f"{m['tag']}: memory semem/full = {m['memory_size']['semem']}/{m['memory_size']['full']} "
@@ -260,3 +369,21 @@ def _override_model(base: ModelConfig, overrides: dict[str, Any], i: int) -> Mod
         return ModelConfig.from_dict({**dataclasses.asdict(base), **overrides})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"semem.extra_models[{i}]: {e}") from None
+
+
+def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(path "a/b/c", leaf) of a nested dict of arrays (calibrator parameters)."""
+    if isinstance(tree, dict):
+        return [item for k in sorted(tree) for item in _flatten(tree[k], f"{prefix}{k}/")]
+    return [(prefix.rstrip("/"), tree)]
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, last = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return out

@@ -8,14 +8,16 @@ every task seen so far on its test split from the text alone. The baselines (seq
 experience replay, multitask) run through the same `ContinualClassifier` with one shared slot set and the
 union head. Outputs: config.yaml, metrics.jsonl, report.json (matrix, summary, retrieval_accuracy,
 baselines) and accuracy-matrix heatmaps.
+
+The run directory follows `jaxcl.rundir`: a finished run is returned untouched, a changed config is
+refused. SLM keeps no checkpoints (a run takes minutes), so an unfinished run starts again from scratch
+and its report accounts for the invocation that did the work.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ import jax
 import numpy as np
 import optax
 
-from jaxcl.config import Config, ConfigError, save_config
+from jaxcl import rundir
+from jaxcl.config import Config, ConfigError
 from jaxcl.data.classification import TaskSplit, load_task
 from jaxcl.eval.metrics import summarize
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, write_report
@@ -215,21 +218,22 @@ class SlmRun:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
-        start = time.time()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir / "config.yaml")
-        metrics_path = self.run_dir / "metrics.jsonl"
-        metrics_path.write_text("")
-        metrics = _Metrics(metrics_path)
+        finished = rundir.begin(self.run_dir, self.cfg, self.method)      # before anything is written
+        if finished is not None:
+            return finished
+        acct = rundir.Invocations()
+        metrics = rundir.MetricsFile(self.run_dir / "metrics.jsonl")
+        metrics.truncate(0)          # no checkpoints: what an interrupted invocation logged is redone
         if self.scfg.mode == "lm":
-            return self._run_lm(metrics, start)
+            return self._run_lm(metrics, acct)
         results = {m: self._run_method(m, metrics) for m in ("slm", *self.scfg.baselines)}
         slm = results.pop("slm")
         final = slm["retrieval"]
         retrieval_accuracy = float(np.mean([r["retrieval_accuracy"] for r in final.values()]))
+        invocations = acct.record()
         report = build_report(
-            "slm", "accuracy", slm["stages"], self.tasks, slm["matrix"], time.time() - start,
-            retrieval_accuracy=retrieval_accuracy,
+            "slm", "accuracy", slm["stages"], self.tasks, slm["matrix"], acct.total(invocations),
+            invocations=invocations, retrieval_accuracy=retrieval_accuracy,
             retrieval={"per_task_final": {k: v["retrieval_accuracy"] for k, v in final.items()},
                        "slot_precision": float(np.mean([r["slot_precision"] for r in final.values()])),
                        "mode": self.scfg.retrieval, "head": self.scfg.head},
@@ -237,11 +241,11 @@ class SlmRun:
             label_sets={n: list(self.data[n]["train"].split.label_names) for n in self.tasks},
             baselines={m: {k: r[k] for k in ("stages", "matrix", "valid_matrix", "summary")}
                        for m, r in results.items()})
-        write_report(self.run_dir, report)
         plot_matrix(report, self.run_dir / "accuracy_matrix.png")
         for m, r in results.items():
             plot_matrix(build_report(m, "accuracy", r["stages"], self.tasks, r["matrix"], 0.0),
                         self.run_dir / f"accuracy_matrix_{m}.png")
+        write_report(self.run_dir, report)          # last: report.json marks the run finished
         print(format_matrix(report))
         print(f"retrieval accuracy {retrieval_accuracy:.2f} %")
         for m, r in results.items():
@@ -250,7 +254,7 @@ class SlmRun:
         self.learner = slm["learner"]
         return report
 
-    def _run_lm(self, metrics, start: float) -> dict[str, Any]:
+    def _run_lm(self, metrics, acct: rundir.Invocations) -> dict[str, Any]:
         from jaxcl.slm.lm import run_lm
 
         results = run_lm(self, metrics)
@@ -258,31 +262,24 @@ class SlmRun:
         baselines = {m: {"stages": r["stages"], "matrix": r["matrix"],
                          "summary": summarize(r["matrix"], "perplexity", r["seen"])}
                      for m, r in results.items()}
-        report = build_report("slm", "perplexity", slm["stages"], slm["stages"], slm["matrix"], time.time() - start,
+        invocations = acct.record()
+        report = build_report("slm", "perplexity", slm["stages"], slm["stages"], slm["matrix"], acct.total(invocations),
+                              invocations=invocations,
                               retrieval_accuracy=float(np.mean(list(slm["retrieval"].values()))),
                               retrieval={"per_task_final": slm["retrieval"], "mode": self.scfg.retrieval},
                               baselines=baselines)
-        write_report(self.run_dir, report)
         plot_matrix(report, self.run_dir / "perplexity_matrix.png")
         for m, r in results.items():
             plot_matrix(build_report(m, "perplexity", r["stages"], slm["stages"], r["matrix"], 0.0,
                                      seen=r["seen"]),
                         self.run_dir / f"perplexity_matrix_{m}.png")
+        write_report(self.run_dir, report)          # last: report.json marks the run finished
         print(format_matrix(report))
         print(f"retrieval accuracy {report['retrieval_accuracy']:.2f} %")
         for m, r in baselines.items():
             print(f"{m}: " + ", ".join(f"{k}={v:.2f}" for k, v in r["summary"].items()))
         print(f"outputs in {self.run_dir}/")
         return report
-
-
-class _Metrics:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, **record: Any) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 __all__ = ["SlmRun"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,36 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
                                                enable_async_checkpointing=cfg.async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._drop_incomplete()
+
+    # Files each item writes last; a step without them was published before its items were (seen with
+    # async saves killed by SIGKILL: orbax renamed the step while "meta" was still missing).
+    ITEM_MARKERS = {"state": "_METADATA", "meta": "metadata"}
+
+    def _complete(self, step: int) -> bool:
+        root = self.directory / str(step)
+        return all((root / item / marker).is_file() for item, marker in self.ITEM_MARKERS.items())
+
+    def _drop_incomplete(self) -> None:
+        """Delete steps that orbax lists but that miss an item (a kill during an async save), so that
+        `latest_step` is always a step that restores; process 0 deletes, every process skips them."""
+        bad = [s for s in self.manager.all_steps() if not self._complete(s)]
+        if not bad:
+            return
+        log.warning("checkpoints %s in %s are incomplete (killed while saving): %s", bad, self.directory,
+                    "deleting them" if jax.process_index() == 0 else "ignoring them")
+        if jax.process_index() == 0:
+            for step in bad:
+                shutil.rmtree(self.directory / str(step), ignore_errors=True)
+        self.manager.reload()
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        """Steps that hold every item, ascending."""
+        return sorted(s for s in self.manager.all_steps() if self._complete(s))
 
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = True) -> bool:
         """Save (asynchronously when configured); `meta` must be JSON-serialisable.

@@ -2,7 +2,7 @@
 
 For each domain of the stream: (let the method adapt the model) -> train on the domain -> evaluate
 every domain. The plain loop is sequential fine-tuning, the baseline all methods are compared to;
-methods subclass `ContinualRun` and override its hooks (`stage_model`, `local_batch`, ...).
+methods subclass `ContinualRun` and override its hooks (`stage_model`, `next_batch`, ...).
 
 The run is resumable at any step: checkpoints hold the sharded TrainState plus JSON metadata
 (stage, step in stage, data-stream position, the matrix so far, the resolved config), and a SIGTERM
@@ -11,7 +11,6 @@ The run is resumable at any step: checkpoints hold the sharded TrainState plus J
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -24,13 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl.config import Config, ConfigError, TrainConfig, config_to_dict, save_config
+from jaxcl import rundir
+from jaxcl.config import Config, ConfigError, TrainConfig, config_to_dict
 from jaxcl.data.sources import open_source
-from jaxcl.data.stream import SequenceStream, eval_batches, pack_sequences, to_global
+from jaxcl.data.stream import SequenceStream, device_batch, eval_batches, pack_sequences
 from jaxcl.data.tokenizer import load_tokenizer
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_training_curves, write_report
 from jaxcl.models import ModelConfig, abstract_params, init_params
 from jaxcl.parallel import batch_sharding, describe_mesh, make_mesh, resolve_rules, sharding_table
+from jaxcl.rundir import Invocations, MetricsFile
 from jaxcl.train.checkpoint import Checkpointer, abstract_like
 from jaxcl.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxcl.train.state import TrainState, create_train_state, state_shardings
@@ -54,16 +55,8 @@ def _progress(total: int, initial: int, desc: str):
                 disable=jax.process_index() != 0, file=sys.stderr)
 
 
-class MetricsLog:
-    """Append-only metrics.jsonl written by process 0."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, **record: Any) -> None:
-        if jax.process_index() == 0:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+class MetricsLog(MetricsFile):
+    """Append-only metrics.jsonl written by process 0 (checkpoints record its offset: `jaxcl.rundir`)."""
 
 
 class ContinualRun:
@@ -132,20 +125,21 @@ class ContinualRun:
         """Change the model between stages (ELLE grows it here). Sequential: unchanged."""
         return model_cfg, params
 
-    def local_batch(self, stage: int, stream: SequenceStream) -> dict[str, np.ndarray]:
-        """This process's rows of the next batch (replay methods mix memory batches in here)."""
-        return stream.next_local()
+    def next_batch(self, stage: int, stream: SequenceStream) -> dict[str, np.ndarray]:
+        """The next global batch `[batch_size, seq]` (numpy, the same on every process); replay methods
+        mix memory batches in here."""
+        return stream.next_batch()
 
-    def domain_batch(self, domain: str, local: dict[str, np.ndarray], model_cfg: ModelConfig) -> dict[str, np.ndarray]:
-        """A batch of `domain` with what the model needs to know about its domain: a model with learned
-        prompts gets the domain's prompt (prompt p = the p-th domain of the stream)."""
-        if not model_cfg.num_prompts or "prompt_ids" in local:
-            return local
+    def domain_batch(self, domain: str, batch: dict[str, np.ndarray], model_cfg: ModelConfig) -> dict[str, np.ndarray]:
+        """A global batch of `domain` with what the model needs to know about its domain: a model with
+        learned prompts gets the domain's prompt (prompt p = the p-th domain of the stream)."""
+        if not model_cfg.num_prompts or "prompt_ids" in batch:
+            return batch
         index = self.domains.index(domain)
         if index >= model_cfg.num_prompts:
             raise ConfigError(f"model.num_prompts={model_cfg.num_prompts} but the stream has {len(self.domains)} "
                               f"domains: domain {domain!r} has no prompt")
-        return {**local, "prompt_ids": np.full((len(local["input_ids"]),), index, np.int32)}
+        return {**batch, "prompt_ids": np.full((len(batch["input_ids"]),), index, np.int32)}
 
     def after_step(self, stage: int, step: int, steps: int, model_cfg: ModelConfig, state: TrainState,
                    shardings: TrainState) -> None:
@@ -212,10 +206,10 @@ class ContinualRun:
         """(summed NLL, tokens) of `domain`'s validation split (its first `max_batches` batches)."""
         sharding = batch_sharding(self.mesh, self.rules)
         nll, n = 0.0, 0.0
-        for i, local in enumerate(eval_batches(self.valid_sequences[domain], self.cfg.data.batch_size)):
+        for i, batch in enumerate(eval_batches(self.valid_sequences[domain], self.cfg.data.batch_size)):
             if max_batches is not None and i >= max_batches:
                 break
-            s, c = eval_step(params, to_global(self.domain_batch(domain, local, model_cfg), sharding))
+            s, c = eval_step(params, device_batch(self.domain_batch(domain, batch, model_cfg), sharding))
             nll, n = nll + float(s), n + float(c)
         return nll, n
 
@@ -236,9 +230,12 @@ class ContinualRun:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
+        # Before anything is written: refuse a config that changes what this run dir trained, and
+        # return a finished run's report untouched (jaxcl.rundir).
+        finished = rundir.begin(self.run_dir, cfg, self.method, recorded=self._checkpointed_config,
+                                announce=getattr(self, "announce_finished", True))
+        if finished is not None:
+            return finished
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
         log.info("%s", describe_mesh(self.mesh))
@@ -250,10 +247,24 @@ class ContinualRun:
             signal.signal(signal.SIGTERM, previous)
             ckpt.close()
 
+    def _checkpointed_config(self) -> dict[str, Any] | None:
+        """The config in the latest checkpoint's meta: what a run dir without config.yaml was trained with."""
+        directory = self.run_dir / "checkpoints"
+        if not directory.is_dir():
+            return None
+        ckpt = Checkpointer(directory, self.cfg.checkpoint)
+        try:
+            latest = ckpt.latest_step()
+            return None if latest is None else ckpt.restore_meta(latest).get("config")
+        finally:
+            ckpt.close()
+
     def _run(self, ckpt: Checkpointer, metrics: MetricsLog, stop: dict) -> dict[str, Any]:
         cfg = self.cfg
         self._stop, self._ckpt = stop, ckpt       # for work inside hooks (ELLE's warmup) to honour preemption
         start = time.time()
+        self._acct = Invocations(start=start)          # this invocation's accounting (meta, report)
+        self._metrics_log = metrics                    # checkpoints record its offset
         model_cfg, params, meta = cfg.model, None, None
         if not cfg.checkpoint.resume and ckpt.all_steps():
             raise ConfigError(f"checkpoint.resume=false but {ckpt.directory} already holds checkpoints "
@@ -265,14 +276,17 @@ class ContinualRun:
                     (self.method, list(self.stages), list(self.domains)):
                 raise ConfigError(f"{ckpt.directory} holds a {meta.get('method')} run over stages {meta.get('stages')}; "
                                   f"this is a {self.method} run over {list(self.stages)}: use another run.dir")
-            changed = _changed_keys(meta.get("config", {}), config_to_dict(cfg))
-            if changed:
-                log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
+            rundir.check_compatible(meta.get("config"), cfg, self.method, ckpt.directory)
             model_cfg = ModelConfig.from_dict(meta["model"])
             self.train_seconds = meta.get("train_seconds", 0.0)
+            self._acct.previous = list(meta.get("invocations", []))
+            metrics.truncate(meta.get("metrics_offset"))     # drop what a killed invocation logged after it
             self.stage_flops = list(meta.get("stage_flops", []))
             self.load_method_state(meta.get("method_state", {}))
             log.info("resuming from checkpoint %d (stage %d, step %d)", latest, meta["stage"], meta["stage_step"])
+        else:
+            metrics.truncate(0)          # a run from scratch: records of an invocation that never checkpointed go
+        self._train_seconds_start = self.train_seconds
         matrix = meta["matrix"] if meta else []
         initial = meta.get("initial") if meta else None
         architectures = meta.get("architectures", []) if meta else []
@@ -345,8 +359,8 @@ class ContinualRun:
         bar = _progress(steps, first, f"stage {stage} {domain}")
         t_last, tokens_since = time.time(), 0.0
         for step in range(first, steps):
-            local = self.domain_batch(domain, self.local_batch(stage, stream), model_cfg)
-            state, m = train_step(state, to_global(local, sharding), rng)
+            batch = self.domain_batch(domain, self.next_batch(stage, stream), model_cfg)
+            state, m = train_step(state, device_batch(batch, sharding), rng)
             tokens_since += cfg.data.batch_size * cfg.data.seq_len
             self.stage_flops[stage] += flops
             bar.update()
@@ -387,7 +401,12 @@ class ContinualRun:
                 "model": config_to_dict(model_cfg), "stream": stream.state(), "matrix": matrix, "initial": initial,
                 "architectures": architectures, "train_seconds": self.train_seconds,
                 "stage_flops": self.stage_flops, "method_state": self.method_state(),
-                "config": config_to_dict(self.cfg)}
+                "config": config_to_dict(self.cfg),
+                "metrics_offset": self._metrics_log.offset(), "invocations": self._invocations()}
+
+    def _invocations(self) -> list[dict[str, Any]]:
+        """The accounting records up to now: earlier invocations' (from the checkpoint) plus this one's."""
+        return self._acct.record(train_seconds=self.train_seconds - self._train_seconds_start)
 
     def report_extras(self, architectures) -> dict[str, Any]:
         """Method-specific report keys; every stage loop reports its architectures and training FLOPs."""
@@ -396,14 +415,16 @@ class ContinualRun:
     def _finish(self, matrix, initial, architectures, wall) -> dict[str, Any]:
         tokens = [self.stage_steps(i) * self.cfg.data.batch_size * self.cfg.data.seq_len
                   for i in range(len(self.stages))]
-        report = build_report(self.method, "perplexity", self.stages, self.domains, matrix, wall,
+        invocations = self._invocations() if hasattr(self, "_acct") else [{"wall_seconds": wall}]
+        report = build_report(self.method, "perplexity", self.stages, self.domains, matrix,
+                              Invocations.total(invocations),
                               initial_perplexity=[initial[d] for d in self.domains] if initial else None,
-                              train_tokens=tokens, train_seconds=self.train_seconds,
+                              train_tokens=tokens, train_seconds=self.train_seconds, invocations=invocations,
                               **self.report_extras(architectures))
         if jax.process_index() == 0:
-            write_report(self.run_dir, report)
             plot_matrix(report, self.run_dir / "perplexity_matrix.png")
             plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_loss.png")
+            write_report(self.run_dir, report)          # last: report.json marks the run finished
             print(format_matrix(report))
             if initial:
                 print("untrained model:".ljust(18) + "".join(f"{initial[d]:.2f}".rjust(max(10, len(d) + 2))
@@ -439,14 +460,6 @@ def _agreed_stop(stop: dict) -> bool:
         return local
     from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
-
-
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two config trees."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [k for key in sorted(set(old) | set(new))
-                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _architecture(model_cfg: ModelConfig) -> dict[str, Any]:

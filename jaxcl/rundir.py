@@ -1,0 +1,233 @@
+"""The run directory contract every runner shares: it always describes the model that was trained.
+
+    finished = rundir.begin(run_dir, cfg, method)     # before anything is written
+    if finished is not None:
+        return finished                               # a finished run: nothing was changed
+
+- **Compatibility.** `config.yaml` is written once, by the first invocation, and never rewritten: it is
+  the record of what the run trains. A later invocation whose config differs from it in a key that
+  changes what is trained is refused before anything is written, with one line naming the changed
+  dotted keys. Keys that do not change what is trained may differ (`HARMLESS_KEYS`, one place, each
+  with its reason), and so may the config sections the runner never reads (`UNUSED_SECTIONS`).
+- **Finished runs.** `report.json` is the last file a runner writes (its commit point): a rerun of a
+  run that has one says so and returns it, changing no file.
+- **Accounting.** `Invocations` records the wall-clock time of each invocation up to its last durable
+  commit (a checkpoint, a stream state, the report); a resumed run's report sums them, so work redone
+  after a kill is counted once and work kept from an interrupted invocation is not lost.
+- **metrics.jsonl** (`MetricsFile`): a commit records the file's byte offset and a resume truncates back
+  to it, so the records a killed invocation wrote after its last commit are redone once, not duplicated.
+- **Atomic small files** (`atomic_write`, on `jaxcl.atomic_io`): a kill at any moment leaves the old or
+  the new version of report.json / config.yaml / a state file.
+
+This module sits at the bottom of the package (it imports only `jaxcl.config` and `jaxcl.atomic_io`),
+so every runner can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from jaxcl.atomic_io import atomic_write_file
+from jaxcl.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HARMLESS_KEYS", "UNUSED_SECTIONS", "CONFIG_FILE", "REPORT_FILE", "atomic_write", "begin",
+           "changed_keys", "incompatible_keys", "check_compatible", "recorded_config", "Invocations", "MetricsFile"]
+
+CONFIG_FILE = "config.yaml"
+REPORT_FILE = "report.json"
+
+# Dotted keys (or whole sections) that may differ between the invocations of one run, and why each does
+# not change what is trained. Everything not listed here (and not in an unused section) must match.
+HARMLESS_KEYS: dict[str, str] = {
+    "run.name": "names the run directory; the directory being resumed is already chosen",
+    "run.dir": "where the run lives, not what it trains",
+    "train.log_every": "how often the training loss is logged; the updates are the same",
+    "train.eval_every": "extra evaluations between stage ends only read the parameters",
+    "checkpoint.every": "when checkpoints are written; a run resumes exactly from any of them",
+    "checkpoint.keep": "how many old checkpoints stay on disk",
+    "checkpoint.async_save": "whether saving overlaps training; the saved state is the same",
+    "checkpoint.resume": "whether this invocation may continue the run: a property of the invocation",
+    "mesh": "how the same arrays are laid out on devices; checkpoints restore onto any mesh",
+    "slm.cache_dir": "a cache of encoder queries, a pure function of the texts and the encoder",
+}
+
+# Config sections a runner never reads (by `run.method`): they cannot change what it trains.
+UNUSED_SECTIONS: dict[str, tuple[str, ...]] = {
+    "sequential": ("elle", "semem", "slm"),
+    "joint": ("elle", "semem", "slm"),
+    "elle": ("semem", "slm"),
+    "semem": ("elle", "slm"),
+    "slm": ("elle", "semem"),
+}
+
+
+# ----------------------------------------------------------------------------- atomic small files
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` (text is UTF-8 encoded) so that a kill at any moment leaves the old or the new version
+    (`jaxcl.atomic_io.atomic_write_file`: temporary + fsync + rename + directory fsync)."""
+    atomic_write_file(path, data.encode() if isinstance(data, str) else bytes(data))
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- config compatibility
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config trees."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _normalized(tree: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config tree with defaults filled in (as this jaxcl reads it), or as is if it no longer loads."""
+    try:
+        return config_to_dict(config_from_dict(tree))
+    except ConfigError:
+        return tree
+
+
+def _is_harmless(key: str, method: str) -> bool:
+    if key.split(".", 1)[0] in UNUSED_SECTIONS.get(method, ()):
+        return True
+    return any(key == h or key.startswith(h + ".") for h in HARMLESS_KEYS)
+
+
+def incompatible_keys(recorded: dict[str, Any], cfg: Config, method: str) -> list[str]:
+    """The dotted keys in which `cfg` changes what the run recorded in `recorded` trains."""
+    return [k for k in changed_keys(_normalized(recorded), config_to_dict(cfg)) if not _is_harmless(k, method)]
+
+
+def check_compatible(recorded: dict[str, Any] | None, cfg: Config, method: str, where: str | Path) -> None:
+    """Refuse (ConfigError, one line) when `cfg` would change what the run in `where` trains."""
+    if recorded is None:
+        return
+    changed = incompatible_keys(recorded, cfg, method)
+    if not changed:
+        return
+    ways = ("nothing was changed; to train this config start a new run (run.name=NEW or run.dir=NEW_DIR), "
+            "or train from scratch with checkpoint.resume=false into an empty run.dir")
+    old_method = (recorded.get("run") or {}).get("method")
+    if "run.method" in changed:
+        raise ConfigError(f"{where} holds a {old_method} run, not a {cfg.run.method} run "
+                          f"(changed: {', '.join(changed)}): {ways}")
+    raise ConfigError(f"{where} holds a run whose config differs in what is trained "
+                      f"(changed: {', '.join(changed)}): {ways}")
+
+
+def recorded_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The config a run directory records (its config.yaml), or None if it has none."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not readable YAML ({e}): this run directory cannot be checked; "
+                          "use another run.name / run.dir") from None
+    return tree if isinstance(tree, dict) else None
+
+
+def _process_index() -> int:
+    import jax
+    return jax.process_index()
+
+
+def begin(run_dir: str | Path, cfg: Config, method: str, *,
+          recorded: Callable[[], dict[str, Any] | None] | None = None, announce: bool = True) -> dict[str, Any] | None:
+    """Check the run directory before an invocation writes anything into it.
+
+    Returns the finished run's report (after saying so; nothing is changed) or None: go on, the run
+    directory exists and holds the config.yaml that describes the run. Raises ConfigError when this
+    config would change what the run trains, or when checkpoint.resume=false meets a non-empty directory.
+    `recorded`: where else the run records its config when config.yaml is missing (e.g. checkpoint meta).
+    """
+    run_dir = Path(run_dir)
+    if not cfg.checkpoint.resume:
+        held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+        if held:
+            raise ConfigError(f"checkpoint.resume=false but {run_dir} already holds {', '.join(held[:8])}"
+                              f"{' ...' if len(held) > 8 else ''}: a run from scratch needs an empty run.dir; "
+                              "choose another run.name / run.dir (nothing was changed)")
+    else:
+        record = recorded_config(run_dir)
+        if record is None and recorded is not None:
+            record = recorded()
+        check_compatible(record, cfg, method, run_dir)
+        report_path = run_dir / REPORT_FILE
+        if report_path.is_file():
+            report = json.loads(report_path.read_text())
+            message = (f"{run_dir} holds a finished run: its report is {report_path} (nothing was changed; to "
+                       "train again use a new run.name / run.dir)")
+            if announce and _process_index() == 0:
+                print(message, flush=True)
+            log.info("%s", message)
+            return report
+    import jax
+
+    if jax.process_count() > 1:        # every process has checked the directory before any writes to it
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("jaxcl.rundir.begin")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0 and not (run_dir / CONFIG_FILE).exists():
+        save_config(cfg, run_dir / CONFIG_FILE)        # once: it describes what this run trains
+    return None
+
+
+# ----------------------------------------------------------------------------- accounting
+class Invocations:
+    """Per-invocation accounting of one run, summed in its report.
+
+    A run's durable state (checkpoint meta, a stream state file) stores `record(...)`: the records of the
+    earlier invocations it was resumed from plus this invocation's, measured up to that commit. Work a
+    killed invocation did after its last commit is not counted (it is redone, and counted, by the next).
+    """
+
+    def __init__(self, previous: list[dict[str, Any]] | None = None, *, start: float | None = None):
+        self.start = time.time() if start is None else start
+        self.previous = [dict(r) for r in previous or []]
+
+    def record(self, **extra: Any) -> list[dict[str, Any]]:
+        return self.previous + [{"wall_seconds": time.time() - self.start, **extra}]
+
+    @staticmethod
+    def total(records: list[dict[str, Any]], key: str = "wall_seconds") -> float:
+        return float(sum(r.get(key, 0.0) for r in records))
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+class MetricsFile:
+    """Append-only metrics.jsonl written by process 0; `offset()` is what a commit records and
+    `truncate(offset)` is how a resume drops the records written after that commit."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def write(self, **record: Any) -> None:
+        if _process_index() == 0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def offset(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def truncate(self, offset: int | None) -> None:
+        """Drop everything after byte `offset` (None: keep the file as it is)."""
+        if offset is None or _process_index() != 0 or not self.path.exists():
+            return
+        if self.offset() > offset:
+            with self.path.open("r+b") as f:
+                f.truncate(offset)
+                f.flush()
+                os.fsync(f.fileno())
