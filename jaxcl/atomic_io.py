@@ -66,11 +66,12 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_fd(fd: int, data: bytes) -> None:
+def _write_fd(fd: int, data: bytes, durable: bool = True) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-    os.fsync(fd)
+    if durable:
+        os.fsync(fd)
 
 
 def atomic_write_file(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
@@ -85,12 +86,7 @@ def atomic_write_file(path: str | os.PathLike, data: bytes, *, durable: bool = T
     tmp = temporary_sibling(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        if durable:
-            _write_fd(fd, data)
-        else:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+        _write_fd(fd, data, durable)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
