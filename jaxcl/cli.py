@@ -6,7 +6,7 @@
                                          perplexity of every domain for the run's latest checkpoint
                                          (or an HF checkpoint directory)
     jaxcl grow IN_DIR OUT_DIR [--d-model N] [--n-heads N] [--n-kv-heads N] [--d-ff N] [--n-layers N]
-               [--method exact|elle] [--seed S] [--noise-std X]
+               [--method exact|elle] [--seed S] [--noise-std X] [--allow-inexact]
                                          grow a Hugging Face checkpoint; the result loads in transformers
 """
 
@@ -106,7 +106,8 @@ def cmd_grow(args) -> int:
     cfg, params = load_pretrained(args.in_dir)
     new_params, new_cfg = grow(params, cfg, d_model=args.d_model, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                                d_ff=args.d_ff, n_layers=args.n_layers, rng=jax.random.key(args.seed),
-                               method=args.method, noise_std=args.noise_std)
+                               method=args.method, noise_std=args.noise_std,
+                               allow_inexact=args.allow_inexact)
     save_pretrained(args.out_dir, new_cfg, new_params)
     print(f"grew {cfg.family} L{cfg.n_layers}/D{cfg.d_model}/H{cfg.n_heads}/F{cfg.d_ff} "
           f"({cfg.num_params() / 1e6:.2f} M) -> L{new_cfg.n_layers}/D{new_cfg.d_model}/H{new_cfg.n_heads}/"
@@ -133,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--method", choices=("exact", "elle"), default="exact")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--noise-std", type=float, default=0.0, help="ELLE copy noise (method=elle)")
+    g.add_argument("--allow-inexact", action="store_true",
+                   help="method=exact on a post-LN BERT at a non-multiple width or with added layers (not exact)")
     args = parser.parse_args(argv)
     _setup_logging()
     from jaxcl.config import ConfigError

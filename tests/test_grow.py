@@ -148,9 +148,14 @@ def test_bert_exact_at_integer_width_multiples(tied):
     ids = np.random.RandomState(0).randint(0, 40, (2, 8))
     new_params, new_cfg = grow(params, cfg, d_model=48, n_heads=6, d_ff=80, rng=jax.random.key(0))
     np.testing.assert_allclose(logits(new_cfg, new_params, ids), logits(cfg, params, ids), atol=1e-4, rtol=0)
-    # At a non-multiple width post-LN statistics change: not exact (measured in docs/elle.md).
-    odd_params, odd_cfg = grow(params, cfg, d_model=24, n_heads=3, rng=jax.random.key(0))
-    assert np.abs(logits(odd_cfg, odd_params, ids) - logits(cfg, params, ids)).max() > 1e-3
+    # At a non-multiple width, or with added layers, the post-LN statistics change: method="exact" refuses
+    # (it would return a different function silently), and allow_inexact=True shows why.
+    for target, message in ((dict(d_model=24, n_heads=3), r"d_model=24 is not an integer multiple of 16"),
+                            (dict(n_layers=3), r"n_layers=3 adds layers")):
+        with pytest.raises(ConfigError, match=message + r".*method='elle'"):
+            grow(params, cfg, rng=jax.random.key(0), **target)
+        odd_params, odd_cfg = grow(params, cfg, rng=jax.random.key(0), allow_inexact=True, **target)
+        assert np.abs(logits(odd_cfg, odd_params, ids) - logits(cfg, params, ids)).max() > 1e-3
 
 
 def test_elle_method_is_deterministic_and_noise_touches_only_new_slices():

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from jaxcl.atomic_io import recover_directory, replace_directory, temporary_sibling
-from jaxcl.hf.config import CheckpointError, hf_config_from_model, model_config_from_hf, read_config_json
+from jaxcl.hf.config import (CheckpointError, generation_config_json, hf_config_from_model, model_config_from_hf,
+                             read_config_json)
 from jaxcl.hf.mapping import Entry, FamilyTable, legacy_names, table_for
 from jaxcl.models import ModelConfig, abstract_params
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
+GENERATION_CONFIG = "generation_config.json"
 # Buffers some exporters write that are not parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
 
@@ -63,6 +65,7 @@ class SafetensorsReader:
         for file in set(self.locations.values()):
             if not file.is_file():
                 raise FileNotFoundError(f"{str(file)!r} is listed in {SAFETENSORS_INDEX} but does not exist")
+        self._index = index if index.is_file() else None
         self._handles: dict[tuple[Path, str], Any] = {}
 
     @property
@@ -79,6 +82,9 @@ class SafetensorsReader:
         """One tensor as float32 numpy (bfloat16 tensors are read through the flax backend)."""
         file = self.locations[name]
         handle = self._handle(file, "numpy")
+        if name not in handle.keys():      # an index that disagrees with its shards
+            raise CheckpointError(f"tensor {name!r} is not in {str(file)!r}, although {str(self._index)!r} says it "
+                                  f"is there (the shard holds {len(handle.keys())} other tensors)")
         if handle.get_slice(name).get_dtype() == "BF16":
             return np.asarray(self._handle(file, "flax").get_tensor(name), dtype=np.float32)
         return np.asarray(handle.get_tensor(name), dtype=np.float32)
@@ -133,6 +139,7 @@ def load_pretrained(directory: str | os.PathLike, *, shardings: Any = None) -> t
     raw = read_config_json(directory)
     reader = SafetensorsReader(directory)
     cfg = model_config_from_hf(raw, where=str(directory / "config.json"), tensor_names=reader.names)
+    cfg = _untie_stored_head(cfg, reader, directory)
     table = table_for(cfg)
     prefix = _base_prefix(table, reader.names)
     shapes = {p: tuple(s.shape) for p, s in _flatten(abstract_params(cfg)).items()}
@@ -172,6 +179,29 @@ def load_pretrained(directory: str | os.PathLike, *, shardings: Any = None) -> t
     return cfg, params
 
 
+def _untie_stored_head(cfg: ModelConfig, reader: SafetensorsReader, directory: Path) -> ModelConfig:
+    """A config that says tied embeddings while the weights hold a *different* output head is loaded
+    untied with the stored head, as transformers does (`PreTrainedModel.tie_weights` skips tying when
+    both tensors are present and differ, and warns). A stored head equal to the embeddings stays tied."""
+    if not cfg.tie_embeddings or not cfg.has_lm_head:
+        return cfg
+    untied = cfg.replace(tie_embeddings=False)
+    table = table_for(untied)
+    prefix = _base_prefix(table, reader.names)
+    head = next(e for e in table.entries if e.params == (("lm_head", "kernel"),))
+    embed = next(e for e in table.entries if e.params == (("embed", "embedding"),))
+    head_key = _hf_key(head, prefix, None)
+    if head_key not in reader.locations:
+        return cfg
+    stored, embedding = reader.get(head_key), reader.get(_hf_key(embed, prefix, None))
+    if stored.shape == embedding.shape and np.array_equal(stored, embedding):
+        return cfg
+    log.warning("load_pretrained(%s): config.json says tie_word_embeddings=true, but the weights hold an output "
+                "head %r that differs from the token embeddings; using the stored head, untied (as transformers "
+                "does). Set tie_word_embeddings=false in config.json to silence this.", directory, head_key)
+    return untied
+
+
 # ----------------------------------------------------------------------------- writing
 def _to_host(x: Any) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -201,7 +231,7 @@ def _stage_other_files(directory: Path, staged: Path) -> None:
     if not directory.is_dir():
         return
     for item in directory.iterdir():
-        if item.name in (SAFETENSORS_INDEX, "config.json") or (item.name.startswith("model")
+        if item.name in (SAFETENSORS_INDEX, "config.json", GENERATION_CONFIG) or (item.name.startswith("model")
                                                               and item.name.endswith(".safetensors")):
             continue
         if item.is_dir():
@@ -260,6 +290,9 @@ def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict
         _stage_other_files(directory, staged)
         _write_checkpoint_files(staged, tensors, max_shard_bytes)
         (staged / "config.json").write_bytes(hf_config.to_json_string(use_diff=False).encode())
+        generation = generation_config_json(cfg)
+        if generation is not None:
+            (staged / GENERATION_CONFIG).write_text(generation)
         replace_directory(staged, directory)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

@@ -111,14 +111,33 @@ def model_config_from_hf(raw: dict[str, Any], where: str = "config.json",
 
 
 def _first_id(value):
+    """A config's token id as jaxcl keeps it: an int, a tuple of ints (kept whole: Llama-3 stops on
+    several eos ids), or None."""
     if isinstance(value, (list, tuple)):
-        return int(value[0]) if value else None
+        return tuple(int(v) for v in value) if value else None
     return None if value is None else int(value)
+
+
+def _hf_ids(cfg: ModelConfig) -> dict[str, Any]:
+    """The special token ids for a transformers config (lists stay lists)."""
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in (("pad_token_id", cfg.pad_token_id), ("bos_token_id", cfg.bos_token_id),
+                               ("eos_token_id", cfg.eos_token_id))}
+
+
+def generation_config_json(cfg: ModelConfig) -> str | None:
+    """`generation_config.json` for a decoder (its bos/eos/pad ids, lists kept), or None for encoders."""
+    if not cfg.is_decoder:
+        return None
+    import transformers
+
+    ids = {k: v for k, v in _hf_ids(cfg).items() if v is not None}
+    return transformers.GenerationConfig(**ids).to_json_string(use_diff=True)
 
 
 def hf_config_from_model(cfg: ModelConfig, architecture: str):
     """A `transformers` config object equivalent to `cfg` (what `save_pretrained` writes)."""
-    ids = dict(pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    ids = _hf_ids(cfg)
     if cfg.family == "gpt2":
         kwargs = dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
                       n_inner=cfg.d_ff, n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,

@@ -64,9 +64,9 @@ class ModelConfig:
     prompt_length: int = 1             # prompt vectors per table, prepended when `prompt_ids` is given
     dtype: str = "float32"             # compute dtype; parameters are always float32
     initializer_range: float = 0.02
-    pad_token_id: int | None = None
-    bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    pad_token_id: int | tuple[int, ...] | None = None   # one id, or several (Llama-3 lists several eos ids)
+    bos_token_id: int | tuple[int, ...] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -78,6 +78,14 @@ class ModelConfig:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.d_ff is None:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            if isinstance(value, (list, tuple)):
+                value = tuple(value)
+                object.__setattr__(self, key, value)
+            ids = value if isinstance(value, tuple) else (value,)
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ConfigError(f"model.{key} must be a token id, a list of token ids or null, got {value!r}")
         if isinstance(self.rope_scaling, Mapping):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
@@ -130,6 +138,11 @@ class ModelConfig:
         """Whether the model produces vocabulary logits (decoders always; BERT with its MLM head)."""
         return self.is_decoder or self.mlm_head
 
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        """`pad_token_id`, `bos_token_id` or `eos_token_id` as a tuple (empty when unset)."""
+        value = getattr(self, key)
+        return () if value is None else value if isinstance(value, tuple) else (value,)
+
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (re-validated)."""
         return dataclasses.replace(self, **changes)
@@ -139,6 +152,9 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         if self.rope_scaling is not None:
             out["rope_scaling"] = dict(self.rope_scaling)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
         return out
 
     @classmethod

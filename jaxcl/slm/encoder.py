@@ -76,7 +76,7 @@ class SentenceEncoder:
         self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
-        self.pad_id = self.cfg.pad_token_id or 0
+        self.pad_id = (self.cfg.token_ids("pad_token_id") or (0,))[0]
         self.model = build(self.cfg)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self._cache: dict[str, np.ndarray] = {}

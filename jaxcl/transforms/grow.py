@@ -44,8 +44,15 @@ METHODS = ("exact", "elle")
 # ----------------------------------------------------------------------------- targets
 def grown_config(cfg: ModelConfig, *, d_model: int | None = None, n_heads: int | None = None,
                  n_kv_heads: int | None = None, d_ff: int | None = None, n_layers: int | None = None,
-                 method: str = "exact") -> ModelConfig:
-    """The config of the grown model; raises `ConfigError` naming the target that cannot be reached."""
+                 method: str = "exact", allow_inexact: bool = False) -> ModelConfig:
+    """The config of the grown model; raises `ConfigError` naming the target that cannot be reached.
+
+    `method="exact"` promises the same function. For the post-LN BERT encoder that holds only when the
+    new d_model is an integer multiple of the old one (copied coordinates keep the LayerNorm statistics)
+    and no layer is added (an added post-LN layer re-normalises the stream): anything else is an error
+    unless `allow_inexact=True` (then the deviation is the caller's to measure); `method="elle"` is
+    ELLE's own, inexact scheme.
+    """
     if method not in METHODS:
         raise ConfigError(f"grow: method={method!r} is not one of {METHODS}")
     D = cfg.d_model if d_model is None else d_model
@@ -75,6 +82,17 @@ def grown_config(cfg: ModelConfig, *, d_model: int | None = None, n_heads: int |
         if old_group % new_group:
             raise ConfigError(f"grow(method='exact'): the new kv group size n_heads/n_kv_heads={new_group} must "
                               f"divide the old one ({old_group}) so every old head keeps its keys and values")
+    if method == "exact" and not cfg.is_decoder and not allow_inexact:
+        why = []
+        if D % cfg.d_model:
+            why.append(f"d_model={D} is not an integer multiple of {cfg.d_model} (try "
+                       f"d_model={cfg.d_model * (D // cfg.d_model + 1)})")
+        if L != cfg.n_layers:
+            why.append(f"n_layers={L} adds layers, and an added post-LN layer re-normalises the stream "
+                       "even with zeroed output projections")
+        if why:
+            raise ConfigError(f"grow(method='exact') cannot preserve the function of a post-LN {cfg.family} model: "
+                              f"{'; '.join(why)}. Use method='elle' (ELLE's inexact scheme) or pass allow_inexact=True")
     norm_eps = cfg.norm_eps * cfg.d_model / D if cfg.is_decoder and method == "exact" else cfg.norm_eps
     return cfg.replace(d_model=D, n_heads=H, n_kv_heads=K, d_ff=F, n_layers=L, head_dim=head_dim, norm_eps=norm_eps)
 
@@ -260,15 +278,17 @@ def _insert_layers(layers: Params, counts: jax.Array, n_new: int, zero_copies: b
 def grow(params: Params, cfg: ModelConfig, *, d_model: int | None = None, n_heads: int | None = None,
          n_kv_heads: int | None = None, d_ff: int | None = None, n_layers: int | None = None,
          rng: jax.Array, method: str = "exact", depth_sources: Sequence[int] | None = None,
-         noise_std: float = 0.0) -> tuple[Params, ModelConfig]:
+         noise_std: float = 0.0, allow_inexact: bool = False) -> tuple[Params, ModelConfig]:
     """Grow `params` of model `cfg` to the target sizes; returns `(new_params, new_cfg)`.
 
     Targets left as None keep their current value. `depth_sources` fixes which old layers get
     duplicated (default: ELLE's random sweep without replacement). `noise_std` applies only to
-    `method="elle"` (ELLE's copy noise).
+    `method="elle"` (ELLE's copy noise). `method="exact"` on a post-LN BERT at a width that is not an
+    integer multiple, or with added layers, cannot preserve the function and raises `ConfigError`
+    unless `allow_inexact=True`.
     """
     new_cfg = grown_config(cfg, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff,
-                           n_layers=n_layers, method=method)
+                           n_layers=n_layers, method=method, allow_inexact=allow_inexact)
     sources = None if depth_sources is None else tuple(int(s) for s in depth_sources)
     if sources is not None:
         _sweep_counts(cfg.n_layers, new_cfg.n_layers - cfg.n_layers, jnp.zeros(cfg.n_layers), sources)  # validate
