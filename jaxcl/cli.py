@@ -5,6 +5,9 @@
     jaxcl eval CONFIG [key=value ...] [--hf DIR]
                                          perplexity of every domain for the run's latest checkpoint
                                          (or an HF checkpoint directory)
+    jaxcl export RUN_DIR OUT_DIR [--stage N]
+                                         the run's model (end of run, or after stage N) as a Hugging Face
+                                         checkpoint with the run's tokenizer
     jaxcl grow IN_DIR OUT_DIR [--d-model N] [--n-heads N] [--n-kv-heads N] [--d-ff N] [--n-layers N]
                [--method exact|elle] [--seed S] [--noise-std X] [--allow-inexact]
                                          grow a Hugging Face checkpoint; the result loads in transformers
@@ -30,7 +33,10 @@ def _setup_logging() -> None:
 def _load(args) -> "Config":  # noqa: F821
     from jaxcl.config import load_config
 
-    return load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "hf", None):      # evaluate the checkpoint as a run from it would: its architecture and tokenizer
+        overrides.append(f"model.init_from={args.hf}")
+    return load_config(args.config, overrides)
 
 
 def cmd_run(args, method: str | None = None) -> int:
@@ -48,39 +54,34 @@ def cmd_run(args, method: str | None = None) -> int:
 
 def cmd_eval(args) -> int:
     import jax
-    import jax.numpy as jnp
 
-    from jaxcl.parallel import initialize_distributed, logical_to_sharding
-    from jaxcl.train.checkpoint import Checkpointer, abstract_like
-    from jaxcl.train.loop import ContinualRun
     from jaxcl.models import ModelConfig, abstract_params, param_axes
-    from jaxcl.train.optimizer import make_optimizer
-    from jaxcl.train.state import TrainState, state_shardings
+    from jaxcl.parallel import initialize_distributed, logical_to_sharding
+    from jaxcl.train.checkpoint import complete_steps, read_meta, restore_params
+    from jaxcl.train.loop import ContinualRun
 
     initialize_distributed()
     cfg = _load(args)
     runner = ContinualRun(cfg)
     if args.hf:
-        from jaxcl.hf import load_pretrained
-        model_cfg, params = load_pretrained(args.hf)
+        from jaxcl.hf import load_pretrained, read_pretrained_config
+
+        model_cfg = read_pretrained_config(args.hf)
         shardings = logical_to_sharding(param_axes(model_cfg), runner.mesh, runner.rules,
                                         shapes=abstract_params(model_cfg))
-        params = jax.device_put(params, shardings)
+        model_cfg, params = load_pretrained(args.hf, shardings=shardings)
         source = args.hf
     else:
-        ckpt = Checkpointer(runner.run_dir / "checkpoints", cfg.checkpoint)
-        step = ckpt.latest_step()
-        if step is None:
-            raise SystemExit(f"jaxcl eval: no checkpoint in {runner.run_dir / 'checkpoints'}")
-        meta = ckpt.restore_meta(step)
-        model_cfg = ModelConfig.from_dict(meta["model"])
-        tx = make_optimizer(cfg.optim, runner.stage_steps(meta["stage"]))
-        st_sh = state_shardings(model_cfg, tx, runner.mesh, runner.rules)
-        shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                                abstract_params(model_cfg))
-        state, _ = ckpt.restore(step, abstract_like(shapes, st_sh))
-        ckpt.close()
-        params, shardings, source = state.params, st_sh.params, f"{ckpt.directory} step {step}"
+        directory = runner.run_dir / "checkpoints"
+        steps = complete_steps(directory)
+        if not steps:
+            raise SystemExit(f"jaxcl eval: no checkpoint in {directory}")
+        step = steps[-1]
+        model_cfg = ModelConfig.from_dict(read_meta(directory, step)["model"])
+        shapes = abstract_params(model_cfg)
+        shardings = logical_to_sharding(param_axes(model_cfg), runner.mesh, runner.rules, shapes=shapes)
+        params = restore_params(directory, step, shapes, shardings)
+        source = f"{directory} step {step}"
     results = runner.evaluate(model_cfg, params, shardings)
     print(f"perplexity ({source}):")
     for d, v in results.items():
@@ -90,6 +91,14 @@ def cmd_eval(args) -> int:
     if jax.process_index() == 0:
         runner.run_dir.mkdir(parents=True, exist_ok=True)
         (runner.run_dir / "eval.json").write_text(json.dumps({"source": source, "domains": results}, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from jaxcl.export import export_run
+
+    out = export_run(args.run_dir, args.out_dir, stage=args.stage, task=args.task)
+    print(f"exported {args.run_dir} -> {out}")
     return 0
 
 
@@ -126,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
         if name == "eval":
             p.add_argument("--hf", default=None, help="evaluate this Hugging Face checkpoint directory instead")
+    x = sub.add_parser("export", help="export a run's model as a Hugging Face checkpoint with its tokenizer")
+    x.add_argument("run_dir")
+    x.add_argument("out_dir")
+    x.add_argument("--stage", type=int, default=None, help="the model after this stage (default: the run's end)")
+    x.add_argument("--task", default=None, help="SLM runs: this task's adapter")
     g = sub.add_parser("grow", help="grow a Hugging Face checkpoint (width and depth)")
     g.add_argument("in_dir")
     g.add_argument("out_dir")
@@ -139,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     from jaxcl.config import ConfigError
+    from jaxcl.export import ExportError
     from jaxcl.hf.config import CheckpointError
+    from jaxcl.init_from import InitFromError
 
     try:
         if args.command == "run":
@@ -148,8 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args, method="joint")
         if args.command == "grow":
             return cmd_grow(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_eval(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, CheckpointError, ExportError, InitFromError, FileNotFoundError, FileExistsError) as e:
         print(f"jaxcl {args.command}: error: {e}", file=sys.stderr)
         return 2
 

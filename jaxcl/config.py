@@ -42,7 +42,8 @@ class DataConfig:
 
     source: str = "embedded"          # "embedded" corpus, or a directory of <domain>.<split>.{txt,jsonl}
     domains: tuple[str, ...] = ()     # stage order; empty = all domains of the source in default order
-    tokenizer: str = "default"        # "default" (shipped BPE) or a local tokenizer.json / HF tokenizer dir
+    tokenizer: str = "auto"           # "auto": model.init_from's tokenizer if it has one, else "default" (the
+                                      # shipped BPE); or a local tokenizer.json / HF tokenizer directory
     seq_len: int = 128
     batch_size: int = 16              # global batch (sequences per step across all processes)
     eval_batches: int = 8             # batches of each domain's valid split per evaluation
@@ -262,6 +263,10 @@ class Config:
     elle: ElleConfig = ElleConfig()
     semem: SememConfig = SememConfig()
     slm: SlmConfig = SlmConfig()
+    # `model.init_from` in YAML and on the command line (it lives beside the architecture it replaces, but
+    # is not part of ModelConfig, which describes an architecture and keys compiled functions): an HF
+    # checkpoint directory or a jaxcl run directory (PATH, PATH@STEP, PATH@stageN); see jaxcl.init_from.
+    init_from: str | None = dataclasses.field(default=None, metadata={"section": "model"})
 
     def run_dir(self) -> Path:
         return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
@@ -343,6 +348,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = dict(data)
+    for name, field in list(fields.items()):       # fields written inside another section (model.init_from)
+        section = field.metadata.get("section")
+        if section is None:
+            continue
+        del fields[name]
+        if isinstance(data.get(section), Mapping) and name in data[section]:
+            data[section] = dict(data[section])
+            key = f"{prefix}.{section}.{name}" if prefix else f"{section}.{name}"
+            value = _coerce(data[section].pop(name), hints[name], key)
+            data.setdefault("\0sections", {})[name] = value
+    sectioned = data.pop("\0sections", {})
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
@@ -354,6 +371,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             kwargs[name] = _coerce(data[name], hints[name], key)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {key}")
+    kwargs.update(sectioned)
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -370,9 +388,13 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 def config_to_dict(cfg: Any) -> Any:
     """Plain YAML/JSON-able tree of a config (tuples become lists)."""
     if dataclasses.is_dataclass(cfg):
-        out = {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-        if isinstance(cfg, ModelConfig) and cfg.rope_scaling is not None:
-            out["rope_scaling"] = dict(cfg.rope_scaling)
+        fields = dataclasses.fields(cfg)
+        out = {f.name: config_to_dict(getattr(cfg, f.name)) for f in fields if "section" not in f.metadata}
+        for f in fields:
+            if "section" in f.metadata and getattr(cfg, f.name) is not None:
+                out[f.metadata["section"]] = {**out[f.metadata["section"]], f.name: getattr(cfg, f.name)}
+        if isinstance(cfg, ModelConfig):
+            out = cfg.to_dict()
         return out
     if isinstance(cfg, (list, tuple)):
         return [config_to_dict(v) for v in cfg]
@@ -432,8 +454,26 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (following `base:`), apply dotted overrides, validate."""
-    return config_from_dict(_merge(_read_yaml(Path(path)), parse_overrides(overrides)))
+    """Read a YAML config (following `base:`), apply dotted overrides, validate.
+
+    With `model.init_from`, the checkpoint's architecture replaces the `model` section (`jaxcl.init_from`:
+    an architecture key given in `overrides` that disagrees with the checkpoint is an error naming it).
+    """
+    cli = parse_overrides(overrides)
+    tree = _merge(_read_yaml(Path(path)), cli)
+    model = tree.get("model")
+    if isinstance(model, Mapping) and model.get("init_from") is not None:
+        from jaxcl.init_from import resolve_model_tree
+
+        explicit = cli.get("model") if isinstance(cli.get("model"), Mapping) else {}
+        tree = resolve_model_tree(tree, explicit)
+    else:
+        data = tree.get("data")
+        if isinstance(data, Mapping) and data.get("tokenizer", "auto") == "auto":   # nothing to take it from
+            tree = {**tree, "data": {**data, "tokenizer": "default"}}
+        elif data is None:
+            tree = {**tree, "data": {"tokenizer": "default"}}
+    return config_from_dict(tree)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -48,11 +48,19 @@ def _first_id(tok, candidates) -> int | None:
     return None
 
 
+def describe_tokenizer(spec: str) -> str:
+    """How error messages name a tokenizer spec."""
+    return "shipped with jaxcl (data.tokenizer=default)" if spec in ("default", "auto") else repr(spec)
+
+
 def load_tokenizer(spec: str = "default") -> TextTokenizer:
-    """`"default"` (shipped with jaxcl), a `tokenizer.json` path, or a directory containing one."""
+    """`"default"` (shipped with jaxcl), a `tokenizer.json` path, or a directory containing one.
+
+    `"auto"` means "default" here; runs resolve it against `model.init_from` first
+    (`jaxcl.init_from.tokenizer_spec`)."""
     from tokenizers import Tokenizer
 
-    if spec == "default":
+    if spec in ("default", "auto"):
         from jaxcl.data.corpus import default_tokenizer_path
         path = Path(default_tokenizer_path())
     else:

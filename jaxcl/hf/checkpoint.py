@@ -127,6 +127,17 @@ def _base_prefix(table: FamilyTable, names: frozenset[str]) -> str:
     return table.base_prefix if any(n.startswith(table.base_prefix) for n in names) else ""
 
 
+def read_pretrained_config(directory: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` `load_pretrained(directory)` would return, without reading the weights (only the
+    tensor names, and the output head when a tied config stores one)."""
+    directory = Path(directory)
+    recover_directory(directory)
+    raw = read_config_json(directory)
+    reader = SafetensorsReader(directory)
+    cfg = model_config_from_hf(raw, where=str(directory / "config.json"), tensor_names=reader.names)
+    return _untie_stored_head(cfg, reader, directory)
+
+
 def load_pretrained(directory: str | os.PathLike, *, shardings: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
     """Read an HF checkpoint directory (config.json + *.safetensors) into `(ModelConfig, params)`.
 

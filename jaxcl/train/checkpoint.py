@@ -22,23 +22,74 @@ def abstract_like(shapes: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
-class Checkpointer:
-    """`save(step, state, meta)` / `restore(step, abstract_state)`; steps are global and increasing."""
+# Files each item writes last; a step without them was published before its items were (seen with
+# async saves killed by SIGKILL: orbax renamed the step while "meta" was still missing).
+ITEM_MARKERS = {"state": "_METADATA", "meta": "metadata"}
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig()):
+
+def step_complete(directory: str | Path, step: int) -> bool:
+    """Whether checkpoint `step` under `directory` holds every item (state and meta)."""
+    root = Path(directory) / str(step)
+    return all((root / item / marker).is_file() for item, marker in ITEM_MARKERS.items())
+
+
+def complete_steps(directory: str | Path) -> list[int]:
+    """The complete checkpoint steps in `directory`, ascending, read from the file system (no orbax manager:
+    cheap enough for config resolution and tools that only look)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    return sorted(s for s in steps if step_complete(directory, s))
+
+
+def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
+    """The JSON metadata of checkpoint `step` (what `Checkpointer.save` stored beside the state)."""
+    path = Path(directory) / str(step) / "meta" / ITEM_MARKERS["meta"]
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FileNotFoundError(f"checkpoint metadata {str(path)!r} cannot be read: {e}") from None
+
+
+def restore_params(directory: str | Path, step: int, shapes: Any, shardings: Any) -> Any:
+    """Only the `params` of the TrainState saved at `step`, each leaf restored onto its sharding (an orbax
+    partial restore: the optimizer moments are never read). `shapes`: abstract params (ShapeDtypeStructs)."""
+    target = {"params": abstract_like(shapes, shardings)}
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+    manager = ocp.CheckpointManager(Path(directory).absolute(),
+                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+    finally:
+        manager.close()
+    return out["state"]["params"]
+
+
+class Checkpointer:
+    """`save(step, state, meta)` / `restore(step, abstract_state)`; steps are global and increasing.
+
+    Retention keeps the latest `cfg.keep` steps plus every step in `keep_steps` (the runs pass their
+    stage ends, so `model.init_from=RUN@stageN` and `jaxcl export --stage N` always find them).
+    """
+
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig(), *,
+                 keep_steps: tuple[int, ...] = ()):
+        from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
+        policy = pp.AnyPreservationPolicy([pp.LatestN(cfg.keep)] + ([pp.CustomSteps(list(keep_steps))]
+                                                                      if keep_steps else []))
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
                                                enable_async_checkpointing=cfg.async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._drop_incomplete()
 
-    # Files each item writes last; a step without them was published before its items were (seen with
-    # async saves killed by SIGKILL: orbax renamed the step while "meta" was still missing).
-    ITEM_MARKERS = {"state": "_METADATA", "meta": "metadata"}
+    ITEM_MARKERS = ITEM_MARKERS
 
     def _complete(self, step: int) -> bool:
-        root = self.directory / str(step)
-        return all((root / item / marker).is_file() for item, marker in self.ITEM_MARKERS.items())
+        return step_complete(self.directory, step)
 
     def _drop_incomplete(self) -> None:
         """Delete steps that orbax lists but that miss an item (a kill during an async save), so that

@@ -27,7 +27,8 @@ from jaxcl import rundir
 from jaxcl.config import Config, ConfigError, TrainConfig, config_to_dict
 from jaxcl.data.sources import open_source
 from jaxcl.data.stream import SequenceStream, device_batch, eval_batches, pack_sequences
-from jaxcl.data.tokenizer import load_tokenizer
+from jaxcl.data.tokenizer import describe_tokenizer, load_tokenizer
+from jaxcl.init_from import load_params, tokenizer_spec
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_training_curves, write_report
 from jaxcl.models import ModelConfig, abstract_params, init_params
 from jaxcl.parallel import batch_sharding, describe_mesh, make_mesh, resolve_rules, sharding_table
@@ -69,10 +70,13 @@ class ContinualRun:
         self.run_dir = cfg.run_dir()
         self.mesh = make_mesh(cfg.mesh)
         self.rules = resolve_rules(cfg.mesh.rules)
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.tokenizer_spec = tokenizer_spec(cfg)
+        self.tokenizer = load_tokenizer(self.tokenizer_spec)
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                              f"vocabulary ({self.tokenizer.vocab_size})")
+            origin = f" (from model.init_from={cfg.init_from!r})" if cfg.init_from else ""
+            raise ConfigError(f"the tokenizer {describe_tokenizer(self.tokenizer_spec)} has {self.tokenizer.vocab_size} "
+                              f"tokens, but the model's embedding table has model.vocab_size={cfg.model.vocab_size} "
+                              f"rows{origin}: use the model's own tokenizer (data.tokenizer)")
         if cfg.train.objective == "mlm" and self.tokenizer.mask_id is None:
             raise ConfigError(f"train.objective=mlm needs a mask token, and data.tokenizer={cfg.data.tokenizer!r} "
                               "has none of <|mask|>, [MASK], <mask>")
@@ -118,6 +122,19 @@ class ContinualRun:
         return train, valid
 
     # ------------------------------------------------------------------ hooks for methods
+    def initial_params(self, model_cfg: ModelConfig, shardings: Any) -> Any:
+        """The model the run starts from: `model.init_from`'s checkpoint (placed onto `shardings` as it is
+        read), else a fresh initialisation from `run.seed`."""
+        rng = jax.random.key(self.cfg.run.seed)
+        if self.cfg.init_from:
+            log.info("starting from model.init_from=%s", self.cfg.init_from)
+            return load_params(self.cfg.init_from, model_cfg, shardings, jax.random.fold_in(rng, 7_001))
+        return init_params(model_cfg, rng, out_shardings=shardings)
+
+    def stage_ends(self) -> tuple[int, ...]:
+        """Global steps of the stage-end checkpoints (kept by retention: `init_from=RUN@stageN`, export)."""
+        return tuple(self._global_step(i, self.stage_steps(i)) for i in range(len(self.stages)))
+
     def stage_steps(self, stage: int) -> int:
         return steps_of_stage(self.cfg.train, stage)
 
@@ -237,7 +254,7 @@ class ContinualRun:
         if finished is not None:
             return finished
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
+        ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint, keep_steps=self.stage_ends())
         log.info("%s", describe_mesh(self.mesh))
         stop = {"signal": None}
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.__setitem__("signal", signum))
@@ -313,7 +330,7 @@ class ContinualRun:
                     restored = None  # free the finished stage's optimizer moments
             if stage == 0 and initial is None:      # only the params: the optimizer state is created below
                 param_shardings = state_shardings(model_cfg, tx, self.mesh, self.rules).params
-                params = init_params(model_cfg, jax.random.key(cfg.run.seed), out_shardings=param_shardings)
+                params = self.initial_params(model_cfg, param_shardings)
                 initial = {d: v["perplexity"] for d, v in self.evaluate(model_cfg, params, param_shardings).items()}
                 metrics.write(kind="eval_initial", perplexity=initial)
             if not resume_here:

@@ -1,0 +1,185 @@
+"""`jaxcl export RUN_DIR OUT_DIR [--stage N]`: what a run learned, as files the rest of the ecosystem reads.
+
+The model at the end of the run (or after stage N) becomes a Hugging Face checkpoint (`config.json`,
+`generation_config.json`, safetensors; `jaxcl.hf.save_pretrained`, crash-atomic) plus the run's tokenizer as
+transformers saves it (`tokenizer.json`, `tokenizer_config.json`), so `AutoModelForCausalLM` /
+`AutoModelForMaskedLM` and `AutoTokenizer` load it and give jaxcl's logits. ELLE's domain prompts are not
+part of a transformers model: the backbone is exported without them (without prompt ids it computes
+exactly what the run's model computes), and the prompt table is saved beside it (`prompts.safetensors` +
+`prompts.json`, one row block per domain). `jaxcl_export.json` records where the export came from.
+
+Stage-end checkpoints are kept by every run's retention policy (`ContinualRun.stage_ends`), so `--stage`
+finds them however many periodic checkpoints came after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportError", "export_run", "save_tokenizer"]
+
+EXPORTABLE = ("sequential", "joint", "elle")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja")
+
+
+class ExportError(ValueError):
+    """The run directory or the requested stage / task cannot be exported (the message says which)."""
+
+
+def _recorded_config(run_dir: Path):
+    from jaxcl.config import ConfigError, config_from_dict
+    from jaxcl.train.checkpoint import complete_steps, read_meta
+
+    if not run_dir.is_dir():
+        raise ExportError(f"run directory {str(run_dir)!r} does not exist")
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        import yaml
+        try:
+            return config_from_dict(yaml.safe_load(path.read_text()))
+        except (ConfigError, yaml.YAMLError) as e:
+            raise ExportError(f"{str(path)!r} is not a jaxcl run config: {e}") from None
+    steps = complete_steps(run_dir / "checkpoints")
+    if not steps:
+        raise ExportError(f"{str(run_dir)!r} is not a jaxcl run directory (no config.yaml, no checkpoints/)")
+    return config_from_dict(read_meta(run_dir / "checkpoints", steps[-1])["config"])
+
+
+def _choose_step(run_dir: Path, stage: int | None) -> tuple[int, dict[str, Any]]:
+    from jaxcl.train.checkpoint import complete_steps, read_meta
+
+    directory = run_dir / "checkpoints"
+    steps = complete_steps(directory)
+    if not steps:
+        raise ExportError(f"{str(run_dir)!r} holds no complete checkpoint in checkpoints/")
+    latest = read_meta(directory, steps[-1])
+    n_stages = len(latest.get("stages", []))
+    if stage is None:
+        if not (latest.get("completed") and latest.get("stage") == n_stages - 1):
+            log.warning("%s has not finished (latest checkpoint: stage %s, step %s of it): exporting that model",
+                        run_dir, latest.get("stage"), latest.get("stage_step"))
+        return steps[-1], latest
+    if not 0 <= stage < n_stages:
+        raise ExportError(f"--stage {stage} is out of range: the run has stages 0..{n_stages - 1} "
+                          f"({', '.join(latest.get('stages', []))})")
+    kept = []
+    for step in steps:
+        meta = read_meta(directory, step)
+        if meta.get("completed"):
+            if meta.get("stage") == stage:
+                return step, meta
+            kept.append(meta.get("stage"))
+    raise ExportError(f"--stage {stage}: the run has not completed that stage, or its checkpoint is gone "
+                      f"(stage ends kept in {str(directory)!r}: {kept})")
+
+
+def save_tokenizer(spec: str, out_dir: str | Path) -> dict[str, int | None]:
+    """Write tokenizer `spec` (a `data.tokenizer` value, resolved) into `out_dir` as transformers saves one;
+    returns its special ids (eos, pad, mask). A Hugging Face tokenizer directory is copied file by file."""
+    from jaxcl.data.tokenizer import load_tokenizer
+
+    out_dir = Path(out_dir)
+    tok = load_tokenizer(spec)
+    source = Path(spec) if spec not in ("default", "auto") else None
+    if source is not None and source.is_dir() and (source / "tokenizer_config.json").is_file():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, out_dir / name)
+    else:
+        import transformers
+        from jaxcl.data.corpus import default_tokenizer_path
+
+        path = Path(default_tokenizer_path()) if source is None else (source / "tokenizer.json" if source.is_dir()
+                                                                      else source)
+        names = {"eos_token": tok.eos_id, "pad_token": tok.pad_id, "mask_token": tok.mask_id}
+        special = {k: tok.tokenizer.id_to_token(v) for k, v in names.items() if v is not None}
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), **special)
+        fast.save_pretrained(out_dir)
+    return {"eos": tok.eos_id, "pad": tok.pad_id, "mask": tok.mask_id}
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, stage: int | None = None,
+               task: str | None = None) -> Path:
+    """Export run `run_dir`'s model (after `stage`, default: the end of the run) to `out_dir`.
+
+    Errors (`ExportError`, one line): a missing or non-run directory, a stage out of range or not kept,
+    `--task` for a run without tasks, a method whose export is not available.
+    """
+    import jax
+    import numpy as np
+
+    from jaxcl.hf import save_pretrained
+    from jaxcl.init_from import tokenizer_spec
+    from jaxcl.models import ModelConfig, abstract_params, without_prompts
+    from jaxcl.train.checkpoint import restore_params
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = _recorded_config(run_dir)
+    method = cfg.run.method
+    if task is not None:
+        raise ExportError(f"--task {task!r}: tasks belong to SLM runs, and {str(run_dir)!r} is a {method} run")
+    if method not in EXPORTABLE:
+        raise ExportError(f"{str(run_dir)!r} is a {method} run; jaxcl export handles {', '.join(EXPORTABLE)} runs "
+                          "(their model is the run's checkpoint)")
+    if out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents:
+        raise ExportError(f"OUT_DIR {str(out_dir)!r} is inside the run directory: export somewhere else")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "jaxcl_export.json").is_file():
+        raise ExportError(f"OUT_DIR {str(out_dir)!r} exists and is not an earlier jaxcl export: choose a new or "
+                          "empty directory (nothing was written)")
+    step, meta = _choose_step(run_dir, stage)
+    model_cfg = ModelConfig.from_dict(meta["model"])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = abstract_params(model_cfg)
+    params = restore_params(run_dir / "checkpoints", step, shapes, jax.tree.map(lambda _: device, shapes))
+    prompts = None
+    if model_cfg.num_prompts:
+        prompts = np.asarray(params["prompt_embed"]["embedding"])
+        model_cfg, params = without_prompts(model_cfg, params)
+    spec = tokenizer_spec(cfg)
+    # Special ids the model config lacks (a model trained from scratch) come from the run's tokenizer, so
+    # transformers' generate stops where the run's documents end.
+    from jaxcl.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(spec)
+    fill = {}
+    if model_cfg.eos_token_id is None and model_cfg.is_decoder:
+        fill["eos_token_id"] = tok.eos_id
+    if model_cfg.pad_token_id is None:
+        fill["pad_token_id"] = tok.pad_id
+    model_cfg = model_cfg.replace(**fill)
+    # Everything goes into a staged sibling first and is published with one directory swap: after a kill
+    # OUT_DIR is the previous export or this one, never a model without its tokenizer.
+    from jaxcl.atomic_io import recover_directory, replace_directory, temporary_sibling
+
+    recover_directory(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = temporary_sibling(out_dir)
+    try:
+        save_pretrained(staged, model_cfg, params)
+        save_tokenizer(spec, staged)
+        if prompts is not None:
+            from safetensors.numpy import save_file
+
+            length, count = meta["model"]["prompt_length"], meta["model"]["num_prompts"]
+            save_file({"prompt_embed": prompts}, staged / "prompts.safetensors")
+            (staged / "prompts.json").write_text(json.dumps({
+                "prompt_length": length, "num_prompts": count,
+                "rows": {d: [i * length, (i + 1) * length] for i, d in enumerate(meta.get("domains", [])[:count])},
+                "note": "ELLE domain prompts: rows [start, end) of prompt_embed, prepended to the token embeddings "
+                        "of that domain's text"}, indent=2))
+        (staged / "jaxcl_export.json").write_text(json.dumps({
+            "run_dir": str(run_dir.resolve()), "method": method, "step": step, "stage": meta.get("stage"),
+            "stage_name": (meta.get("stages") or [None])[meta.get("stage", 0)], "completed": meta.get("completed"),
+            "tokenizer": spec, "init_from": cfg.init_from}, indent=2))
+        replace_directory(staged, out_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    log.info("exported %s (step %d, stage %s) -> %s", run_dir, step, meta.get("stage"), out_dir)
+    return out_dir

@@ -1,0 +1,241 @@
+"""Bring your own model: runs start from a pretrained checkpoint (`model.init_from`) with its tokenizer, and
+`jaxcl export` gives the result back as a Hugging Face checkpoint that transformers loads with the same logits.
+
+Checkpoints are made here with transformers (random weights) and a BPE tokenizer trained here on the embedded
+corpus, different from the shipped one, so using the checkpoint's tokenizer is observable.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from torch_models import build_hf_model, torch, transformers
+
+from jaxcl import cli
+from jaxcl.config import ConfigError, load_config
+from jaxcl.data.sources import open_source
+from jaxcl.hf import load_pretrained
+from jaxcl.models import build
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+SMALL = ["data.seq_len=32", "data.batch_size=8", "data.eval_batches=1", "data.domains=[bible,wordnet]",
+         "train.pretrain_steps=3", "train.steps=3", "train.log_every=1", "optim.warmup_steps=1",
+         "checkpoint.every=2", "checkpoint.async_save=false"]
+SPECIALS = {"gpt2": ["<|endoftext|>"], "llama": ["<unk>", "<s>", "</s>"],
+            "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
+FAMILIES = {
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    "llama-gqa": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=48, tie_word_embeddings=False),
+    "llama-tied": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                       intermediate_size=48, tie_word_embeddings=True),
+    "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                 max_position_embeddings=64),
+}
+
+
+def train_tokenizer(family: str, vocab: int = 300):
+    """A byte-level BPE of `vocab` tokens trained on a slice of the embedded corpus (not the shipped one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    source = open_source("embedded")
+    texts = source.documents("bible", "train")[:300] + source.documents("wordnet", "train")[:300]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS[family],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def hf_tokenizer(family: str, tok):
+    special = {"gpt2": dict(eos_token="<|endoftext|>", bos_token="<|endoftext|>"),
+               "llama": dict(eos_token="</s>", bos_token="<s>", unk_token="<unk>"),
+               "bert": dict(sep_token="[SEP]", cls_token="[CLS]", pad_token="[PAD]", mask_token="[MASK]",
+                            unk_token="[UNK]")}[family]
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One HF directory (model + its own tokenizer) per family case, written by transformers."""
+    out = {}
+    for name, kwargs in FAMILIES.items():
+        family = name.split("-")[0]
+        tok = train_tokenizer(family)
+        vocab = tok.get_vocab_size()
+        directory = tmp_path_factory.mktemp(name)
+        ids = {"gpt2": dict(bos_token_id=0, eos_token_id=0),
+               "llama": dict(bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>")),
+               "bert": dict(pad_token_id=0)}[family]
+        model = build_hf_model(family, dict(kwargs, vocab_size=vocab, **ids), seed=len(name))
+        model.save_pretrained(directory)
+        hf_tokenizer(family, tok).save_pretrained(directory)
+        out[name] = directory
+    return out
+
+
+def run(*args):
+    code = cli.main(list(args))
+    assert code == 0, f"jaxcl {' '.join(args)} exited with {code}"
+
+
+def transformers_nll(directory: Path, sequences: np.ndarray) -> float:
+    """Mean next-token NLL of packed sequences under transformers' own model and loss."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        out = model(torch.as_tensor(sequences, dtype=torch.long), labels=torch.as_tensor(sequences, dtype=torch.long))
+    return float(out.loss)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-tied"])
+def test_run_starts_from_the_checkpoint_with_its_tokenizer_and_exports_it_back(checkpoints, tmp_path, name):
+    hf_dir = checkpoints[name]
+    cfg = load_config(DEMO, [f"model.init_from={hf_dir}", *SMALL])
+    assert cfg.model == load_pretrained(hf_dir)[0]            # the architecture is the checkpoint's
+    run_dir = tmp_path / "run"
+    run("run", DEMO, f"model.init_from={hf_dir}", f"run.dir={run_dir}", *SMALL)
+    report = json.loads((run_dir / "report.json").read_text())
+
+    # Stage 0 starts from the checkpoint: its evaluation equals `jaxcl eval --hf` and transformers' loss.
+    from jaxcl.train.loop import ContinualRun
+    runner = ContinualRun(cfg)
+    assert runner.tokenizer.vocab_size == 300 and runner.tokenizer_spec == str(hf_dir.resolve())
+    run("eval", DEMO, *SMALL, f"run.dir={tmp_path / 'eval'}", "--hf", str(hf_dir))
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["domains"]
+    for d, ppl in zip(report["eval_on"], report["initial_perplexity"]):
+        assert ppl == pytest.approx(evaluated[d]["perplexity"], rel=1e-5)
+        reference = transformers_nll(hf_dir, runner.valid_sequences[d][:8])
+        assert math.log(ppl) == pytest.approx(reference, abs=1e-4)
+
+    # Export: transformers and AutoTokenizer load it; logits equal jaxcl's forward of the final model.
+    out = tmp_path / "export"
+    run("export", str(run_dir), str(out))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "In the beginning God created the heaven and the earth."
+    ids = runner.tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+    from jaxcl.models import ModelConfig
+    from jaxcl.train.checkpoint import complete_steps, read_meta, restore_params
+    from jaxcl.models import abstract_params
+    steps = complete_steps(run_dir / "checkpoints")
+    meta = read_meta(run_dir / "checkpoints", steps[-1])
+    assert meta["completed"] and meta["stage"] == 1
+    final_cfg = ModelConfig.from_dict(meta["model"])
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = abstract_params(final_cfg)
+    params = restore_params(run_dir / "checkpoints", steps[-1], shapes, jax.tree.map(lambda _: device, shapes))
+    ours = np.asarray(build(final_cfg).apply({"params": params}, jnp.asarray([ids])).logits)
+    with torch.no_grad():
+        theirs = model(torch.as_tensor([ids])).logits.numpy()
+    assert np.abs(ours).max() > 0.1
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    # The trained model moved away from the checkpoint (the export is the run's model, not the input's).
+    start = load_pretrained(hf_dir)[1]
+    assert not np.allclose(np.asarray(build(final_cfg).apply({"params": start}, jnp.asarray([ids])).logits), ours)
+
+    # A run directory as init_from continues from its checkpoint (the model after stage 0 here).
+    stage0 = load_config(DEMO, [f"model.init_from={run_dir}@stage0", *SMALL])
+    assert stage0.model == final_cfg and stage0.init_from == f"{run_dir}@stage0"
+    again = tmp_path / "again"
+    run("run", DEMO, f"model.init_from={run_dir}@stage0", f"run.dir={again}", *SMALL)
+    first_row = json.loads((again / "report.json").read_text())["initial_perplexity"]
+    assert first_row == pytest.approx(report["matrix"][0], rel=1e-5)     # = the source run after stage 0
+    exported0 = tmp_path / "export0"
+    run("export", str(run_dir), str(exported0), "--stage", "0")
+    assert json.loads((exported0 / "jaxcl_export.json").read_text())["stage"] == 0
+
+
+def test_bert_checkpoint_runs_with_mlm_and_exports_for_masked_lm(checkpoints, tmp_path):
+    hf_dir = checkpoints["bert"]
+    run_dir = tmp_path / "run"
+    run("run", DEMO, f"model.init_from={hf_dir}", "train.objective=mlm", f"run.dir={run_dir}", *SMALL)
+    report = json.loads((run_dir / "report.json").read_text())
+    run("eval", DEMO, "train.objective=mlm", *SMALL, f"run.dir={tmp_path / 'eval'}", "--hf", str(hf_dir))
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["domains"]
+    for d, ppl in zip(report["eval_on"], report["initial_perplexity"]):
+        assert ppl == pytest.approx(evaluated[d]["perplexity"], rel=1e-5)
+    out = tmp_path / "export"
+    run("export", str(run_dir), str(out))
+    model = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.mask_token == "[MASK]"
+    cfg, params = load_pretrained(out)
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 12))
+    ours = np.asarray(build(cfg).apply({"params": params}, jnp.asarray(ids)).logits)
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_elle_starts_from_the_checkpoint_and_exports_the_grown_model_with_its_prompts(checkpoints, tmp_path):
+    hf_dir = checkpoints["gpt2"]
+    elle = str(ROOT / "configs" / "elle" / "demo.yaml")
+    overrides = [f"model.init_from={hf_dir}", *SMALL, "elle.schedule=[{d_model: 48, n_heads: 6, n_layers: 3}]",
+                 "elle.warmup_steps=1", "elle.micro_batches=2", "elle.adaptive_every=0"]
+    run_dir = tmp_path / "run"
+    run("run", elle, *overrides, f"run.dir={run_dir}")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [a["d_model"] for a in report["architectures"]] == [32, 48]     # grows from the loaded size
+    out = tmp_path / "export"
+    run("export", str(run_dir), str(out))
+    cfg, _ = load_pretrained(out)
+    assert (cfg.d_model, cfg.n_layers, cfg.num_prompts) == (48, 3, 0)
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert prompts["rows"] == {"bible": [0, 1], "wordnet": [1, 2]}
+    from safetensors.numpy import load_file
+    assert load_file(out / "prompts.safetensors")["prompt_embed"].shape == (2, 48)
+    transformers.AutoModelForCausalLM.from_pretrained(out)
+    # A run directory of ELLE as init_from continues from its grown size (prompts are the new run's own).
+    cfg2 = load_config(elle, [f"model.init_from={run_dir}", *SMALL, "elle.schedule=[]"])
+    assert (cfg2.model.d_model, cfg2.model.n_layers, cfg2.model.num_prompts) == (48, 3, 0)
+
+
+# ----------------------------------------------------------------------------- bad input: one line each
+def test_bad_init_from_and_export_inputs_are_one_line_errors(checkpoints, tmp_path, capsys):
+    hf_dir = checkpoints["gpt2"]
+    cases = [
+        (["run", DEMO, f"model.init_from={tmp_path / 'nope'}"], "does not exist"),
+        (["run", DEMO, f"model.init_from={tmp_path}"], "is neither a Hugging Face checkpoint"),
+        (["run", DEMO, f"model.init_from={hf_dir}", "model.d_model=64"],
+         "model.d_model=64 was given on the command line, but the checkpoint"),
+        (["run", DEMO, f"model.init_from={hf_dir}", "data.tokenizer=default", f"run.dir={tmp_path / 'r'}"],
+         "has 8192 tokens, but the model's embedding table has model.vocab_size=300"),
+        (["export", str(tmp_path / "nope"), str(tmp_path / "o")], "does not exist"),
+        (["export", str(hf_dir), str(tmp_path / "o")], "is not a jaxcl run directory"),
+    ]
+    for args, message in cases:
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_export_stage_and_task_errors(checkpoints, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run("run", DEMO, f"model.init_from={checkpoints['gpt2']}", f"run.dir={run_dir}", *SMALL)
+    capsys.readouterr()
+    for args, message in ((["--stage", "2"], "--stage 2 is out of range: the run has stages 0..1"),
+                          (["--task", "x"], "--task 'x': tasks belong to SLM runs")):
+        assert cli.main(["export", str(run_dir), str(tmp_path / "o"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert cli.main(["export", str(run_dir), str(tmp_path / "busy")]) == 2
+    assert "is not an earlier jaxcl export" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    # An unchanged explicit override that agrees with the checkpoint is fine; non-architecture keys apply.
+    cfg = load_config(DEMO, [f"model.init_from={checkpoints['gpt2']}", "model.d_model=32", "model.dropout=0.1"])
+    assert cfg.model.d_model == 32 and cfg.model.dropout == 0.1
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(DEMO, [f"model.init_from={checkpoints['gpt2']}", "model.bogus=1"])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["init_from"] == str(checkpoints["gpt2"]) and saved["data"]["tokenizer"] == "auto"
