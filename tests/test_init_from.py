@@ -239,3 +239,26 @@ def test_export_stage_and_task_errors(checkpoints, tmp_path, capsys):
         load_config(DEMO, [f"model.init_from={checkpoints['gpt2']}", "model.bogus=1"])
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["init_from"] == str(checkpoints["gpt2"]) and saved["data"]["tokenizer"] == "auto"
+
+
+def test_semem_freezes_the_loaded_model(checkpoints, tmp_path):
+    hf_dir = checkpoints["llama-gqa"]
+    semem = str(ROOT / "configs" / "semem" / "demo.yaml")
+    overrides = [f"model.init_from={hf_dir}", "data.seq_len=32", "data.batch_size=8", "data.eval_batches=1",
+                 "data.domains=[bible,wordnet]", "semem.chunk_tokens=512",
+                 "semem.chunks_per_domain=2", "semem.heldout_tokens=128", "semem.eval_tokens=256",
+                 "semem.calibrator_steps=5", "semem.extra_models=[]"]
+    run_dir = tmp_path / "run"
+    run("run", semem, *overrides, f"run.dir={run_dir}")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["init_from"] == str(hf_dir)
+    assert not (run_dir / "pretrain-model0-d32").exists()          # nothing was pre-trained
+    run("eval", DEMO, "data.seq_len=32", "data.batch_size=8", "data.eval_batches=1", "data.domains=[bible,wordnet]",
+        f"run.dir={tmp_path / 'eval'}", "--hf", str(hf_dir))
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["domains"]
+    assert report["initial_perplexity"] == pytest.approx([evaluated[d]["perplexity"] for d in report["eval_on"]],
+                                                         rel=1e-5)
+    assert report["memory"][-1]["memory_size"] > 0
+    from jaxcl.memory import Datastore
+    stores = [p for p in run_dir.rglob("manifest.json")]
+    assert stores and all(json.loads(p.read_text())["dim"] == 32 for p in stores)

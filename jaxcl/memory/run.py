@@ -86,6 +86,9 @@ class SememRun(ContinualRun):
                                   f"{seq} tokens; semem.chunks_per_domain={sm.chunks_per_domain} x (chunk_tokens="
                                   f"{sm.chunk_tokens} + heldout_tokens={sm.heldout_tokens}) needs {need}")
         self.models = [cfg.model] + [_override_model(cfg.model, o, i) for i, o in enumerate(sm.extra_models)]
+        # Where each model comes from: a checkpoint (model.init_from; semem.extra_models[i].init_from), frozen
+        # as loaded, or None: pre-trained on the first domain by the shared loop.
+        self.sources = [cfg.init_from] + [o.get("init_from") for o in sm.extra_models]
 
     # ------------------------------------------------------------------ pre-training (the shared loop)
     def _pretrain(self, model_cfg: ModelConfig, tag: str) -> Any:
@@ -113,6 +116,19 @@ class SememRun(ContinualRun):
         finally:
             ckpt.close()
         return state.params, report
+
+    def _load_frozen(self, model_cfg: ModelConfig, source: str) -> tuple[Any, dict[str, Any]]:
+        """The LM from checkpoint `source`, placed on this run's shardings (SeMem never trains it), and its
+        perplexity row on every domain (what the pre-training row reports for a model trained here)."""
+        from jaxcl.init_from import load_params
+        from jaxcl.models import param_axes
+        from jaxcl.parallel import logical_to_sharding
+
+        shardings = logical_to_sharding(param_axes(model_cfg), self.mesh, self.rules, shapes=abstract_params(model_cfg))
+        params = load_params(source, model_cfg, shardings, jax.random.key(self.cfg.run.seed))
+        row = self.evaluate(model_cfg, params, shardings)
+        log.info("SeMem: frozen LM from %s (%.2f M params)", source, model_cfg.num_params() / 1e6)
+        return params, {"matrix": [[row[d]["perplexity"] for d in self.domains]]}
 
     # ------------------------------------------------------------------ the stream
     def _chunks(self):
@@ -145,14 +161,18 @@ class SememRun(ContinualRun):
         elif count:
             raise ConfigError(f"{path} is missing but {self.run_dir / STATE_FILE} says it holds {count} rows")
         return Datastore.create(str(path), dim=model_cfg.d_model, backend=sm.backend, model_fingerprint=fingerprint,
-                                tokenizer=self.cfg.data.tokenizer, index_options=dict(sm.index_options), mesh=None)
+                                tokenizer=self.tokenizer_spec, index_options=dict(sm.index_options), mesh=None)
 
     def _run_model(self, model_cfg: ModelConfig, tag: str, metrics: MetricsLog,
-                   saved: dict[str, Any] | None) -> dict[str, Any]:
+                   saved: dict[str, Any] | None, source: str | None = None) -> dict[str, Any]:
         """Stream every chunk past the memories of one model; `saved`: this model's stream state from an
-        interrupted invocation (None: from the start)."""
+        interrupted invocation (None: from the start); `source`: the checkpoint the LM comes from (None:
+        pre-trained here)."""
         sm = self.cfg.semem
-        params, pre_report = self._pretrain(model_cfg, tag)
+        if source is None:
+            params, pre_report = self._pretrain(model_cfg, tag)
+        else:
+            params, pre_report = self._load_frozen(model_cfg, source)
         scorer = make_lm_scorer(model_cfg)
         fingerprint = params_fingerprint(params)
         eval_tokens = {d: score_sequences(scorer, params, self.valid_sequences[d][:self.eval_rows])
@@ -290,7 +310,8 @@ class SememRun(ContinualRun):
             if tag in self._done_models:
                 results.append(self._done_models[tag])
                 continue
-            results.append(self._run_model(m, tag, metrics, current if current and current["tag"] == tag else None))
+            results.append(self._run_model(m, tag, metrics, current if current and current["tag"] == tag else None,
+                                           source=self.sources[i]))
         invocations = self._acct.record()
         report = self._report(results, rundir.Invocations.total(invocations)) | {"invocations": invocations}
         if jax.process_index() == 0:
@@ -334,7 +355,8 @@ class SememRun(ContinualRun):
                             seen=seen, memory=memory,
                             baselines={"full_memory": main["matrices"]["full"],
                                        "lm_only": [main["lm_only"][d] for d in self.domains]},
-                            pretrain_domain=self.pretrain_domain, models=models, acceptance=acceptance)
+                            pretrain_domain=self.pretrain_domain, models=models, acceptance=acceptance,
+                            initial_perplexity=main["pretrain_matrix_row"], init_from=self.sources[0])
 
     def _write(self, report, results) -> None:
         plot_matrix(report, self.run_dir / "perplexity_matrix.png")
@@ -365,8 +387,24 @@ class SememRun(ContinualRun):
 
 
 def _override_model(base: ModelConfig, overrides: dict[str, Any], i: int) -> ModelConfig:
+    """`semem.extra_models[i]`: overrides of the main model, or `{init_from: CHECKPOINT}` (its architecture;
+    other keys may only repeat it)."""
+    overrides = dict(overrides)
+    spec = overrides.pop("init_from", None)
+    if spec is not None:
+        from jaxcl.init_from import InitFromError, parse_init_from, source_model_config
+
+        try:
+            loaded = source_model_config(parse_init_from(spec))
+        except (InitFromError, ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"semem.extra_models[{i}].init_from: {e}") from None
+        clash = sorted(k for k, v in overrides.items() if k in loaded.to_dict() and loaded.to_dict()[k] != v)
+        if clash:
+            raise ConfigError(f"semem.extra_models[{i}]: {', '.join(clash)} disagree with its init_from checkpoint "
+                              f"{spec!r}")
+        base = loaded
     try:
-        return ModelConfig.from_dict({**dataclasses.asdict(base), **overrides})
+        return ModelConfig.from_dict({**base.to_dict(), **overrides})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"semem.extra_models[{i}]: {e}") from None
 
