@@ -204,9 +204,25 @@ class Invocations:
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
+_EVENT_LOGS: dict[Path, Any] = {}
+
+
+def _events(metrics_path: Path):
+    """The TensorBoard log beside `metrics_path` (one writer per run directory in this process)."""
+    from jaxcl.eval.tensorboard import EVENTS_DIR, TensorBoardLog
+
+    key = metrics_path.absolute()
+    if key not in _EVENT_LOGS:
+        _EVENT_LOGS[key] = TensorBoardLog(key.parent / EVENTS_DIR)
+    return _EVENT_LOGS[key]
+
+
 class MetricsFile:
     """Append-only metrics.jsonl written by process 0; `offset()` is what a commit records and
-    `truncate(offset)` is how a resume drops the records written after that commit."""
+    `truncate(offset)` is how a resume drops the records written after that commit.
+
+    Every record also goes to TensorBoard event files in `tensorboard/` beside it (`jaxcl.eval.tensorboard`);
+    a truncation rebuilds them from the records that remain, so both always show the same history."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -215,6 +231,7 @@ class MetricsFile:
         if _process_index() == 0:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            _events(self.path).write(record)
 
     def offset(self) -> int:
         try:
@@ -224,10 +241,13 @@ class MetricsFile:
 
     def truncate(self, offset: int | None) -> None:
         """Drop everything after byte `offset` (None: keep the file as it is)."""
-        if offset is None or _process_index() != 0 or not self.path.exists():
+        if offset is None or _process_index() != 0:
             return
-        if self.offset() > offset:
+        if self.path.exists() and self.offset() > offset:
             with self.path.open("r+b") as f:
                 f.truncate(offset)
                 f.flush()
                 os.fsync(f.fileno())
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] \
+            if self.path.exists() else []
+        _events(self.path).rebuild(records)

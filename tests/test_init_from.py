@@ -103,6 +103,9 @@ def test_run_starts_from_the_checkpoint_with_its_tokenizer_and_exports_it_back(c
     run_dir = tmp_path / "run"
     run("run", DEMO, f"model.init_from={hf_dir}", f"run.dir={run_dir}", *SMALL)
     report = json.loads((run_dir / "report.json").read_text())
+    from test_tensorboard import read_scalars
+    tags = {t for t, _, _ in read_scalars(run_dir / "tensorboard")}
+    assert {"train/loss", "eval/perplexity/bible", "eval/perplexity/wordnet"} <= tags
 
     # Stage 0 starts from the checkpoint: its evaluation equals `jaxcl eval --hf` and transformers' loss.
     from jaxcl.train.loop import ContinualRun

@@ -4,8 +4,9 @@ perplexities, memory sizes and accuracies of every method.
 The events are a pure function of `metrics.jsonl`: each record becomes scalars (`record_scalars`), written
 as it is logged; when a resumed run truncates `metrics.jsonl` back to its last commit, the event files are
 rebuilt from what remains (`TensorBoardLog.rebuild`), so TensorBoard never shows the steps a killed
-invocation logged and the resumed one redid. Writing goes through `tensorboardX` (a kept library, no
-TensorFlow needed).
+invocation logged and the resumed one redid. Writing goes through `tensorboardX`'s synchronous event
+writer and protos (a kept library, no TensorFlow needed): a record is on disk when `write` returns (its
+`SummaryWriter` queues events on a thread and its `flush` does not wait for the queue).
 
 Tags: `<kind>[/<method|policy|model|phase|split>...]/<field>[/<domain|task|key>]`, e.g.
 `train/loss`, `eval/perplexity/bible`, `semem_chunk/semem/memory_size`. The step is the record's
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -72,16 +74,19 @@ class TensorBoardLog:
 
     def _open(self):
         if self._writer is None:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
 
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(logdir=str(self.directory), flush_secs=30)
+            self._writer = EventsWriter(str(self.directory / "events"), filename_suffix=f".{time.time_ns()}")
         return self._writer
 
     def write(self, record: dict[str, Any], *, flush: bool = True) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
         writer = self._open()
         for tag, value, step in record_scalars(record, self._counters):
-            writer.add_scalar(tag, value, step)
+            writer.write_event(Event(wall_time=time.time(), step=step, summary=scalar(tag, value)))
         if flush:
             writer.flush()
 
