@@ -1,8 +1,9 @@
 """`jaxcl run` with `run.method: semem`: a frozen LM learns a stream of domains through its memory only.
 
 For every model size (`model`, then each of `semem.extra_models`):
-1. pre-train the LM on the first domain with the shared training loop (`ContinualRun`, one stage; its
-   checkpoint makes a rerun skip this);
+1. take the LM from `model.init_from` (each extra model: its own `init_from`), or pre-train it on the first
+   domain with the shared path (`jaxcl.train.pretrain`: one stage of `ContinualRun`, cached by its config);
+   the LM is frozen from here on;
 2. stream the other domains in chunks; each chunk is scored against each memory as it stood at the
    start of the chunk, then the admitted tokens are added:
    - `semem`: admit tokens with log p(gold) < δ (selective memorization),
@@ -26,7 +27,6 @@ perplexity_per_chunk.png, perplexity_matrix.png, and one datastore per model and
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxcl import rundir
@@ -48,10 +47,7 @@ from jaxcl.memory.calibrator import Calibrator, fit_calibrator
 from jaxcl.memory.datastore import Datastore, DatastoreError, params_fingerprint
 from jaxcl.memory.selective import SelectiveMemory, make_lm_scorer, score_sequences
 from jaxcl.models import ModelConfig, abstract_params
-from jaxcl.train.checkpoint import Checkpointer, abstract_like
 from jaxcl.train.loop import ContinualRun, MetricsLog, _progress
-from jaxcl.train.optimizer import make_optimizer
-from jaxcl.train.state import TrainState, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -91,31 +87,13 @@ class SememRun(ContinualRun):
         self.sources = [cfg.init_from] + [o.get("init_from") for o in sm.extra_models]
 
     # ------------------------------------------------------------------ pre-training (the shared loop)
-    def _pretrain(self, model_cfg: ModelConfig, tag: str) -> Any:
-        """Pre-train on the first domain with ContinualRun (resumable, cached) and return the params."""
-        pre = object.__new__(ContinualRun)
-        pre.__dict__.update(self.__dict__)
-        # Always resumed/reused: a SeMem run from scratch (checkpoint.resume=false) starts in an empty
-        # run.dir anyway, and a shared semem.pretrain_dir is a cache meant to be reused.
-        pre.cfg = dataclasses.replace(self.cfg, model=model_cfg,
-                                      run=dataclasses.replace(self.cfg.run, method="sequential"),
-                                      checkpoint=dataclasses.replace(self.cfg.checkpoint, resume=True))
-        pre.run_dir = Path(self.cfg.semem.pretrain_dir or self.run_dir) / f"pretrain-{tag}"
-        pre.stages = (self.pretrain_domain,)
-        pre.stage_flops = []          # per pre-training run (the dict copy above would share the list)
-        pre.announce_finished = False     # a finished pre-training is the cache working, not news
-        report = pre.run()
-        ckpt = Checkpointer(pre.run_dir / "checkpoints", self.cfg.checkpoint)
-        try:
-            step = ckpt.latest_step()
-            tx = make_optimizer(self.cfg.optim, pre.stage_steps(0))
-            shardings = state_shardings(model_cfg, tx, self.mesh, self.rules)
-            shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                                    abstract_params(model_cfg))
-            state, _ = ckpt.restore(step, abstract_like(shapes, shardings))
-        finally:
-            ckpt.close()
-        return state.params, report
+    def _pretrain(self, model_cfg: ModelConfig, tag: str) -> str:
+        """Pre-train on the first domain with the shared path (`jaxcl.train.pretrain`: a cached, resumable
+        one-stage run in `semem.pretrain_dir` or the run directory); returns it as an init_from source."""
+        from jaxcl.train.pretrain import pretrain
+
+        root = Path(self.cfg.semem.pretrain_dir or self.run_dir)
+        return str(pretrain(self.cfg, model_cfg, (self.pretrain_domain,), root, tag))
 
     def _load_frozen(self, model_cfg: ModelConfig, source: str) -> tuple[Any, dict[str, Any]]:
         """The LM from checkpoint `source`, placed on this run's shardings (SeMem never trains it), and its
@@ -169,10 +147,7 @@ class SememRun(ContinualRun):
         interrupted invocation (None: from the start); `source`: the checkpoint the LM comes from (None:
         pre-trained here)."""
         sm = self.cfg.semem
-        if source is None:
-            params, pre_report = self._pretrain(model_cfg, tag)
-        else:
-            params, pre_report = self._load_frozen(model_cfg, source)
+        params, pre_report = self._load_frozen(model_cfg, source or self._pretrain(model_cfg, tag))
         scorer = make_lm_scorer(model_cfg)
         fingerprint = params_fingerprint(params)
         eval_tokens = {d: score_sequences(scorer, params, self.valid_sequences[d][:self.eval_rows])
