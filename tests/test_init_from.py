@@ -265,3 +265,30 @@ def test_semem_freezes_the_loaded_model(checkpoints, tmp_path):
     from jaxcl.memory import Datastore
     stores = [p for p in run_dir.rglob("manifest.json")]
     assert stores and all(json.loads(p.read_text())["dim"] == 32 for p in stores)
+
+
+def test_pretraining_is_one_cached_run_of_the_shared_loop(tmp_path):
+    import dataclasses
+
+    from jaxcl.train.pretrain import pretrain
+
+    tiny = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=64",
+            *SMALL]
+    cfg = load_config(DEMO, tiny)
+    first = pretrain(cfg, cfg.model, ("bible",), tmp_path, "m")
+    report = json.loads((first / "report.json").read_text())
+    assert report["method"] == "sequential" and report["stages"] == ["bible"]
+    assert yaml.safe_load((first / "config.yaml").read_text())["data"]["domains"] == ["bible"]
+    before = (first / "report.json").stat().st_mtime_ns
+    # Where it lives, how it is saved and logged: the same pre-training, reused untouched.
+    same = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="other"),
+                               checkpoint=dataclasses.replace(cfg.checkpoint, every=1),
+                               train=dataclasses.replace(cfg.train, log_every=2))
+    assert pretrain(same, same.model, ("bible",), tmp_path, "m") == first
+    assert (first / "report.json").stat().st_mtime_ns == before
+    # What is trained changes: a new run.
+    other = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr * 2))
+    assert pretrain(other, other.model, ("bible",), tmp_path, "m") != first
+    # The result is an init_from source like any checkpoint.
+    loaded = load_config(DEMO, [f"model.init_from={first}", *SMALL])
+    assert loaded.model == cfg.model
