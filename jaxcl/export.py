@@ -8,6 +8,13 @@ part of a transformers model: the backbone is exported without them (without pro
 exactly what the run's model computes), and the prompt table is saved beside it (`prompts.safetensors` +
 `prompts.json`, one row block per domain). `jaxcl_export.json` records where the export came from.
 
+SLM (decoder-LM mode): the frozen backbone as above, and per domain (`--task NAME`, default all) its JARe
+increments as a PEFT LoRA adapter in `adapters/<task>/` (`adapter_config.json`, `adapter_model.safetensors`,
+target modules named as transformers names them). A JARe mixture of S slots with fixed weights w is the
+LoRA of rank S·r with `lora_A = concat_k(w_k · down_k)` and `lora_B = concat_k(up_k)ᵀ` (`lora_alpha = r`, so
+the scaling is 1): the merged model equals jaxcl's mixed forward for that domain's slots with those weights,
+the mean DTKR retrieval weights over the domain's validation queries (`slm_state.json`).
+
 Stage-end checkpoints are kept by every run's retention policy (`ContinualRun.stage_ends`), so `--stage`
 finds them however many periodic checkpoints came after.
 """
@@ -24,7 +31,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ExportError", "export_run", "save_tokenizer"]
 
-EXPORTABLE = ("sequential", "joint", "elle")
+EXPORTABLE = ("sequential", "joint", "elle", "slm")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja")
 
@@ -80,6 +87,146 @@ def _choose_step(run_dir: Path, stage: int | None) -> tuple[int, dict[str, Any]]
                       f"(stage ends kept in {str(directory)!r}: {kept})")
 
 
+def _publish(out_dir: Path, write) -> None:
+    """Run `write(staged)` into a staged sibling of `out_dir` and publish it with one directory swap: after a
+    kill OUT_DIR is the previous export or this one, never a model without its tokenizer or adapters."""
+    from jaxcl.atomic_io import recover_directory, replace_directory, temporary_sibling
+
+    recover_directory(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = temporary_sibling(out_dir)
+    try:
+        write(staged)
+        replace_directory(staged, out_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def _fill_special_ids(model_cfg, spec: str):
+    """Special ids a model config lacks (a model trained from scratch) from the run's tokenizer, so
+    transformers' generate stops where the run's documents end."""
+    from jaxcl.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(spec)
+    fill = {}
+    if model_cfg.eos_token_id is None and model_cfg.is_decoder:
+        fill["eos_token_id"] = tok.eos_id
+    if model_cfg.pad_token_id is None:
+        fill["pad_token_id"] = tok.pad_id
+    return model_cfg.replace(**fill)
+
+
+# ----------------------------------------------------------------------------- SLM: PEFT LoRA adapters
+# jaxcl adapter target -> (HF module under layer i, rows of the HF output this target fills: None = all)
+PEFT_MODULES = {
+    "gpt2": {"attn.q": ("transformer.h.{i}.attn.c_attn", 0), "attn.k": ("transformer.h.{i}.attn.c_attn", 1),
+             "attn.v": ("transformer.h.{i}.attn.c_attn", 2), "attn.o": ("transformer.h.{i}.attn.c_proj", None),
+             "mlp.wi": ("transformer.h.{i}.mlp.c_fc", None), "mlp.wo": ("transformer.h.{i}.mlp.c_proj", None)},
+    "llama": {"attn.q": ("model.layers.{i}.self_attn.q_proj", None), "attn.k": ("model.layers.{i}.self_attn.k_proj", None),
+              "attn.v": ("model.layers.{i}.self_attn.v_proj", None), "attn.o": ("model.layers.{i}.self_attn.o_proj", None),
+              "mlp.wg": ("model.layers.{i}.mlp.gate_proj", None), "mlp.wi": ("model.layers.{i}.mlp.up_proj", None),
+              "mlp.wo": ("model.layers.{i}.mlp.down_proj", None)},
+}
+
+
+def peft_lora_tensors(model_cfg, bank: dict[str, dict[str, Any]], slots, weights) -> tuple[dict[str, Any], dict[str, int]]:
+    """The PEFT LoRA tensors (`base_model.model.<module>.lora_A/B.weight`) of the JARe mixture of `slots` with
+    fixed `weights`, and each module's rank. `bank[target]["down"]`: [L, P, r, d_in], `["up"]`: [L, P, r, d_out].
+    GPT-2's fused c_attn gets one adapter whose B fills the q / k / v row block of each target."""
+    import numpy as np
+
+    table = PEFT_MODULES[model_cfg.family]
+    slots, w = np.asarray(slots), np.asarray(weights, np.float32)
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray, int | None]]] = {}
+    for target, factors in bank.items():
+        down, up = np.asarray(factors["down"], np.float32), np.asarray(factors["up"], np.float32)
+        module, block = table[target]
+        for layer in range(down.shape[0]):
+            a = np.concatenate([w[k] * down[layer, p] for k, p in enumerate(slots)])        # [S r, d_in]
+            b = np.concatenate([up[layer, p] for p in slots]).T                              # [d_out, S r]
+            parts.setdefault(module.format(i=layer), []).append((a, b, block))
+    tensors, ranks = {}, {}
+    for module, pieces in parts.items():
+        a = np.concatenate([p[0] for p in pieces])
+        if pieces[0][2] is None:
+            b = pieces[0][1]
+        else:                                      # fused q/k/v: block rows, zeros where a target is absent
+            d_out = pieces[0][1].shape[0]
+            b = np.zeros((3 * d_out, a.shape[0]), np.float32)
+            col = 0
+            for _, piece_b, block in pieces:
+                b[block * d_out:(block + 1) * d_out, col:col + piece_b.shape[1]] = piece_b
+                col += piece_b.shape[1]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b)
+        ranks[module] = int(a.shape[0])
+    return tensors, ranks
+
+
+def _adapter_config(model_cfg, ranks: dict[str, int], base: str) -> dict[str, Any]:
+    r = max(ranks.values())
+    pattern = {m: v for m, v in ranks.items() if v != r}
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": r, "lora_alpha": r,
+            "target_modules": sorted(ranks), "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": model_cfg.family == "gpt2",
+            "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+            "modules_to_save": None}
+
+
+def _export_slm(cfg, run_dir: Path, out_dir: Path, stage: int | None, task: str | None) -> Path:
+    import jax
+    from safetensors.numpy import load_file, save_file
+
+    from jaxcl.hf import save_pretrained
+    from jaxcl.init_from import load_params
+    from jaxcl.models import ModelConfig, abstract_params
+    from jaxcl.slm.lm import STATE_JSON, STATE_TENSORS
+
+    if cfg.slm.mode != "lm":
+        raise ExportError(f"{str(run_dir)!r} is an SLM classification run: its backbone is the sentence encoder "
+                          "with per-task head columns, which has no transformers/PEFT form yet; jaxcl export handles "
+                          "SLM's decoder-LM mode (slm.mode=lm)")
+    if stage is not None:
+        raise ExportError("--stage: an SLM run keeps its final state only (each domain's adapter is in it): use --task")
+    state_path = run_dir / STATE_JSON
+    if not state_path.is_file() or not (run_dir / STATE_TENSORS).is_file():
+        raise ExportError(f"{str(run_dir)!r} has no {STATE_JSON}: the SLM run has not finished")
+    state = json.loads(state_path.read_text())
+    tasks = list(state["tasks"])
+    if task is not None and task not in tasks:
+        raise ExportError(f"--task {task!r} is not a task of this run (tasks: {', '.join(tasks)})")
+    model_cfg = ModelConfig.from_dict(state["model"])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    params = load_params(state["backbone"], model_cfg, jax.tree.map(lambda _: device, abstract_params(model_cfg)),
+                         jax.random.key(cfg.run.seed))
+    tensors = load_file(run_dir / STATE_TENSORS)
+    bank = {t: {"down": tensors[f"bank/{t}/down"], "up": tensors[f"bank/{t}/up"]} for t in state["targets"]}
+    spec = state["tokenizer"]
+    model_cfg = _fill_special_ids(model_cfg, spec)
+
+    def write(staged: Path) -> None:
+        save_pretrained(staged, model_cfg, params)
+        save_tokenizer(spec, staged)
+        for name in tasks if task is None else [task]:
+            adapter = staged / "adapters" / name
+            adapter.mkdir(parents=True)
+            lora, ranks = peft_lora_tensors(model_cfg, bank, state["tasks"][name]["slots"],
+                                            state["tasks"][name]["weights"])
+            save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+            (adapter / "adapter_config.json").write_text(json.dumps(
+                _adapter_config(model_cfg, ranks, str(out_dir.resolve())), indent=2))
+        (staged / "jaxcl_export.json").write_text(json.dumps({
+            "run_dir": str(run_dir.resolve()), "method": "slm", "mode": "lm", "backbone": state["backbone"],
+            "tasks": {n: state["tasks"][n] for n in (tasks if task is None else [task])},
+            "weights": state["weights"], "tokenizer": spec}, indent=2))
+
+    _publish(out_dir, write)
+    log.info("exported SLM run %s (backbone + %d adapters) -> %s", run_dir, len(tasks) if task is None else 1,
+             out_dir)
+    return out_dir
+
+
 def save_tokenizer(spec: str, out_dir: str | Path) -> dict[str, int | None]:
     """Write tokenizer `spec` (a `data.tokenizer` value, resolved) into `out_dir` as transformers saves one;
     returns its special ids (eos, pad, mask). A Hugging Face tokenizer directory is copied file by file."""
@@ -123,7 +270,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, stage: int | None = 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = _recorded_config(run_dir)
     method = cfg.run.method
-    if task is not None:
+    if task is not None and method != "slm":
         raise ExportError(f"--task {task!r}: tasks belong to SLM runs, and {str(run_dir)!r} is a {method} run")
     if method not in EXPORTABLE:
         raise ExportError(f"{str(run_dir)!r} is a {method} run; jaxcl export handles {', '.join(EXPORTABLE)} runs "
@@ -133,6 +280,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, stage: int | None = 
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "jaxcl_export.json").is_file():
         raise ExportError(f"OUT_DIR {str(out_dir)!r} exists and is not an earlier jaxcl export: choose a new or "
                           "empty directory (nothing was written)")
+    if method == "slm":
+        return _export_slm(cfg, run_dir, out_dir, stage, task)
     step, meta = _choose_step(run_dir, stage)
     model_cfg = ModelConfig.from_dict(meta["model"])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -143,24 +292,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, stage: int | None = 
         prompts = np.asarray(params["prompt_embed"]["embedding"])
         model_cfg, params = without_prompts(model_cfg, params)
     spec = tokenizer_spec(cfg)
-    # Special ids the model config lacks (a model trained from scratch) come from the run's tokenizer, so
-    # transformers' generate stops where the run's documents end.
-    from jaxcl.data.tokenizer import load_tokenizer
-    tok = load_tokenizer(spec)
-    fill = {}
-    if model_cfg.eos_token_id is None and model_cfg.is_decoder:
-        fill["eos_token_id"] = tok.eos_id
-    if model_cfg.pad_token_id is None:
-        fill["pad_token_id"] = tok.pad_id
-    model_cfg = model_cfg.replace(**fill)
-    # Everything goes into a staged sibling first and is published with one directory swap: after a kill
-    # OUT_DIR is the previous export or this one, never a model without its tokenizer.
-    from jaxcl.atomic_io import recover_directory, replace_directory, temporary_sibling
+    model_cfg = _fill_special_ids(model_cfg, spec)
 
-    recover_directory(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = temporary_sibling(out_dir)
-    try:
+    def write(staged: Path) -> None:
         save_pretrained(staged, model_cfg, params)
         save_tokenizer(spec, staged)
         if prompts is not None:
@@ -177,9 +311,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, stage: int | None = 
             "run_dir": str(run_dir.resolve()), "method": method, "step": step, "stage": meta.get("stage"),
             "stage_name": (meta.get("stages") or [None])[meta.get("stage", 0)], "completed": meta.get("completed"),
             "tokenizer": spec, "init_from": cfg.init_from}, indent=2))
-        replace_directory(staged, out_dir)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+
+    _publish(out_dir, write)
     log.info("exported %s (step %d, stage %s) -> %s", run_dir, step, meta.get("stage"), out_dir)
     return out_dir

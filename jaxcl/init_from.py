@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InitSource", "NON_ARCHITECTURE_KEYS", "parse_init_from", "resolve_model_tree", "source_model_config",
+__all__ = ["InitSource", "NON_ARCHITECTURE_KEYS", "check_tokenizer_fits", "parse_init_from", "resolve_model_tree", "source_model_config",
            "tokenizer_spec", "load_params"]
 
 # ModelConfig keys a run may set on top of a loaded checkpoint: they do not change the stored weights'
@@ -187,6 +187,18 @@ def tokenizer_spec(cfg) -> str:
         return "default"
     source_cfg = config_from_dict(recorded)
     return tokenizer_spec(source_cfg)
+
+
+def check_tokenizer_fits(cfg, tokenizer, spec: str) -> None:
+    """A tokenizer with more tokens than the model's embedding table has rows is a `ConfigError` naming both."""
+    from jaxcl.data.tokenizer import describe_tokenizer
+    from jaxcl.models.config import ConfigError
+
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        origin = f" (from model.init_from={cfg.init_from!r})" if cfg.init_from else ""
+        raise ConfigError(f"the tokenizer {describe_tokenizer(spec)} has {tokenizer.vocab_size} tokens, but the "
+                          f"model's embedding table has model.vocab_size={cfg.model.vocab_size} rows{origin}: use the "
+                          "model's own tokenizer (data.tokenizer)")
 
 
 # ----------------------------------------------------------------------------- parameters

@@ -292,3 +292,50 @@ def test_pretraining_is_one_cached_run_of_the_shared_loop(tmp_path):
     # The result is an init_from source like any checkpoint.
     loaded = load_config(DEMO, [f"model.init_from={first}", *SMALL])
     assert loaded.model == cfg.model
+
+
+@pytest.mark.parametrize("name,targets", [("gpt2", "[attn.q,attn.v,attn.o,mlp.wi]"),
+                                          ("llama-gqa", "[attn.o,mlp.wg,mlp.wo]")])
+def test_slm_lm_mode_uses_the_checkpoint_as_backbone_and_exports_peft_adapters(checkpoints, tmp_path, name, targets):
+    peft = pytest.importorskip("peft")
+    hf_dir = checkpoints[name]
+    config = str(ROOT / "configs" / "slm" / "demo_lm.yaml")
+    run_dir = tmp_path / "run"
+    run("run", config, f"model.init_from={hf_dir}", "data.seq_len=32", "data.batch_size=8", "data.eval_batches=1",
+        "data.domains=[bible,wordnet]", "slm.train_examples=32", "slm.steps=4", "slm.max_len=32", "slm.key_epochs=1",
+        "slm.lr=5e-2", "slm.baselines=[]", f"slm.targets={targets}", f"slm.cache_dir={tmp_path / 'cache'}",
+        f"run.dir={run_dir}")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["backbone"] == str(hf_dir) and not list(run_dir.glob("pretrain-*"))
+    weights = report["task_mixing_weights"]
+    assert set(weights) == {"bible", "wordnet"} and all(len(w["slots"]) == 4 for w in weights.values())
+    assert all(abs(sum(w["weights"]) - 1.0) < 1e-5 for w in weights.values())    # a mean of convex mixtures
+
+    out = tmp_path / "export"
+    run("export", str(run_dir), str(out))
+    from safetensors.numpy import load_file
+    from jaxcl.slm import jare
+    state = load_file(run_dir / "slm_state.safetensors")
+    cfg, params = load_pretrained(out)
+    bank = {t: {"down": jnp.asarray(state[f"bank/{t}/down"]), "up": jnp.asarray(state[f"bank/{t}/up"])}
+            for t in targets.strip("[]").split(",")}
+    ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 10))
+    base = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        plain = base(torch.as_tensor(ids)).logits.numpy()
+    for task in ("bible", "wordnet"):
+        slots = jnp.asarray([weights[task]["slots"]], jnp.int32)
+        w = jnp.asarray([weights[task]["weights"]], jnp.float32)
+        ours = np.asarray(build(cfg).apply({"params": params}, jnp.asarray(ids),
+                                           adapters=jare.mix_adapters(bank, slots, w)).logits)
+        model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(out),
+                                               out / "adapters" / task).eval()
+        with torch.no_grad():
+            theirs = model(torch.as_tensor(ids)).logits.numpy()
+        assert np.abs(ours - plain).max() > 1e-3            # the adapter changes the model: the test can fail
+        np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    # One task only; an unknown task and --stage are one-line errors.
+    run("export", str(run_dir), str(tmp_path / "one"), "--task", "wordnet")
+    assert [p.name for p in (tmp_path / "one" / "adapters").iterdir()] == ["wordnet"]
+    assert cli.main(["export", str(run_dir), str(tmp_path / "x"), "--task", "nope"]) == 2
+    assert cli.main(["export", str(run_dir), str(tmp_path / "x"), "--stage", "0"]) == 2

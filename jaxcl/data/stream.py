@@ -33,6 +33,24 @@ def pack_sequences(tokens: np.ndarray, seq_len: int, what: str = "stream") -> np
     return np.ascontiguousarray(tokens[: n * seq_len].reshape(n, seq_len))
 
 
+def tokenize_domains(tokenizer, source, domains, seq_len: int, n_eval: int | None = None,
+                     progress=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every domain's train and valid split as packed `[n, seq_len]` int32 sequences: the one token stream
+    every method reads (documents end with EOS and never run together; valid keeps its first `n_eval`
+    sequences). `progress`: an optional tqdm-like bar advanced once per split."""
+    train, valid = {}, {}
+    for d in domains:
+        train[d] = pack_sequences(tokenizer.encode_documents(source.documents(d, "train")), seq_len,
+                                  f"domain {d!r} train split")
+        if progress is not None:
+            progress.update()
+        valid[d] = pack_sequences(tokenizer.encode_documents(source.documents(d, "valid")), seq_len,
+                                  f"domain {d!r} valid split")[:n_eval]
+        if progress is not None:
+            progress.update()
+    return train, valid
+
+
 class SequenceStream:
     """An endless, seeded stream of global batches of one domain's packed training sequences.
 

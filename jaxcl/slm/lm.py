@@ -1,7 +1,8 @@
 """SLM on a decoder LM over the domain stream: DTKR picks per-domain JARe increments for every sequence.
 
-Stage 0 pre-trains the configured decoder (GPT-2 / LLaMA family, `model:`) on the first domain with all
-parameters (it is the frozen backbone from then on). Then, for every domain in order (the first one
+The frozen backbone is `model.init_from` (a pretrained decoder the user brings: GPT-2 / LLaMA family), or
+the configured decoder pre-trained on the first domain by the shared pre-training path
+(`jaxcl.train.pretrain`: a cached one-stage run in the run directory); it is never trained afterwards. Then, for every domain in order (the first one
 included): train the domain's DTKR keys on the sentence-encoder queries of its training sequences,
 freeze them into the pool, train the domain's JARe slots with the causal-LM loss (backbone, keys and the
 other slots masked), and evaluate the perplexity of every domain's validation sequences with slots
@@ -24,41 +25,38 @@ import optax
 
 from jaxcl.config import ConfigError
 from jaxcl.data.sources import open_source
-from jaxcl.data.stream import pack_sequences
+from jaxcl.data.stream import tokenize_domains
 from jaxcl.data.tokenizer import load_tokenizer
-from jaxcl.models import build, init_params
+from jaxcl.init_from import check_tokenizer_fits, load_params, tokenizer_spec
+from jaxcl.models import abstract_params, build
 from jaxcl.slm import dtkr, jare
 from jaxcl.train.losses import causal_lm_nll
-from jaxcl.train.optimizer import make_optimizer
 
 
 class LmStream:
-    """Packed token sequences per domain and split, with the decoded text's DTKR queries."""
+    """The packed token sequences every method reads (`jaxcl.data.stream.tokenize_domains`), per domain and
+    split, with the decoded text's DTKR queries (training rows shuffled and capped at slm.train_examples)."""
 
     def __init__(self, runner):
         cfg, s = runner.cfg, runner.scfg
         if not cfg.model.is_decoder:
             raise ConfigError("slm.mode=lm needs a decoder model (gpt2 or llama), "
                               f"got model.family={cfg.model.family!r}")
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        if cfg.model.vocab_size < self.tokenizer.vocab_size:
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                              f"({self.tokenizer.vocab_size})")
+        self.tokenizer_spec = tokenizer_spec(cfg)
+        self.tokenizer = load_tokenizer(self.tokenizer_spec)
+        check_tokenizer_fits(cfg, self.tokenizer, self.tokenizer_spec)
         source = open_source(cfg.data.source, cfg.data.text_field)
         self.domains = tuple(cfg.data.domains) or source.domains()
         if len(self.domains) > s.max_tasks:
             raise ConfigError(f"{len(self.domains)} domains exceed slm.max_tasks={s.max_tasks}")
         n_eval = cfg.data.eval_batches * cfg.data.batch_size
+        train, valid = tokenize_domains(self.tokenizer, source, self.domains, cfg.data.seq_len, n_eval)
         self.train, self.valid = {}, {}
         for d in self.domains:
-            train = pack_sequences(self.tokenizer.encode_documents(source.documents(d, "train")), cfg.data.seq_len,
-                                   f"domain {d!r} train split")
             rng = np.random.default_rng(cfg.run.seed)
-            train = train[rng.permutation(len(train))][:s.train_examples]
-            valid = pack_sequences(self.tokenizer.encode_documents(source.documents(d, "valid")), cfg.data.seq_len,
-                                   f"domain {d!r} valid split")[:n_eval]
-            self.train[d] = (train, self._queries(runner.encoder, train, f"domain {d!r} train"))
-            self.valid[d] = (valid, self._queries(runner.encoder, valid, f"domain {d!r} valid"))
+            rows = train[d][rng.permutation(len(train[d]))][:s.train_examples]
+            self.train[d] = (rows, self._queries(runner.encoder, rows, f"domain {d!r} train"))
+            self.valid[d] = (valid[d], self._queries(runner.encoder, valid[d], f"domain {d!r} valid"))
 
     def _queries(self, encoder, sequences: np.ndarray, what: str) -> np.ndarray:
         texts = [self.tokenizer.decode(row.tolist()) for row in sequences]
@@ -76,9 +74,14 @@ def run_lm(runner, metrics) -> dict[str, Any]:
     stream = LmStream(runner)
     model = build(cfg.model)
     rng = np.random.default_rng(cfg.run.seed)
-    backbone, steps0 = _pretrain_backbone(model, cfg, stream, rng, metrics)
+    source, steps0 = backbone_source(runner, stream)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    backbone = load_params(source, cfg.model, jax.tree.map(lambda _: device, abstract_params(cfg.model)),
+                           jax.random.key(cfg.run.seed))
     steps = _JareSteps(model, s)
     results = {"slm": _run_slm(cfg, s, stream, runner.encoder.dim, backbone, steps, steps0, rng, metrics)}
+    results["slm"]["backbone"] = source
+    save_state(runner.run_dir, cfg, results["slm"], stream.tokenizer_spec)
     for index, method in enumerate(s.baselines, start=1):
         results[method] = _run_shared_slots(method, cfg, s, stream, backbone, steps, steps0,
                                             np.random.default_rng([cfg.run.seed, index]), metrics)
@@ -93,33 +96,16 @@ def _nll(model, params, bank, ids, slots, weights):
     return total, count
 
 
-def _pretrain_backbone(model, cfg, stream: LmStream, rng: np.random.Generator, metrics):
-    """Stage 0: all parameters trained on the first domain; returns (backbone params, steps taken)."""
-    from tqdm.auto import tqdm
+def backbone_source(runner, stream: LmStream) -> tuple[str, int]:
+    """Where the frozen backbone comes from (an init_from source) and the training steps it took here:
+    `model.init_from`, or the shared pre-training on the first domain (cached in the run directory)."""
+    cfg = runner.cfg
+    if cfg.init_from:
+        return cfg.init_from, 0
+    from jaxcl.train.pretrain import pretrain
 
-    first = stream.domains[0]
-    steps0 = cfg.train.pretrain_steps or cfg.train.steps
-    params = init_params(cfg.model, jax.random.key(cfg.run.seed))
-    tx0 = make_optimizer(cfg.optim, steps0)
-    opt0 = tx0.init(params)
-
-    @jax.jit
-    def pretrain_step(params, opt_state, ids):
-        def loss(p):
-            total, count = _nll(model, p, None, ids, None, None)
-            return total / count
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = tx0.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    train0 = stream.train[first][0]
-    for step in tqdm(range(steps0), desc=f"pre-train backbone on {first}", leave=False):
-        batch = train0[rng.integers(len(train0), size=cfg.data.batch_size)]
-        params, opt0, loss = pretrain_step(params, opt0, jnp.asarray(batch))
-        if step % cfg.train.log_every == 0:
-            metrics.write(kind="train", method="slm", stage=f"pretrain:{first}", step=step, global_step=step,
-                          loss=float(loss))
-    return params, steps0
+    run_dir = pretrain(cfg, cfg.model, (stream.domains[0],), runner.run_dir, "backbone")
+    return str(run_dir), cfg.train.pretrain_steps or cfg.train.steps
 
 
 class _JareSteps:
@@ -228,7 +214,50 @@ def _run_slm(cfg, s, stream: LmStream, query_dim: int, backbone, steps: _JareSte
                               global_step=steps0 + stage * s.steps + step, loss=float(loss))
         row, retrieval = _evaluate_row(cfg, stream, stage + 1, score, metrics, "slm", domain)
         matrix.append(row)
-    return {"stages": list(stream.domains), "matrix": matrix, "retrieval": retrieval}
+    return {"stages": list(stream.domains), "matrix": matrix, "retrieval": retrieval, "bank": bank, "keys": keys,
+            "task_weights": task_mixing_weights(keys, stream, s)}
+
+
+def task_mixing_weights(keys: dtkr.KeyBank, stream: LmStream, s) -> dict[str, dict[str, list]]:
+    """Per domain: its own slots and one fixed weight per slot, the mean DTKR retrieval weight (top-K over
+    the domain's own keys, as in training) over its validation queries; slots outside a query's top-K count
+    0. This is the mixture `jaxcl export` writes as the domain's PEFT LoRA adapter."""
+    out = {}
+    for t, domain in enumerate(stream.domains):
+        owned = keys.task_slots(t)
+        allowed = jnp.asarray(np.asarray(keys.slot_task) == t)
+        slots, weights = dtkr.retrieve(jnp.asarray(stream.valid[domain][1]), keys.keys, allowed, s.top_k, True)
+        dense = np.zeros(keys.max_slots, np.float64)
+        np.add.at(dense, np.asarray(slots).ravel(), np.asarray(weights, np.float64).ravel())
+        dense /= max(len(np.asarray(slots)), 1)
+        out[domain] = {"slots": [int(p) for p in owned], "weights": [float(dense[p]) for p in owned]}
+    return out
+
+
+STATE_TENSORS = "slm_state.safetensors"
+STATE_JSON = "slm_state.json"
+
+
+def save_state(run_dir, cfg, slm: dict[str, Any], tokenizer: str) -> None:
+    """What `jaxcl export` needs from a finished LM-mode run, beside its report: the JARe bank and DTKR keys
+    (`slm_state.safetensors`), the backbone's source, and each domain's slots and fixed mixing weights
+    (`slm_state.json`). Written atomically, before report.json."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import save
+
+    from jaxcl.rundir import atomic_write
+
+    tensors = {f"bank/{t}/{f}": np.asarray(v) for t, factors in slm["bank"].items() for f, v in factors.items()}
+    tensors |= {"keys/keys": np.asarray(slm["keys"].keys), "keys/slot_task": np.asarray(slm["keys"].slot_task)}
+    atomic_write(Path(run_dir) / STATE_TENSORS, save(tensors))
+    atomic_write(Path(run_dir) / STATE_JSON, json.dumps({
+        "backbone": slm["backbone"], "model": cfg.model.to_dict(), "tokenizer": tokenizer,
+        "domains": slm["stages"], "targets": list(cfg.slm.targets), "rank": cfg.slm.rank,
+        "tasks": slm["task_weights"],
+        "weights": "mean DTKR retrieval weight per slot (top-K over the domain's own keys) over its validation "
+                   "queries"}, indent=2))
 
 
 def _run_shared_slots(method: str, cfg, s, stream: LmStream, backbone, steps: _JareSteps, steps0: int, rng,
@@ -274,4 +303,5 @@ def _run_shared_slots(method: str, cfg, s, stream: LmStream, backbone, steps: _J
     return {"stages": [stage for stage, _, _ in plan], "matrix": matrix, "seen": list(range(len(names)))}
 
 
-__all__ = ["run_lm", "LmStream"]
+__all__ = ["run_lm", "LmStream", "backbone_source", "save_state", "task_mixing_weights", "STATE_JSON",
+           "STATE_TENSORS"]

@@ -267,7 +267,8 @@ class SlmRun:
                               invocations=invocations,
                               retrieval_accuracy=float(np.mean(list(slm["retrieval"].values()))),
                               retrieval={"per_task_final": slm["retrieval"], "mode": self.scfg.retrieval},
-                              baselines=baselines)
+                              baselines=baselines, backbone=slm["backbone"],
+                              task_mixing_weights=slm["task_weights"])
         plot_matrix(report, self.run_dir / "perplexity_matrix.png")
         for m, r in results.items():
             plot_matrix(build_report(m, "perplexity", r["stages"], slm["stages"], r["matrix"], 0.0,

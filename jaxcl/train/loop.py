@@ -26,9 +26,9 @@ import numpy as np
 from jaxcl import rundir
 from jaxcl.config import Config, ConfigError, TrainConfig, config_to_dict
 from jaxcl.data.sources import open_source
-from jaxcl.data.stream import SequenceStream, device_batch, eval_batches, pack_sequences
-from jaxcl.data.tokenizer import describe_tokenizer, load_tokenizer
-from jaxcl.init_from import load_params, tokenizer_spec
+from jaxcl.data.stream import SequenceStream, device_batch, eval_batches, tokenize_domains
+from jaxcl.data.tokenizer import load_tokenizer
+from jaxcl.init_from import check_tokenizer_fits, load_params, tokenizer_spec
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_training_curves, write_report
 from jaxcl.models import ModelConfig, abstract_params, init_params
 from jaxcl.parallel import batch_sharding, describe_mesh, make_mesh, resolve_rules, sharding_table
@@ -72,11 +72,7 @@ class ContinualRun:
         self.rules = resolve_rules(cfg.mesh.rules)
         self.tokenizer_spec = tokenizer_spec(cfg)
         self.tokenizer = load_tokenizer(self.tokenizer_spec)
-        if cfg.model.vocab_size < self.tokenizer.vocab_size:
-            origin = f" (from model.init_from={cfg.init_from!r})" if cfg.init_from else ""
-            raise ConfigError(f"the tokenizer {describe_tokenizer(self.tokenizer_spec)} has {self.tokenizer.vocab_size} "
-                              f"tokens, but the model's embedding table has model.vocab_size={cfg.model.vocab_size} "
-                              f"rows{origin}: use the model's own tokenizer (data.tokenizer)")
+        check_tokenizer_fits(cfg, self.tokenizer, self.tokenizer_spec)
         if cfg.train.objective == "mlm" and self.tokenizer.mask_id is None:
             raise ConfigError(f"train.objective=mlm needs a mask token, and data.tokenizer={cfg.data.tokenizer!r} "
                               "has none of <|mask|>, [MASK], <mask>")
@@ -109,15 +105,8 @@ class ContinualRun:
         if self.cfg.model.family != "llama" and seq_len > self.cfg.model.max_seq_len:
             raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={self.cfg.model.max_seq_len}")
         n_eval = self.cfg.data.eval_batches * self.cfg.data.batch_size
-        train, valid = {}, {}
         bar = _progress(2 * len(self.domains), 0, "tokenizing")
-        for d in self.domains:
-            train[d] = pack_sequences(self.tokenizer.encode_documents(source.documents(d, "train")), seq_len,
-                                      f"domain {d!r} train split")
-            bar.update()
-            valid[d] = pack_sequences(self.tokenizer.encode_documents(source.documents(d, "valid")), seq_len,
-                                      f"domain {d!r} valid split")[:n_eval]
-            bar.update()
+        train, valid = tokenize_domains(self.tokenizer, source, self.domains, seq_len, n_eval, bar)
         bar.close()
         return train, valid
 
