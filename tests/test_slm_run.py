@@ -116,7 +116,7 @@ def test_lm_mode_keeps_the_frozen_backbone_domain_and_reports_perplexity(tmp_pat
         "model: {family: gpt2, vocab_size: 8192, d_model: 16, n_layers: 1, n_heads: 2, max_seq_len: 32}\n"
         "run: {method: slm}\n")
     cfg = load_config(tmp_path / "lm.yaml", [
-        f"run.dir={tmp_path / 'lm'}", "data.domains=[wordnet,jargon]", "data.seq_len=32", "data.batch_size=4",
+        f"run.dir={tmp_path / 'lm'}", "data.domains=[wordnet,jargon]", "data.seq_len=32", "data.batch_size=8",
         "data.eval_batches=1", "train.pretrain_steps=3", "slm.mode=lm", "slm.steps=2", "slm.train_examples=8",
         "slm.max_len=16", "slm.rank=2", "slm.groups=4", "slm.max_tasks=2", "slm.key_epochs=1", "slm.replay_per_task=2",
         "slm.baselines=[sequential,replay,multitask]",
