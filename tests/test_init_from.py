@@ -188,6 +188,10 @@ def test_elle_starts_from_the_checkpoint_and_exports_the_grown_model_with_its_pr
     run("run", elle, *overrides, f"run.dir={run_dir}")
     report = json.loads((run_dir / "report.json").read_text())
     assert [a["d_model"] for a in report["architectures"]] == [32, 48]     # grows from the loaded size
+    run("eval", DEMO, *SMALL, f"run.dir={tmp_path / 'eval'}", "--hf", str(hf_dir))
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["domains"]
+    assert report["initial_perplexity"] == pytest.approx([evaluated[d]["perplexity"] for d in report["eval_on"]],
+                                                         rel=1e-5)
     out = tmp_path / "export"
     run("export", str(run_dir), str(out))
     cfg, _ = load_pretrained(out)
@@ -307,6 +311,11 @@ def test_slm_lm_mode_uses_the_checkpoint_as_backbone_and_exports_peft_adapters(c
         f"run.dir={run_dir}")
     report = json.loads((run_dir / "report.json").read_text())
     assert report["backbone"] == str(hf_dir) and not list(run_dir.glob("pretrain-*"))
+    run("eval", DEMO, "data.seq_len=32", "data.batch_size=8", "data.eval_batches=1", "data.domains=[bible,wordnet]",
+        f"run.dir={tmp_path / 'eval'}", "--hf", str(hf_dir))
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["domains"]
+    assert report["initial_perplexity"] == pytest.approx([evaluated[d]["perplexity"] for d in report["eval_on"]],
+                                                         rel=1e-5)
     weights = report["task_mixing_weights"]
     assert set(weights) == {"bible", "wordnet"} and all(len(w["slots"]) == 4 for w in weights.values())
     assert all(abs(sum(w["weights"]) - 1.0) < 1e-5 for w in weights.values())    # a mean of convex mixtures
@@ -339,3 +348,19 @@ def test_slm_lm_mode_uses_the_checkpoint_as_backbone_and_exports_peft_adapters(c
     assert [p.name for p in (tmp_path / "one" / "adapters").iterdir()] == ["wordnet"]
     assert cli.main(["export", str(run_dir), str(tmp_path / "x"), "--task", "nope"]) == 2
     assert cli.main(["export", str(run_dir), str(tmp_path / "x"), "--stage", "0"]) == 2
+
+
+def test_slm_classification_starts_from_the_bert_checkpoint(checkpoints, tmp_path, capsys):
+    hf_dir = checkpoints["bert"]
+    config = str(ROOT / "configs" / "slm" / "demo.yaml")
+    small = ["slm.tasks=[wordnet_pos,bible_books]", "slm.train_examples=16", "slm.eval_examples=8", "slm.steps=2",
+             "slm.max_len=32", "slm.key_epochs=1", "slm.groups=4", "slm.baselines=[]", "slm.cache_dir=null",
+             "slm.query_layers=[1,2]"]
+    run_dir = tmp_path / "run"
+    run("run", config, f"model.init_from={hf_dir}", *small, f"run.dir={run_dir}")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["backbone"] == str(hf_dir) and len(report["matrix"]) == 2
+    capsys.readouterr()
+    assert cli.main(["run", config, f"model.init_from={hf_dir}", "slm.encoder=minilm_other", *small,
+                     f"run.dir={tmp_path / 'x'}"]) == 2
+    assert "name two different backbones" in capsys.readouterr().err

@@ -78,9 +78,13 @@ def run_lm(runner, metrics) -> dict[str, Any]:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     backbone = load_params(source, cfg.model, jax.tree.map(lambda _: device, abstract_params(cfg.model)),
                            jax.random.key(cfg.run.seed))
+    plain_nll = jax.jit(lambda p, ids: _nll(model, p, None, ids, None, None))
+    initial, _ = _evaluate_row(cfg, stream, len(stream.domains),
+                               lambda ids, queries, j: (*plain_nll(backbone, ids), None), metrics, "backbone", "initial")
     steps = _JareSteps(model, s)
     results = {"slm": _run_slm(cfg, s, stream, runner.encoder.dim, backbone, steps, steps0, rng, metrics)}
     results["slm"]["backbone"] = source
+    results["slm"]["initial"] = initial
     save_state(runner.run_dir, cfg, results["slm"], stream.tokenizer_spec)
     for index, method in enumerate(s.baselines, start=1):
         results[method] = _run_shared_slots(method, cfg, s, stream, backbone, steps, steps0,

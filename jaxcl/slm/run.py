@@ -69,7 +69,7 @@ class SlmRun:
         self.run_dir = cfg.run_dir()
         cache = Path(self.scfg.cache_dir) if self.scfg.cache_dir else None
         try:
-            self.encoder = SentenceEncoder(resolve_encoder_dir(self.scfg.encoder), self.scfg.max_len, cache,
+            self.encoder = SentenceEncoder(resolve_encoder_dir(self._encoder_name()), self.scfg.max_len, cache,
                                            self.scfg.query_layers)
         except ValueError as err:          # bad max_len / query_layers for this encoder: name the config key
             raise ConfigError(str(err)) from err
@@ -91,6 +91,23 @@ class SlmRun:
                     if split != "valid":
                         raise
             self.data[name] = splits
+
+    def _encoder_name(self) -> str:
+        """Classification mode's backbone (and DTKR query encoder): `model.init_from` when given (a Hugging Face
+        BERT-family directory), else `slm.encoder`. LM mode's init_from is its decoder backbone instead."""
+        cfg, s = self.cfg, self.scfg
+        if not cfg.init_from or s.mode != "classification":
+            return s.encoder
+        from jaxcl.init_from import parse_init_from
+
+        src = parse_init_from(cfg.init_from)
+        if src.kind != "hf":
+            raise ConfigError(f"model.init_from={cfg.init_from!r}: SLM classification starts from a Hugging Face "
+                              "BERT-family directory; turn a jaxcl run into one with `jaxcl export RUN_DIR OUT_DIR`")
+        if s.encoder != "minilm" and Path(s.encoder).expanduser().resolve() != src.path:
+            raise ConfigError(f"model.init_from={cfg.init_from!r} and slm.encoder={s.encoder!r} name two different "
+                              "backbones for SLM classification: give one of them")
+        return str(src.path)
 
     # ------------------------------------------------------------------ learners
     def _learner(self, seed_offset: int) -> ContinualClassifier:
@@ -233,6 +250,7 @@ class SlmRun:
         invocations = acct.record()
         report = build_report(
             "slm", "accuracy", slm["stages"], self.tasks, slm["matrix"], acct.total(invocations),
+            backbone=str(self.encoder.model_dir),
             invocations=invocations, retrieval_accuracy=retrieval_accuracy,
             retrieval={"per_task_final": {k: v["retrieval_accuracy"] for k, v in final.items()},
                        "slot_precision": float(np.mean([r["slot_precision"] for r in final.values()])),
@@ -267,7 +285,7 @@ class SlmRun:
                               invocations=invocations,
                               retrieval_accuracy=float(np.mean(list(slm["retrieval"].values()))),
                               retrieval={"per_task_final": slm["retrieval"], "mode": self.scfg.retrieval},
-                              baselines=baselines, backbone=slm["backbone"],
+                              baselines=baselines, backbone=slm["backbone"], initial_perplexity=slm["initial"],
                               task_mixing_weights=slm["task_weights"])
         plot_matrix(report, self.run_dir / "perplexity_matrix.png")
         for m, r in results.items():
