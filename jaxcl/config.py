@@ -467,6 +467,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
         explicit = cli.get("model") if isinstance(cli.get("model"), Mapping) else {}
         tree = resolve_model_tree(tree, explicit)
+        data = tree.get("data") if isinstance(tree.get("data"), Mapping) else {}
+        if data.get("tokenizer", "auto") == "auto":        # recorded as what it resolved to, not "auto"
+            from jaxcl.init_from import tokenizer_spec
+
+            probe = config_from_dict(tree)
+            tree = {**tree, "data": {**data, "tokenizer": tokenizer_spec(probe)}}
     else:
         data = tree.get("data")
         if isinstance(data, Mapping) and data.get("tokenizer", "auto") == "auto":   # nothing to take it from

@@ -52,7 +52,8 @@ def _recorded_config(run_dir: Path):
         try:
             return config_from_dict(yaml.safe_load(path.read_text()))
         except (ConfigError, yaml.YAMLError) as e:
-            raise ExportError(f"{str(path)!r} is not a jaxcl run config: {e}") from None
+            reason = " ".join(str(e).split())
+            raise ExportError(f"{str(path)!r} is not a jaxcl run config: {reason[:300]}") from None
     steps = complete_steps(run_dir / "checkpoints")
     if not steps:
         raise ExportError(f"{str(run_dir)!r} is not a jaxcl run directory (no config.yaml, no checkpoints/)")

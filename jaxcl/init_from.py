@@ -31,7 +31,8 @@ from typing import Any, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InitSource", "NON_ARCHITECTURE_KEYS", "check_tokenizer_fits", "parse_init_from", "resolve_model_tree", "source_model_config",
+__all__ = ["InitSource", "NON_ARCHITECTURE_KEYS", "check_tokenizer_fits", "parse_init_from", "pinned_spec",
+           "same_tokenizer", "resolve_model_tree", "source_model_config",
            "tokenizer_spec", "load_params"]
 
 # ModelConfig keys a run may set on top of a loaded checkpoint: they do not change the stored weights'
@@ -116,6 +117,16 @@ def run_step(src: InitSource) -> tuple[int, dict[str, Any]]:
     return step, read_meta(src.checkpoints, step)
 
 
+def pinned_spec(src: InitSource) -> str:
+    """`src` as an absolute path, a run directory pinned to the checkpoint step it names now (`/abs/run@400`):
+    what a run records, so that it means the same model from any working directory and after the source run
+    trains further."""
+    if src.kind == "hf":
+        return str(src.path)
+    step, _ = run_step(src)
+    return f"{src.path}@{step}"
+
+
 # ----------------------------------------------------------------------------- architecture
 def source_model_config(src: InitSource):
     """The `ModelConfig` of the checkpoint `src` names (HF: from config.json and the tensor names)."""
@@ -143,6 +154,7 @@ def resolve_model_tree(tree: Mapping[str, Any], explicit: Iterable[str] = ()) ->
     try:
         src = parse_init_from(spec)
         loaded = source_model_config(src).to_dict()
+        spec = pinned_spec(src)
     except InitFromError as e:
         raise ConfigError(str(e)) from None
     explicit = set(explicit)
@@ -178,7 +190,13 @@ def tokenizer_spec(cfg) -> str:
         return "default"
     src = parse_init_from(cfg.init_from)
     if src.kind == "hf":
-        return str(src.path) if (src.path / "tokenizer.json").is_file() else "default"
+        if (src.path / "tokenizer.json").is_file():
+            return str(src.path)
+        from jaxcl.models.config import ConfigError
+
+        raise ConfigError(f"data.tokenizer=auto: model.init_from={cfg.init_from!r} has no tokenizer.json (a fast "
+                          "tokenizer), and the shipped one would feed the pretrained model meaningless ids: set "
+                          "data.tokenizer to the model's tokenizer.json or tokenizer directory")
     from jaxcl.config import config_from_dict
 
     _, meta = run_step(src)
@@ -187,6 +205,19 @@ def tokenizer_spec(cfg) -> str:
         return "default"
     source_cfg = config_from_dict(recorded)
     return tokenizer_spec(source_cfg)
+
+
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether two `data.tokenizer` specs name the same tokenizer (the same tokenizer.json bytes)."""
+    def file_of(spec: str) -> Path:
+        if spec in ("default", "auto"):
+            from jaxcl.data.corpus import default_tokenizer_path
+            return Path(default_tokenizer_path())
+        path = Path(spec).expanduser()
+        return path / "tokenizer.json" if path.is_dir() else path
+
+    fa, fb = file_of(a), file_of(b)
+    return fa.resolve() == fb.resolve() or (fa.is_file() and fb.is_file() and fa.read_bytes() == fb.read_bytes())
 
 
 def check_tokenizer_fits(cfg, tokenizer, spec: str) -> None:

@@ -147,7 +147,7 @@ def test_run_starts_from_the_checkpoint_with_its_tokenizer_and_exports_it_back(c
 
     # A run directory as init_from continues from its checkpoint (the model after stage 0 here).
     stage0 = load_config(DEMO, [f"model.init_from={run_dir}@stage0", *SMALL])
-    assert stage0.model == final_cfg and stage0.init_from == f"{run_dir}@stage0"
+    assert stage0.model == final_cfg and stage0.init_from == f"{run_dir.resolve()}@3"     # pinned: stage 0 ends at 3
     again = tmp_path / "again"
     run("run", DEMO, f"model.init_from={run_dir}@stage0", f"run.dir={again}", *SMALL)
     first_row = json.loads((again / "report.json").read_text())["initial_perplexity"]
@@ -245,7 +245,17 @@ def test_export_stage_and_task_errors(checkpoints, tmp_path, capsys):
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(DEMO, [f"model.init_from={checkpoints['gpt2']}", "model.bogus=1"])
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["model"]["init_from"] == str(checkpoints["gpt2"]) and saved["data"]["tokenizer"] == "auto"
+    # Recorded as resolved: an absolute source and the tokenizer it gave, not "auto".
+    assert saved["model"]["init_from"] == str(checkpoints["gpt2"].resolve())
+    assert saved["data"]["tokenizer"] == str(checkpoints["gpt2"].resolve())
+    # A source without a fast tokenizer: "auto" refuses to fall back to the shipped one.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((checkpoints["gpt2"] / name).read_bytes())
+    with pytest.raises(ConfigError, match="has no tokenizer.json"):
+        load_config(DEMO, [f"model.init_from={bare}"])
+    assert load_config(DEMO, [f"model.init_from={bare}", f"data.tokenizer={checkpoints['gpt2']}"]).model.vocab_size == 300
 
 
 def test_semem_freezes_the_loaded_model(checkpoints, tmp_path):

@@ -27,6 +27,7 @@ perplexity_per_chunk.png, perplexity_matrix.png, and one datastore per model and
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -85,6 +86,22 @@ class SememRun(ContinualRun):
         # Where each model comes from: a checkpoint (model.init_from; semem.extra_models[i].init_from), frozen
         # as loaded, or None: pre-trained on the first domain by the shared loop.
         self.sources = [cfg.init_from] + [o.get("init_from") for o in sm.extra_models]
+        self._check_tokenizers()
+
+    def _check_tokenizers(self) -> None:
+        """Every model reads the run's one token stream: each must fit its vocabulary, and an extra model from
+        its own checkpoint must have been trained with the same tokenizer (else its ids mean other text)."""
+        from jaxcl.init_from import check_tokenizer_fits, same_tokenizer, tokenizer_spec
+
+        for i, (model_cfg, source) in enumerate(zip(self.models, self.sources)):
+            check_tokenizer_fits(dataclasses.replace(self.cfg, model=model_cfg), self.tokenizer, self.tokenizer_spec)
+            if i and source is not None:
+                theirs = tokenizer_spec(dataclasses.replace(
+                    self.cfg, init_from=source, data=dataclasses.replace(self.cfg.data, tokenizer="auto")))
+                if not same_tokenizer(theirs, self.tokenizer_spec):
+                    raise ConfigError(f"semem.extra_models[{i - 1}].init_from={source!r} uses the tokenizer {theirs!r}, "
+                                      f"but this run streams text tokenized by {self.tokenizer_spec!r}: all SeMem "
+                                      "models must share one tokenizer")
 
     # ------------------------------------------------------------------ pre-training (the shared loop)
     def _pretrain(self, model_cfg: ModelConfig, tag: str) -> str:

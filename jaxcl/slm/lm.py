@@ -75,7 +75,7 @@ def run_lm(runner, metrics) -> dict[str, Any]:
     model = build(cfg.model)
     rng = np.random.default_rng(cfg.run.seed)
     source, steps0 = backbone_source(runner, stream)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     backbone = load_params(source, cfg.model, jax.tree.map(lambda _: device, abstract_params(cfg.model)),
                            jax.random.key(cfg.run.seed))
     plain_nll = jax.jit(lambda p, ids: _nll(model, p, None, ids, None, None))
@@ -106,10 +106,12 @@ def backbone_source(runner, stream: LmStream) -> tuple[str, int]:
     cfg = runner.cfg
     if cfg.init_from:
         return cfg.init_from, 0
-    from jaxcl.train.pretrain import pretrain
+    from jaxcl.init_from import parse_init_from, pinned_spec
+    from jaxcl.train.pretrain import pretrain, pretraining_config
 
     run_dir = pretrain(cfg, cfg.model, (stream.domains[0],), runner.run_dir, "backbone")
-    return str(run_dir), cfg.train.pretrain_steps or cfg.train.steps
+    steps = pretraining_config(cfg, cfg.model, (stream.domains[0],), run_dir).train.steps
+    return pinned_spec(parse_init_from(str(run_dir))), steps
 
 
 class _JareSteps:

@@ -39,12 +39,15 @@ def pretraining_config(cfg: Config, model_cfg: ModelConfig, domains: Sequence[st
     splits shuffled together, `train.pretrain_steps` steps, or `train.steps`)."""
     if not domains:
         raise ConfigError("pre-training needs at least one domain")
+    from jaxcl.init_from import tokenizer_spec
+
     train = cfg.train
     steps = train.stage_steps[0] if train.stage_steps else (train.pretrain_steps or train.steps)
     return dataclasses.replace(
         cfg, model=model_cfg, init_from=None,
         run=dataclasses.replace(cfg.run, method="sequential" if len(domains) == 1 else "joint", dir=str(run_dir)),
-        data=dataclasses.replace(cfg.data, domains=tuple(domains)),
+        # the caller's tokenizer as it resolved (its init_from's, when it has one), never re-resolved to "auto"
+        data=dataclasses.replace(cfg.data, domains=tuple(domains), tokenizer=tokenizer_spec(cfg)),
         train=dataclasses.replace(train, steps=steps, pretrain_steps=None, stage_steps=()) if len(domains) == 1
         else dataclasses.replace(train, steps=max(1, steps // len(domains)), pretrain_steps=None,
                                  stage_steps=()),
@@ -70,7 +73,7 @@ def pretrain(cfg: Config, model_cfg: ModelConfig, domains: Sequence[str], root: 
     from jaxcl.runs import runner_class
 
     probe = pretraining_config(cfg, model_cfg, domains, Path(root))
-    run_dir = Path(root) / f"pretrain-{tag}-{pretraining_key(probe)}"
+    run_dir = (Path(root) / f"pretrain-{tag}-{pretraining_key(probe)}").absolute()
     pre_cfg = dataclasses.replace(probe, run=dataclasses.replace(probe.run, dir=str(run_dir)))
     runner = runner_class(pre_cfg.run.method)(pre_cfg)
     runner.announce_finished = False          # a finished pre-training is the cache working, not news
