@@ -145,6 +145,8 @@ def test_run_starts_from_the_checkpoint_with_its_tokenizer_and_exports_it_back(c
     start = load_pretrained(hf_dir)[1]
     assert not np.allclose(np.asarray(build(final_cfg).apply({"params": start}, jnp.asarray([ids])).logits), ours)
 
+    if name != "gpt2":        # the run-directory source is family-independent: tested once
+        return
     # A run directory as init_from continues from its checkpoint (the model after stage 0 here).
     stage0 = load_config(DEMO, [f"model.init_from={run_dir}@stage0", *SMALL])
     assert stage0.model == final_cfg and stage0.init_from == f"{run_dir.resolve()}@3"     # pinned: stage 0 ends at 3
