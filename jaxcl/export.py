@@ -8,8 +8,9 @@ part of a transformers model: the backbone is exported without them (without pro
 exactly what the run's model computes), and the prompt table is saved beside it (`prompts.safetensors` +
 `prompts.json`, one row block per domain). `jaxcl_export.json` records where the export came from.
 
-SLM (decoder-LM mode): the frozen backbone as above, and per domain (`--task NAME`, default all) its JARe
-increments as a PEFT LoRA adapter in `adapters/<task>/` (`adapter_config.json`, `adapter_model.safetensors`,
+SLM: the frozen backbone as above (decoder-LM mode: the decoder; classification: the BERT-family encoder, as
+`AutoModel` loads it), and per task (`--task NAME`, default all) its JARe increments as a PEFT LoRA adapter
+in `adapters/<task>/` (classification adds the task's head columns, `head.safetensors` + `head.json`) (`adapter_config.json`, `adapter_model.safetensors`,
 target modules named as transformers names them). A JARe mixture of S slots with fixed weights w is the
 LoRA of rank S·r with `lora_A = concat_k(w_k · down_k)` and `lora_B = concat_k(up_k)ᵀ` (`lora_alpha = r`, so
 the scaling is 1): the merged model equals jaxcl's mixed forward for that domain's slots with those weights,
@@ -124,6 +125,12 @@ PEFT_MODULES = {
     "gpt2": {"attn.q": ("transformer.h.{i}.attn.c_attn", 0), "attn.k": ("transformer.h.{i}.attn.c_attn", 1),
              "attn.v": ("transformer.h.{i}.attn.c_attn", 2), "attn.o": ("transformer.h.{i}.attn.c_proj", None),
              "mlp.wi": ("transformer.h.{i}.mlp.c_fc", None), "mlp.wo": ("transformer.h.{i}.mlp.c_proj", None)},
+    # the encoder as AutoModel / BertModel loads it (SLM classification's backbone)
+    "bert": {"attn.q": ("encoder.layer.{i}.attention.self.query", None),
+             "attn.k": ("encoder.layer.{i}.attention.self.key", None),
+             "attn.v": ("encoder.layer.{i}.attention.self.value", None),
+             "attn.o": ("encoder.layer.{i}.attention.output.dense", None),
+             "mlp.wi": ("encoder.layer.{i}.intermediate.dense", None), "mlp.wo": ("encoder.layer.{i}.output.dense", None)},
     "llama": {"attn.q": ("model.layers.{i}.self_attn.q_proj", None), "attn.k": ("model.layers.{i}.self_attn.k_proj", None),
               "attn.v": ("model.layers.{i}.self_attn.v_proj", None), "attn.o": ("model.layers.{i}.self_attn.o_proj", None),
               "mlp.wg": ("model.layers.{i}.mlp.gate_proj", None), "mlp.wi": ("model.layers.{i}.mlp.up_proj", None),
@@ -168,7 +175,8 @@ def peft_lora_tensors(model_cfg, bank: dict[str, dict[str, Any]], slots, weights
 def _adapter_config(model_cfg, ranks: dict[str, int], base: str) -> dict[str, Any]:
     r = max(ranks.values())
     pattern = {m: v for m, v in ranks.items() if v != r}
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": r, "lora_alpha": r,
+    task_type = "CAUSAL_LM" if model_cfg.is_decoder else "FEATURE_EXTRACTION"
+    return {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base, "r": r, "lora_alpha": r,
             "target_modules": sorted(ranks), "rank_pattern": pattern, "alpha_pattern": dict(pattern),
             "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": model_cfg.family == "gpt2",
             "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
@@ -177,23 +185,20 @@ def _adapter_config(model_cfg, ranks: dict[str, int], base: str) -> dict[str, An
 
 def _export_slm(cfg, run_dir: Path, out_dir: Path, stage: int | None, task: str | None) -> Path:
     import jax
-    from safetensors.numpy import load_file, save_file
+    import numpy as np
+    from safetensors.numpy import save_file
 
     from jaxcl.hf import save_pretrained
     from jaxcl.init_from import load_params
     from jaxcl.models import ModelConfig, abstract_params
-    from jaxcl.slm.lm import STATE_JSON, STATE_TENSORS
+    from jaxcl.slm.state import load_state
 
-    if cfg.slm.mode != "lm":
-        raise ExportError(f"{str(run_dir)!r} is an SLM classification run: its backbone is the sentence encoder "
-                          "with per-task head columns, which has no transformers/PEFT form yet; jaxcl export handles "
-                          "SLM's decoder-LM mode (slm.mode=lm)")
     if stage is not None:
-        raise ExportError("--stage: an SLM run keeps its final state only (each domain's adapter is in it): use --task")
-    state_path = run_dir / STATE_JSON
-    if not state_path.is_file() or not (run_dir / STATE_TENSORS).is_file():
-        raise ExportError(f"{str(run_dir)!r} has no {STATE_JSON}: the SLM run has not finished")
-    state = json.loads(state_path.read_text())
+        raise ExportError("--stage: an SLM run keeps its final state only (each task's adapter is in it): use --task")
+    try:
+        tensors, state = load_state(run_dir)
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from None
     tasks = list(state["tasks"])
     if task is not None and task not in tasks:
         raise ExportError(f"--task {task!r} is not a task of this run (tasks: {', '.join(tasks)})")
@@ -201,30 +206,37 @@ def _export_slm(cfg, run_dir: Path, out_dir: Path, stage: int | None, task: str 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params = load_params(state["backbone"], model_cfg, jax.tree.map(lambda _: device, abstract_params(model_cfg)),
                          jax.random.key(cfg.run.seed))
-    tensors = load_file(run_dir / STATE_TENSORS)
     bank = {t: {"down": tensors[f"bank/{t}/down"], "up": tensors[f"bank/{t}/up"]} for t in state["targets"]}
     spec = state["tokenizer"]
     model_cfg = _fill_special_ids(model_cfg, spec)
+    chosen = tasks if task is None else [task]
 
     def write(staged: Path) -> None:
         save_pretrained(staged, model_cfg, params)
         save_tokenizer(spec, staged)
-        for name in tasks if task is None else [task]:
+        for name in chosen:
+            info = state["tasks"][name]
             adapter = staged / "adapters" / name
             adapter.mkdir(parents=True)
-            lora, ranks = peft_lora_tensors(model_cfg, bank, state["tasks"][name]["slots"],
-                                            state["tasks"][name]["weights"])
+            lora, ranks = peft_lora_tensors(model_cfg, bank, info["slots"], info["weights"])
             save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
             (adapter / "adapter_config.json").write_text(json.dumps(
                 _adapter_config(model_cfg, ranks, str(out_dir.resolve())), indent=2))
+            if "columns" in info:          # classification: the task's head columns over mean-pooled states
+                cols = np.asarray(info["columns"])
+                save_file({"kernel": np.ascontiguousarray(tensors["head/kernel"][:, cols]),
+                           "bias": np.ascontiguousarray(tensors["head/bias"][cols])}, adapter / "head.safetensors")
+                (adapter / "head.json").write_text(json.dumps({
+                    "labels": info["labels"], "pooling": state["pooling"], "logits": "pooled @ kernel + bias",
+                    "load": "peft.PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(OUT_DIR), "
+                            "OUT_DIR/adapters/<task>)"}, indent=2))
         (staged / "jaxcl_export.json").write_text(json.dumps({
-            "run_dir": str(run_dir.resolve()), "method": "slm", "mode": "lm", "backbone": state["backbone"],
-            "tasks": {n: state["tasks"][n] for n in (tasks if task is None else [task])},
+            "run_dir": str(run_dir.resolve()), "method": "slm", "mode": state.get("mode", "lm"),
+            "backbone": state["backbone"], "tasks": {n: state["tasks"][n] for n in chosen},
             "weights": state["weights"], "tokenizer": spec}, indent=2))
 
     _publish(out_dir, write)
-    log.info("exported SLM run %s (backbone + %d adapters) -> %s", run_dir, len(tasks) if task is None else 1,
-             out_dir)
+    log.info("exported SLM run %s (backbone + %d adapters) -> %s", run_dir, len(chosen), out_dir)
     return out_dir
 
 

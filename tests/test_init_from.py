@@ -365,13 +365,48 @@ def test_slm_lm_mode_uses_the_checkpoint_as_backbone_and_exports_peft_adapters(c
 def test_slm_classification_starts_from_the_bert_checkpoint(checkpoints, tmp_path, capsys):
     hf_dir = checkpoints["bert"]
     config = str(ROOT / "configs" / "slm" / "demo.yaml")
-    small = ["slm.tasks=[wordnet_pos,bible_books]", "slm.train_examples=16", "slm.eval_examples=8", "slm.steps=2",
+    small = ["slm.tasks=[wordnet_pos,bible_books]", "slm.train_examples=16", "slm.eval_examples=8", "slm.steps=4",
+             "slm.lr=5e-2", "slm.targets=[attn.q,attn.o,mlp.wo]",
              "slm.max_len=32", "slm.key_epochs=1", "slm.groups=4", "slm.baselines=[]", "slm.cache_dir=null",
              "slm.query_layers=[1,2]"]
     run_dir = tmp_path / "run"
     run("run", config, f"model.init_from={hf_dir}", *small, f"run.dir={run_dir}")
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["backbone"] == str(hf_dir) and len(report["matrix"]) == 2
+    assert report["backbone"] == str(hf_dir.resolve()) and len(report["matrix"]) == 2
+
+    # Export: the encoder for AutoModel, one PEFT adapter + head per task, equal to jaxcl's mixed encoder.
+    peft = pytest.importorskip("peft")
+    from safetensors.numpy import load_file
+    from jaxcl.models import mean_pool
+    from jaxcl.slm import jare
+    out = tmp_path / "export"
+    run("export", str(run_dir), str(out))
+    state = json.loads((run_dir / "slm_state.json").read_text())
+    tensors = load_file(run_dir / "slm_state.safetensors")
+    cfg, params = load_pretrained(out)
+    bank = {t: {"down": jnp.asarray(tensors[f"bank/{t}/down"]), "up": jnp.asarray(tensors[f"bank/{t}/up"])}
+            for t in state["targets"]}
+    rng = np.random.RandomState(2)
+    ids, mask = rng.randint(5, cfg.vocab_size, (2, 12)), np.ones((2, 12), np.int64)
+    mask[1, 8:] = 0
+    with torch.no_grad():
+        plain = transformers.AutoModel.from_pretrained(out).eval()(
+            input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).last_hidden_state.numpy()
+    for task, info in state["tasks"].items():
+        mix = jare.mix_adapters(bank, jnp.asarray([info["slots"]]), jnp.asarray([info["weights"]], jnp.float32))
+        hidden = build(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), adapters=mix).hidden
+        model = peft.PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(out),
+                                               out / "adapters" / task).eval()
+        with torch.no_grad():
+            theirs = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).last_hidden_state.numpy()
+        real = mask.astype(bool)
+        assert np.abs(np.asarray(hidden)[real] - plain[real]).max() > 1e-3      # the adapter matters
+        np.testing.assert_allclose(theirs[real], np.asarray(hidden)[real], atol=1e-4, rtol=0)
+        head = load_file(out / "adapters" / task / "head.safetensors")
+        pooled = np.asarray(mean_pool(jnp.asarray(theirs), jnp.asarray(mask)))
+        ours = np.asarray(mean_pool(hidden, jnp.asarray(mask))) @ tensors["head/kernel"] + tensors["head/bias"]
+        np.testing.assert_allclose(pooled @ head["kernel"] + head["bias"], ours[:, info["columns"]], atol=1e-4)
+        assert json.loads((out / "adapters" / task / "head.json").read_text())["labels"] == info["labels"]
     capsys.readouterr()
     assert cli.main(["run", config, f"model.init_from={hf_dir}", "slm.encoder=minilm_other", *small,
                      f"run.dir={tmp_path / 'x'}"]) == 2

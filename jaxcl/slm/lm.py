@@ -29,7 +29,8 @@ from jaxcl.data.stream import tokenize_domains
 from jaxcl.data.tokenizer import load_tokenizer
 from jaxcl.init_from import check_tokenizer_fits, load_params, tokenizer_spec
 from jaxcl.models import abstract_params, build
-from jaxcl.slm import dtkr, jare
+from jaxcl.slm import dtkr, jare, state
+from jaxcl.slm.state import task_mixture
 from jaxcl.train.losses import causal_lm_nll
 
 
@@ -225,45 +226,16 @@ def _run_slm(cfg, s, stream: LmStream, query_dim: int, backbone, steps: _JareSte
 
 
 def task_mixing_weights(keys: dtkr.KeyBank, stream: LmStream, s) -> dict[str, dict[str, list]]:
-    """Per domain: its own slots and one fixed weight per slot, the mean DTKR retrieval weight (top-K over
-    the domain's own keys, as in training) over its validation queries; slots outside a query's top-K count
-    0. This is the mixture `jaxcl export` writes as the domain's PEFT LoRA adapter."""
-    out = {}
-    for t, domain in enumerate(stream.domains):
-        owned = keys.task_slots(t)
-        allowed = jnp.asarray(np.asarray(keys.slot_task) == t)
-        slots, weights = dtkr.retrieve(jnp.asarray(stream.valid[domain][1]), keys.keys, allowed, s.top_k, True)
-        dense = np.zeros(keys.max_slots, np.float64)
-        np.add.at(dense, np.asarray(slots).ravel(), np.asarray(weights, np.float64).ravel())
-        dense /= max(len(np.asarray(slots)), 1)
-        out[domain] = {"slots": [int(p) for p in owned], "weights": [float(dense[p]) for p in owned]}
-    return out
-
-
-STATE_TENSORS = "slm_state.safetensors"
-STATE_JSON = "slm_state.json"
+    """Per domain: its slots and fixed mixing weights over its validation queries (`jaxcl.slm.state`)."""
+    return {domain: task_mixture(keys, t, stream.valid[domain][1], s.top_k) for t, domain in enumerate(stream.domains)}
 
 
 def save_state(run_dir, cfg, slm: dict[str, Any], tokenizer: str) -> None:
-    """What `jaxcl export` needs from a finished LM-mode run, beside its report: the JARe bank and DTKR keys
-    (`slm_state.safetensors`), the backbone's source, and each domain's slots and fixed mixing weights
-    (`slm_state.json`). Written atomically, before report.json."""
-    import json
-    from pathlib import Path
-
-    from safetensors.numpy import save
-
-    from jaxcl.rundir import atomic_write
-
-    tensors = {f"bank/{t}/{f}": np.asarray(v) for t, factors in slm["bank"].items() for f, v in factors.items()}
-    tensors |= {"keys/keys": np.asarray(slm["keys"].keys), "keys/slot_task": np.asarray(slm["keys"].slot_task)}
-    atomic_write(Path(run_dir) / STATE_TENSORS, save(tensors))
-    atomic_write(Path(run_dir) / STATE_JSON, json.dumps({
-        "backbone": slm["backbone"], "model": cfg.model.to_dict(), "tokenizer": tokenizer,
+    """What `jaxcl export` needs from a finished LM-mode run (`jaxcl.slm.state`)."""
+    state.save_state(run_dir, bank=slm["bank"], keys=slm["keys"], info={
+        "mode": "lm", "backbone": slm["backbone"], "model": cfg.model.to_dict(), "tokenizer": tokenizer,
         "domains": slm["stages"], "targets": list(cfg.slm.targets), "rank": cfg.slm.rank,
-        "tasks": slm["task_weights"],
-        "weights": "mean DTKR retrieval weight per slot (top-K over the domain's own keys) over its validation "
-                   "queries"}, indent=2))
+        "tasks": slm["task_weights"]})
 
 
 def _run_shared_slots(method: str, cfg, s, stream: LmStream, backbone, steps: _JareSteps, steps0: int, rng,
@@ -309,5 +281,4 @@ def _run_shared_slots(method: str, cfg, s, stream: LmStream, backbone, steps: _J
     return {"stages": [stage for stage, _, _ in plan], "matrix": matrix, "seen": list(range(len(names)))}
 
 
-__all__ = ["run_lm", "LmStream", "backbone_source", "save_state", "task_mixing_weights", "STATE_JSON",
-           "STATE_TENSORS"]
+__all__ = ["run_lm", "LmStream", "backbone_source", "save_state", "task_mixing_weights"]

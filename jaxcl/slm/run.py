@@ -263,6 +263,7 @@ class SlmRun:
         for m, r in results.items():
             plot_matrix(build_report(m, "accuracy", r["stages"], self.tasks, r["matrix"], 0.0),
                         self.run_dir / f"accuracy_matrix_{m}.png")
+        self._save_state(slm["learner"])
         write_report(self.run_dir, report)          # last: report.json marks the run finished
         print(format_matrix(report))
         print(f"retrieval accuracy {retrieval_accuracy:.2f} %")
@@ -271,6 +272,26 @@ class SlmRun:
         print(f"outputs in {self.run_dir}/")
         self.learner = slm["learner"]
         return report
+
+    def _save_state(self, learner: ContinualClassifier) -> None:
+        """The trained learner, for `jaxcl export` (`jaxcl.slm.state`): bank, keys, head, and per task its slots
+        with fixed mixing weights (over its validation queries, else its test queries) and its head columns."""
+        from jaxcl.slm.state import save_state, task_mixture
+
+        tasks = {}
+        for t, name in enumerate(self.tasks):
+            queries = (self.data[name].get("valid") or self.data[name]["test"]).queries
+            cols = learner.columns(t)
+            tasks[name] = task_mixture(learner.keys, t, queries, self.scfg.top_k) | {
+                "columns": [int(c) for c in cols], "labels": list(learner.label_names[t])}
+        save_state(self.run_dir, bank=learner.trainable["bank"], keys=learner.keys,
+                   tensors={"head/kernel": learner.trainable["head"]["kernel"],
+                            "head/bias": learner.trainable["head"]["bias"]},
+                   info={"mode": "classification", "backbone": str(self.encoder.model_dir.resolve()),
+                         "model": self.encoder.cfg.to_dict(), "tokenizer": str(self.encoder.model_dir.resolve()),
+                         "targets": list(self.scfg.targets), "rank": self.scfg.rank, "tasks": tasks,
+                         "pooling": "mean of last_hidden_state over attention_mask",
+                         "head": "logits = pooled @ head.kernel + head.bias (the task's columns)"})
 
     def _run_lm(self, metrics, acct: rundir.Invocations) -> dict[str, Any]:
         from jaxcl.slm.lm import run_lm
