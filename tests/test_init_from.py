@@ -202,7 +202,21 @@ def test_elle_starts_from_the_checkpoint_and_exports_the_grown_model_with_its_pr
     assert prompts["rows"] == {"bible": [0, 1], "wordnet": [1, 2]}
     from safetensors.numpy import load_file
     assert load_file(out / "prompts.safetensors")["prompt_embed"].shape == (2, 48)
-    transformers.AutoModelForCausalLM.from_pretrained(out)
+    # The exported backbone is the grown model: transformers' logits equal jaxcl's for the final checkpoint
+    # without prompt ids (the backbone computes exactly that).
+    from jaxcl.models import ModelConfig, abstract_params, without_prompts
+    from jaxcl.train.checkpoint import complete_steps, read_meta, restore_params
+    step = complete_steps(run_dir / "checkpoints")[-1]
+    final_cfg = ModelConfig.from_dict(read_meta(run_dir / "checkpoints", step)["model"])
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = abstract_params(final_cfg)
+    final = restore_params(run_dir / "checkpoints", step, shapes, jax.tree.map(lambda _: device, shapes))
+    backbone_cfg, backbone = without_prompts(final_cfg, final)
+    ids = np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 10))
+    ours = np.asarray(build(backbone_cfg).apply({"params": backbone}, jnp.asarray(ids)).logits)
+    with torch.no_grad():
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
     # A run directory of ELLE as init_from continues from its grown size (prompts are the new run's own).
     cfg2 = load_config(elle, [f"model.init_from={run_dir}", *SMALL, "elle.schedule=[]"])
     assert (cfg2.model.d_model, cfg2.model.n_layers, cfg2.model.num_prompts) == (48, 3, 0)
