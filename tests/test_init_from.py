@@ -166,8 +166,21 @@ def test_bert_checkpoint_runs_with_mlm_and_exports_for_masked_lm(checkpoints, tm
     report = json.loads((run_dir / "report.json").read_text())
     run("eval", DEMO, "train.objective=mlm", *SMALL, f"run.dir={tmp_path / 'eval'}", "--hf", str(hf_dir))
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["domains"]
+    # transformers' own MLM loss on the same tokens: jaxcl evaluates with a fixed masking key, reproduced here.
+    from jaxcl.train.loop import ContinualRun
+    from jaxcl.train.losses import mask_tokens
+    runner = ContinualRun(load_config(DEMO, [f"model.init_from={hf_dir}", "train.objective=mlm", *SMALL]))
+    reference = transformers.AutoModelForMaskedLM.from_pretrained(hf_dir).eval()
     for d, ppl in zip(report["eval_on"], report["initial_perplexity"]):
         assert ppl == pytest.approx(evaluated[d]["perplexity"], rel=1e-5)
+        seqs = runner.valid_sequences[d][:8]
+        corrupted, _, chosen = mask_tokens(jax.random.key(0), jnp.asarray(seqs), jnp.ones(seqs.shape, jnp.int32),
+                                           vocab_size=runner.cfg.model.vocab_size, mask_token_id=runner.tokenizer.mask_id)
+        labels = np.where(np.asarray(chosen), seqs, -100)
+        with torch.no_grad():
+            loss = reference(input_ids=torch.as_tensor(np.asarray(corrupted), dtype=torch.long),
+                             labels=torch.as_tensor(labels, dtype=torch.long)).loss
+        assert math.log(ppl) == pytest.approx(float(loss), abs=1e-4)
     out = tmp_path / "export"
     run("export", str(run_dir), str(out))
     model = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
