@@ -48,7 +48,13 @@ class Decoder(nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, deterministic: bool = True,
                  prompt_ids: jax.Array | None = None, adapters=None,
-                 output_hidden_states: bool = False) -> ModelOutput:
+                 output_hidden_states: bool = False, cache=None, cache_index=None,
+                 cache_mask: jax.Array | None = None) -> ModelOutput:
+        """With a KV cache (`jaxcl.generate`): `cache` is `(k, v)` `[L, b, T, kv_heads, head_dim]`, the new
+        tokens' keys/values are written at `[cache_index, cache_index + s)`, and `cache_mask` `[b, T]` marks
+        the cache positions holding real tokens (the new ones included); `positions` must be given. The
+        updated cache is `out.cache`. Prompts must be part of the cached prefix (pass `prompt_ids` only on the
+        call that fills the cache from index 0)."""
         cfg = self.cfg
         check_adapters(adapters)
         positions = checked_positions(cfg, input_ids, positions)
@@ -61,10 +67,23 @@ class Decoder(nn.Module):
         if cfg.family == "gpt2":
             x = x + embedding_table(cfg, cfg.max_seq_len, POSITION_AXIS, "pos_embed")(positions)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
-        mask = build_attention_mask(attention_mask, b, s, causal=True)
+        layer_cache = None
+        if cache is None:
+            mask = build_attention_mask(attention_mask, b, s, causal=True)
+        else:
+            k_cache, v_cache = cache
+            total = k_cache.shape[2]
+            if cache_mask is None:
+                raise ValueError("a KV-cache call needs cache_mask [batch, cache_len]")
+            if n_prefix and cache_mask.shape[1] != total:
+                raise ValueError("cache_mask must cover the whole cache")
+            query_at = cache_index + jnp.arange(s)                                  # cache slot of each query
+            causal = jnp.arange(total)[None, :] <= query_at[:, None]                # [s, T]
+            mask = cache_mask.astype(bool)[:, None, :] & causal[None]               # [b, s, T]
+            layer_cache = (k_cache, v_cache, jnp.full((cfg.n_layers,), cache_index, jnp.int32))
         embedded = x
-        (x, ffn_in), per_layer = stacked_layers(cfg, deterministic, collect=output_hidden_states)(
-            (x, jnp.zeros_like(x)), mask, positions, dict(adapters or {}))
+        (x, ffn_in), (per_layer, new_cache) = stacked_layers(cfg, deterministic, collect=output_hidden_states)(
+            (x, jnp.zeros_like(x)), mask, positions, dict(adapters or {}), layer_cache)
         hidden = make_norm(cfg, "final_norm")(x)[:, n_prefix:]               # [b, s_text, d]
         ffn_in = ffn_in[:, n_prefix:]
         hidden_states = None
@@ -77,4 +96,4 @@ class Decoder(nn.Module):
             logits = Dense((cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",), use_bias=False,
                            dtype=dtype, kernel_std=cfg.initializer_range, name="lm_head")(hidden)
         return ModelOutput(logits=logits.astype(jnp.float32), hidden=hidden, knn_keys=ffn_in,
-                           hidden_states=hidden_states)
+                           hidden_states=hidden_states, cache=new_cache)

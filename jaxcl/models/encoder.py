@@ -50,8 +50,8 @@ class Encoder(nn.Module):
         x = make_norm(cfg, "embed_norm")(x)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
         mask = build_attention_mask(attention_mask, b, s, causal=False)
-        (hidden, ffn_in), per_layer = stacked_layers(cfg, deterministic, collect=output_hidden_states)(
-            (x, jnp.zeros_like(x)), mask, positions, dict(adapters or {}))
+        (hidden, ffn_in), (per_layer, _) = stacked_layers(cfg, deterministic, collect=output_hidden_states)(
+            (x, jnp.zeros_like(x)), mask, positions, dict(adapters or {}), None)
         hidden, ffn_in = hidden[:, n_prefix:], ffn_in[:, n_prefix:]            # [b, s_text, d]
         hidden_states = None
         if output_hidden_states:                                               # [L + 1, b, s_text, d]

@@ -199,8 +199,13 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, adapters=None) -> jax.Array:
-        """`adapters`: optional {"q"|"k"|"v"|"o": LowRankMix} increments of this layer's projections."""
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, adapters=None, cache=None):
+        """`adapters`: optional {"q"|"k"|"v"|"o": LowRankMix} increments of this layer's projections.
+
+        `cache`: optional `(k, v, index)` of this layer, k/v `[b, T, kv_heads, head_dim]` and a scalar
+        int `index`: the new keys/values are written at `[index, index + s)` and the queries attend over
+        all T cached positions (`mask` is then `[b, s, T]`). Returns `(out, (k, v))` with a cache, else `out`.
+        """
         cfg = self.cfg
         adapters = adapters or {}
         dtype = compute_dtype(cfg)
@@ -213,6 +218,12 @@ class Attention(nn.Module):
         if cfg.family == "llama":
             inv_freq = rope_inverse_frequencies(cfg)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            new_cache = (k, v)
+            k, v = k.astype(dtype), v.astype(dtype)
         groups = cfg.n_heads // cfg.n_kv_heads
         q = q.reshape(b, s, cfg.n_kv_heads, groups, cfg.head_dim)          # [b, q, kv, group, hd]
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
@@ -220,8 +231,9 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)                  # [b, kv, group, q, k]
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, cfg.n_heads, cfg.head_dim)
-        return Dense((cfg.d_model,), in_axes=("heads", "head_dim"), out_axes=("embed",), use_bias=cfg.attn_bias,
-                     dtype=dtype, kernel_std=cfg.initializer_range, name="o")(out, adapters.get("o"))
+        out = Dense((cfg.d_model,), in_axes=("heads", "head_dim"), out_axes=("embed",), use_bias=cfg.attn_bias,
+                    dtype=dtype, kernel_std=cfg.initializer_range, name="o")(out, adapters.get("o"))
+        return out if cache is None else (out, new_cache)
 
 
 ACTIVATION_FNS = {
@@ -267,7 +279,9 @@ class Block(nn.Module):
     collect: bool = False          # also emit this layer's output as a scan output (hidden_states)
 
     @nn.compact
-    def __call__(self, carry, mask: jax.Array, positions: jax.Array, adapters=None):
+    def __call__(self, carry, mask: jax.Array, positions: jax.Array, adapters=None, cache=None):
+        """`cache`: this layer's `(k, v)` and the shared write index (decoding); the updated `(k, v)` is
+        returned as a scan output."""
         cfg = self.cfg
         x, _ = carry
         adapters = adapters or {}
@@ -276,14 +290,18 @@ class Block(nn.Module):
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic or cfg.dropout == 0.0)
         attn = Attention(cfg, name="attn")
         mlp = MLP(cfg, name="mlp")
+        new_cache = None
         if cfg.is_decoder:
-            x = x + drop(attn(make_norm(cfg, "attn_norm")(x), mask, positions, attn_adapters))
+            attended = attn(make_norm(cfg, "attn_norm")(x), mask, positions, attn_adapters, cache)
+            if cache is not None:
+                attended, new_cache = attended
+            x = x + drop(attended)
             ffn_in = make_norm(cfg, "mlp_norm")(x)
             x = x + drop(mlp(ffn_in, mlp_adapters))
         else:
             ffn_in = make_norm(cfg, "attn_norm")(x + drop(attn(x, mask, positions, attn_adapters)))
             x = make_norm(cfg, "mlp_norm")(ffn_in + drop(mlp(ffn_in, mlp_adapters)))
-        return (x, ffn_in), (x if self.collect else None)
+        return (x, ffn_in), ((x if self.collect else None), new_cache)
 
 
 def stacked_layers(cfg: ModelConfig, deterministic: bool, name: str = "layers", collect: bool = False) -> nn.Module:
@@ -295,7 +313,7 @@ def stacked_layers(cfg: ModelConfig, deterministic: bool, name: str = "layers", 
         Block,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0),          # mask, positions, adapters [layers, ...]
+        in_axes=(nn.broadcast, nn.broadcast, 0, 0),       # mask, positions, adapters and cache [layers, ...]
         length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

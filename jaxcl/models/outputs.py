@@ -24,3 +24,4 @@ class ModelOutput:
     knn_keys: jax.Array
     pooled: jax.Array | None = None
     hidden_states: jax.Array | None = None
+    cache: tuple | None = None         # decoders called with `cache=`: the updated (k, v) [L, b, T, kv, hd]
