@@ -8,6 +8,9 @@
     jaxcl export RUN_DIR OUT_DIR [--stage N]
                                          the run's model (end of run, or after stage N) as a Hugging Face
                                          checkpoint with the run's tokenizer
+    jaxcl generate RUN_OR_HF_DIR [--prompt TEXT ...] [--prompts-file F|-] [--max-new-tokens N] [--temperature T]
+                   [--top-k K] [--top-p P] [--seed S]
+                                         continue each prompt with the run's (or HF checkpoint's) model
     jaxcl grow IN_DIR OUT_DIR [--d-model N] [--n-heads N] [--n-kv-heads N] [--d-ff N] [--n-layers N]
                [--method exact|elle] [--seed S] [--noise-std X] [--allow-inexact]
                                          grow a Hugging Face checkpoint; the result loads in transformers
@@ -102,6 +105,76 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _model_for_generation(path: str):
+    """(model config, params on one local device, tokenizer spec) of an HF directory or a jaxcl run's latest
+    checkpoint (ELLE prompts dropped: generation runs the backbone unless a domain prompt is asked for)."""
+    from pathlib import Path
+
+    import jax
+
+    from jaxcl.init_from import load_params, parse_init_from, source_model_config, tokenizer_spec
+
+    src = parse_init_from(path)
+    model_cfg = source_model_config(src)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    from jaxcl.models import abstract_params
+    params = load_params(path, model_cfg, jax.tree.map(lambda _: device, abstract_params(model_cfg)),
+                         jax.random.key(0))
+    if src.kind == "hf":
+        if not (Path(src.path) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{str(src.path)!r} has no tokenizer.json: jaxcl generate needs the model's "
+                                    "tokenizer beside it")
+        return model_cfg, params, str(src.path)
+    from jaxcl.config import config_from_dict
+    from jaxcl.init_from import run_step
+
+    _, meta = run_step(src)
+    return model_cfg, params, tokenizer_spec(config_from_dict(meta["config"]))
+
+
+def cmd_generate(args) -> int:
+    import jax
+    import numpy as np
+
+    from jaxcl.config import ConfigError
+    from jaxcl.data.tokenizer import load_tokenizer
+    from jaxcl.generate import generate
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        text = sys.stdin.read() if args.prompts_file == "-" else open(args.prompts_file).read()
+        prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompt: give --prompt TEXT or --prompts-file FILE (one prompt per line, - for stdin)")
+    if any(not p.strip() for p in prompts):
+        raise ConfigError("an empty --prompt: give some text to continue")
+    model_cfg, params, spec = _model_for_generation(args.source)
+    tok = load_tokenizer(spec)
+    encoded = [tok.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    if any(not ids for ids in encoded):
+        raise ConfigError("a prompt encodes to no tokens")
+    width = max(len(ids) for ids in encoded)
+    ids = np.full((len(prompts), width), tok.pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, seq in enumerate(encoded):
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    stops = list(model_cfg.token_ids("eos_token_id")) or [tok.eos_id]
+    try:
+        out = generate(model_cfg, params, ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, eos_token_id=stops, pad_token_id=tok.pad_id,
+                       rng=jax.random.key(args.seed))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    for row, prompt in enumerate(prompts):
+        new = [int(t) for t in tokens[row, :lengths[row]] if int(t) not in stops]
+        print(prompt + tok.tokenizer.decode(new, skip_special_tokens=True), flush=True)
+        if len(prompts) > 1:
+            print("---", flush=True)
+    return 0
+
+
 def cmd_grow(args) -> int:
     from pathlib import Path
 
@@ -140,6 +213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     x.add_argument("out_dir")
     x.add_argument("--stage", type=int, default=None, help="the model after this stage (default: the run's end)")
     x.add_argument("--task", default=None, help="SLM runs: this task's adapter")
+    n = sub.add_parser("generate", help="continue prompts with a run's or an HF checkpoint's model (KV cache)")
+    n.add_argument("source", help="a jaxcl run directory (latest checkpoint, or RUN@STEP / RUN@stageN) or an HF dir")
+    n.add_argument("--prompt", action="append", help="text to continue (repeat for a batch)")
+    n.add_argument("--prompts-file", default=None, help="one prompt per line; - reads stdin")
+    n.add_argument("--max-new-tokens", type=int, default=64)
+    n.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    n.add_argument("--top-k", type=int, default=0)
+    n.add_argument("--top-p", type=float, default=1.0)
+    n.add_argument("--seed", type=int, default=0)
     g = sub.add_parser("grow", help="grow a Hugging Face checkpoint (width and depth)")
     g.add_argument("in_dir")
     g.add_argument("out_dir")
@@ -166,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_grow(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "generate":
+            return cmd_generate(args)
         return cmd_eval(args)
     except (ConfigError, CheckpointError, ExportError, InitFromError, FileNotFoundError, FileExistsError) as e:
         print(f"jaxcl {args.command}: error: {e}", file=sys.stderr)

@@ -145,3 +145,43 @@ def test_adapters_and_prompts_decode_like_the_full_forward(family):
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, ids.shape[1] - 1:-1], -1)), np.asarray(out.tokens))
     plain = generate(cfg, params, ids, mask, max_new_tokens=10, eos_token_id=[])
     assert not np.array_equal(np.asarray(plain.tokens), np.asarray(out.tokens))     # they matter
+
+
+def test_generate_command_on_an_hf_directory_and_on_a_run(tmp_path, capsys):
+    from pathlib import Path
+
+    from jaxcl import cli
+    from jaxcl.data.corpus import default_tokenizer_path
+
+    model = build_hf_model("gpt2", dict(vocab_size=8192, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                        bos_token_id=0, eos_token_id=0), seed=5)
+    model.save_pretrained(tmp_path / "hf")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(default_tokenizer_path()), eos_token="<|endoftext|>")
+    fast.save_pretrained(tmp_path / "hf")
+    prompt = "In the beginning God created"
+    assert cli.main(["generate", str(tmp_path / "hf"), "--prompt", prompt, "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip()
+    ids = fast(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        reference = model.generate(**ids, do_sample=False, max_new_tokens=6, pad_token_id=0, eos_token_id=0)
+    expected = prompt + fast.decode([t for t in reference[0, ids["input_ids"].shape[1]:].tolist() if t != 0],
+                                    skip_special_tokens=True)
+    assert printed == expected
+    for args, message in ((["--prompt", " "], "empty --prompt"), (["--prompt", "x", "--max-new-tokens", "0"],
+                                                                  "max_new_tokens must be a positive integer"),
+                          (["--prompt", "x", "--max-new-tokens", "80"], "exceeds model.max_seq_len=64")):
+        assert cli.main(["generate", str(tmp_path / "hf"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    # A jaxcl run directory (its latest checkpoint and its tokenizer), prompts from a file.
+    root = Path(__file__).resolve().parents[1]
+    tiny = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=64",
+            "data.seq_len=32", "data.batch_size=8", "data.eval_batches=1", "data.domains=[bible,wordnet]",
+            "train.pretrain_steps=2", "train.steps=2", "checkpoint.async_save=false", f"run.dir={tmp_path / 'run'}"]
+    assert cli.main(["run", str(root / "configs" / "demo.yaml"), *tiny]) == 0
+    (tmp_path / "prompts.txt").write_text("The Lord said\nA noun is\n")
+    capsys.readouterr()
+    assert cli.main(["generate", str(tmp_path / "run"), "--prompts-file", str(tmp_path / "prompts.txt"),
+                     "--max-new-tokens", "4", "--temperature", "0.8", "--top-p", "0.9"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("The Lord said") and lines[2].startswith("A noun is") and lines[1] == "---"
