@@ -79,7 +79,7 @@ def _as_ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
 def generate(cfg: ModelConfig, params: Any, input_ids, attention_mask=None, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             rng: jax.Array | None = None, adapters: dict[str, Any] | None = None,
+             rng: jax.Array | None = None, memory=None, adapters: dict[str, Any] | None = None,
              prompt_ids=None, cache_dtype: str | None = None) -> GenerateOutput:
     """Continue every row of `input_ids` [batch, prompt] (left-padded; `attention_mask` marks real tokens)
     by up to `max_new_tokens` tokens.
@@ -91,6 +91,9 @@ def generate(cfg: ModelConfig, params: Any, input_ids, attention_mask=None, *, m
     dtype). Errors: a non-decoder, an empty prompt, `max_new_tokens` < 1, a prompt plus new tokens longer than
     the learned position table (GPT-2), a temperature < 0, top-p outside (0, 1], or sampling without `rng`.
     """
+    if memory is not None:
+        raise NotImplementedError("generate(memory=...): kNN-LM decoding is not built yet (issue 15); decode "
+                                  "without memory, or score with jaxcl.memory.knn_lm_logprobs")
     if not cfg.is_decoder:
         raise ValueError(f"generate needs a decoder (gpt2 or llama), got model.family={cfg.family!r}")
     input_ids = jnp.asarray(input_ids, jnp.int32)
