@@ -110,16 +110,11 @@ def _model_for_generation(path: str):
     checkpoint (ELLE prompts dropped: generation runs the backbone unless a domain prompt is asked for)."""
     from pathlib import Path
 
-    import jax
-
     from jaxcl.init_from import load_params, parse_init_from, source_model_config, tokenizer_spec
 
     src = parse_init_from(path)
     model_cfg = source_model_config(src)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    from jaxcl.models import abstract_params
-    params = load_params(path, model_cfg, jax.tree.map(lambda _: device, abstract_params(model_cfg)),
-                         jax.random.key(0))
+    params = load_params(path, model_cfg)
     if src.kind == "hf":
         if not (Path(src.path) / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{str(src.path)!r} has no tokenizer.json: jaxcl generate needs the model's "

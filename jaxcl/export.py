@@ -184,13 +184,12 @@ def _adapter_config(model_cfg, ranks: dict[str, int], base: str) -> dict[str, An
 
 
 def _export_slm(cfg, run_dir: Path, out_dir: Path, stage: int | None, task: str | None) -> Path:
-    import jax
     import numpy as np
     from safetensors.numpy import save_file
 
     from jaxcl.hf import save_pretrained
     from jaxcl.init_from import load_params
-    from jaxcl.models import ModelConfig, abstract_params
+    from jaxcl.models import ModelConfig
     from jaxcl.slm.state import load_state
 
     if stage is not None:
@@ -203,9 +202,7 @@ def _export_slm(cfg, run_dir: Path, out_dir: Path, stage: int | None, task: str 
     if task is not None and task not in tasks:
         raise ExportError(f"--task {task!r} is not a task of this run (tasks: {', '.join(tasks)})")
     model_cfg = ModelConfig.from_dict(state["model"])
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    params = load_params(state["backbone"], model_cfg, jax.tree.map(lambda _: device, abstract_params(model_cfg)),
-                         jax.random.key(cfg.run.seed))
+    params = load_params(state["backbone"], model_cfg)
     bank = {t: {"down": tensors[f"bank/{t}/down"], "up": tensors[f"bank/{t}/up"]} for t in state["targets"]}
     spec = state["tokenizer"]
     model_cfg = _fill_special_ids(model_cfg, spec)
@@ -272,13 +269,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, stage: int | None = 
     Errors (`ExportError`, one line): a missing or non-run directory, a stage out of range or not kept,
     `--task` for a run without tasks, a method whose export is not available.
     """
-    import jax
     import numpy as np
 
     from jaxcl.hf import save_pretrained
-    from jaxcl.init_from import tokenizer_spec
-    from jaxcl.models import ModelConfig, abstract_params, without_prompts
-    from jaxcl.train.checkpoint import restore_params
+    from jaxcl.init_from import load_params, tokenizer_spec
+    from jaxcl.models import ModelConfig, without_prompts
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = _recorded_config(run_dir)
@@ -297,9 +292,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, stage: int | None = 
         return _export_slm(cfg, run_dir, out_dir, stage, task)
     step, meta = _choose_step(run_dir, stage)
     model_cfg = ModelConfig.from_dict(meta["model"])
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = abstract_params(model_cfg)
-    params = restore_params(run_dir / "checkpoints", step, shapes, jax.tree.map(lambda _: device, shapes))
+    params = load_params(f"{run_dir}@{step}", model_cfg)
     prompts = None
     if model_cfg.num_prompts:
         prompts = np.asarray(params["prompt_embed"]["embedding"])

@@ -233,15 +233,22 @@ def check_tokenizer_fits(cfg, tokenizer, spec: str) -> None:
 
 
 # ----------------------------------------------------------------------------- parameters
-def load_params(spec: str, model_cfg, shardings: Any, rng) -> Any:
-    """Parameters of `model_cfg` from checkpoint `spec`, each leaf placed on `shardings` as it is read.
+def load_params(spec: str, model_cfg, shardings: Any = None, rng=None) -> Any:
+    """Parameters of `model_cfg` from checkpoint `spec`, each leaf placed on `shardings` as it is read
+    (default: this process's first local device, for tools that run unsharded).
 
     `model_cfg` is the run's model config (the checkpoint's architecture plus the run's non-architecture
-    keys); prompt tables the checkpoint lacks (or holds in another shape) are initialised from `rng`.
+    keys); prompt tables the checkpoint lacks (or holds in another shape) are initialised from `rng`
+    (default `jax.random.key(0)`).
     """
     import jax
 
     from jaxcl.models import abstract_params
+
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract_params(model_cfg))
+    rng = jax.random.key(0) if rng is None else rng
 
     src = parse_init_from(spec)
     stored = source_model_config(src)

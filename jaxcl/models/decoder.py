@@ -73,10 +73,8 @@ class Decoder(nn.Module):
         else:
             k_cache, v_cache = cache
             total = k_cache.shape[2]
-            if cache_mask is None:
-                raise ValueError("a KV-cache call needs cache_mask [batch, cache_len]")
-            if n_prefix and cache_mask.shape[1] != total:
-                raise ValueError("cache_mask must cover the whole cache")
+            if cache_mask is None or cache_mask.shape != (b, total):
+                raise ValueError(f"a KV-cache call needs cache_mask [batch, cache_len] = {(b, total)}")
             query_at = cache_index + jnp.arange(s)                                  # cache slot of each query
             causal = jnp.arange(total)[None, :] <= query_at[:, None]                # [s, T]
             mask = cache_mask.astype(bool)[:, None, :] & causal[None]               # [b, s, T]

@@ -28,7 +28,7 @@ from jaxcl.data.sources import open_source
 from jaxcl.data.stream import tokenize_domains
 from jaxcl.data.tokenizer import load_tokenizer
 from jaxcl.init_from import check_tokenizer_fits, load_params, tokenizer_spec
-from jaxcl.models import abstract_params, build
+from jaxcl.models import build
 from jaxcl.slm import dtkr, jare, state
 from jaxcl.slm.state import task_mixture
 from jaxcl.train.losses import causal_lm_nll
@@ -76,9 +76,7 @@ def run_lm(runner, metrics) -> dict[str, Any]:
     model = build(cfg.model)
     rng = np.random.default_rng(cfg.run.seed)
     source, steps0 = backbone_source(runner, stream)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    backbone = load_params(source, cfg.model, jax.tree.map(lambda _: device, abstract_params(cfg.model)),
-                           jax.random.key(cfg.run.seed))
+    backbone = load_params(source, cfg.model, rng=jax.random.key(cfg.run.seed))
     plain_nll = jax.jit(lambda p, ids: _nll(model, p, None, ids, None, None))
     initial, _ = _evaluate_row(cfg, stream, len(stream.domains),
                                lambda ids, queries, j: (*plain_nll(backbone, ids), None), metrics, "backbone", "initial")
