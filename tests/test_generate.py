@@ -74,6 +74,11 @@ def test_every_cached_step_equals_a_full_forward():
                               positions=positions_from_mask(jnp.asarray(full_mask))).logits
     # greedy: each new token is the argmax of the full forward at the position before it
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, ids.shape[1] - 1:-1], -1)), np.asarray(out.tokens))
+    # and every cached step's distribution is the full forward's (float32: <= 1e-4)
+    scored = generate(cfg, params, ids, mask, max_new_tokens=8, eos_token_id=[], return_logprobs=True)
+    np.testing.assert_array_equal(np.asarray(scored.tokens), np.asarray(out.tokens))
+    full = jax.nn.log_softmax(logits[:, ids.shape[1] - 1:-1], -1)
+    np.testing.assert_allclose(np.asarray(scored.logprobs), np.asarray(full), atol=1e-4, rtol=0)
 
 
 def test_sampling_is_reproducible_filtered_and_one_compile():
@@ -185,3 +190,142 @@ def test_generate_command_on_an_hf_directory_and_on_a_run(tmp_path, capsys):
                      "--max-new-tokens", "4", "--temperature", "0.8", "--top-p", "0.9"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("The Lord said") and lines[2].startswith("A noun is") and lines[1] == "---"
+
+
+# ----------------------------------------------------------------------------- kNN-LM memory, streaming, mesh, bf16
+def full_forward(cfg, params, ids, mask, **kw):
+    return build(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask),
+                            positions=positions_from_mask(jnp.asarray(mask)), **kw)
+
+
+def make_memory(tmp_path, cfg, params, rows=12, seq=20, seed=0, **kw):
+    """A datastore of this model's real kNN keys over random text (next token as value), as a KnnMemory."""
+    from jaxcl.memory import Datastore, params_fingerprint
+    from jaxcl.memory.decoding import KnnMemory
+
+    text = np.random.RandomState(seed).randint(3, cfg.vocab_size, (rows, seq))
+    out = full_forward(cfg, params, text, np.ones_like(text))
+    store = Datastore.create(str(tmp_path / "store"), dim=cfg.d_model, backend="exact",
+                             model_fingerprint=params_fingerprint(params))
+    store.add(np.asarray(out.knn_keys[:, :-1]).reshape(-1, cfg.d_model), text[:, 1:].reshape(-1))
+    return KnnMemory(store, **kw)
+
+
+def reference_knn_step(cfg, params, memory, seq, mask):
+    """The mixed next-token log-distribution after `seq` from a full forward and an exhaustive search."""
+    from jaxcl.memory import knn_lm_logprobs
+    from jaxcl.memory.calibrator import calibrator_features
+
+    out = full_forward(cfg, params, seq, mask)
+    logits, query = np.asarray(out.logits[:, -1]), np.asarray(out.knn_keys[:, -1], np.float32)
+    keys = memory.store.keys.astype(np.float32)
+    d = ((query[:, None, :] - keys[None]) ** 2).sum(-1)
+    idx = np.argsort(d, axis=1, kind="stable")[:, :memory.k]
+    dists, values = np.take_along_axis(d, idx, 1), memory.store.values[idx]
+    if memory.calibrator is None:
+        lam, temp = np.full(len(d), memory.lam, np.float32), memory.temperature
+    else:
+        logp = np.asarray(jax.nn.log_softmax(logits, -1))
+        conf, ent = np.exp(logp).max(-1), -(np.exp(logp) * logp).sum(-1)
+        feats = calibrator_features(conf, ent, memory.log_freq[np.asarray(seq)[:, -1]], dists, values)
+        lam, temp = memory.calibrator.lam(feats), memory.calibrator.temperature
+    return np.asarray(knn_lm_logprobs(jnp.asarray(logits), dists, values, lam=lam, temperature=temp))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_memory_decoding_equals_knn_lm_on_a_full_forward_and_exact_search(tmp_path, calibrated):
+    from flax.core import unfreeze
+
+    from jaxcl.generate import _memory_step
+    from jaxcl.memory import DatastoreError
+    from jaxcl.memory.calibrator import Calibrator, LambdaNet
+
+    cfg = ModelConfig(family="llama", vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
+    params = init_params(cfg, jax.random.key(5))
+    kw = dict(k=8, lam=0.6, temperature=3.0)
+    if calibrated:
+        net = unfreeze(LambdaNet(16).init(jax.random.key(1), jnp.zeros((1, 23)))["params"])
+        cal = Calibrator("mlp", {"net": net, "log_temperature": np.float32(np.log(2.0))}, np.zeros(23, np.float32),
+                         np.ones(23, np.float32), hidden=16)
+        kw |= dict(calibrator=cal, log_freq=np.log(np.arange(1, 49, dtype=np.float32)))
+    memory = make_memory(tmp_path, cfg, params, **kw)
+    ids, mask = left_padded(48, [7, 4, 6], seed=9)
+    new = 10
+    out = generate(cfg, params, ids, mask, max_new_tokens=new, eos_token_id=[], memory=memory, return_logprobs=True)
+    tokens = np.asarray(out.tokens)
+    for t in range(new):
+        seq = np.concatenate([ids, tokens[:, :t]], axis=1)
+        full_mask = np.concatenate([mask, np.ones((3, t), np.int64)], axis=1)
+        want = reference_knn_step(cfg, params, memory, seq, full_mask)
+        np.testing.assert_allclose(np.asarray(out.logprobs[:, t]), want, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(tokens[:, t], want.argmax(-1))                  # greedy on the mixture
+    plain = generate(cfg, params, ids, mask, max_new_tokens=new, eos_token_id=[])
+    assert not np.array_equal(np.asarray(plain.tokens), tokens)                       # the memory matters
+    compiled = _memory_step._cache_size()
+    again = generate(cfg, params, ids[::-1].copy(), mask[::-1].copy(), max_new_tokens=new, eos_token_id=[],
+                     memory=memory, return_logprobs=True)
+    assert _memory_step._cache_size() == compiled                                     # same shapes: no compile
+    np.testing.assert_array_equal(np.asarray(again.tokens), tokens[::-1])
+    other = init_params(cfg, jax.random.key(6))                                       # another model's memory
+    with pytest.raises(DatastoreError, match="holds keys of model"):
+        generate(cfg, other, ids, mask, max_new_tokens=2, memory=memory)
+
+
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_stream_sees_every_token_in_order(tmp_path, with_memory):
+    cfg = ModelConfig(family="gpt2", vocab_size=40, d_model=16, n_layers=1, n_heads=2, max_seq_len=64)
+    params = init_params(cfg, jax.random.key(2))
+    memory = make_memory(tmp_path, cfg, params, k=4) if with_memory else None
+    ids, mask = left_padded(40, [5, 3], seed=3)
+    free = np.asarray(generate(cfg, params, ids, mask, max_new_tokens=12, eos_token_id=[], memory=memory).tokens)
+    stops = [int(free[0, 3]), int(free[1, 5])]                                       # both rows stop early
+    seen = []
+    out = generate(cfg, params, ids, mask, max_new_tokens=12, eos_token_id=stops, pad_token_id=0, memory=memory,
+                   stream=lambda step, tokens: seen.append((step, tokens.tolist())))
+    steps = [s for s, _ in seen]
+    assert steps == list(range(len(steps))) and 1 <= len(steps) <= 12
+    streamed = np.asarray([t for _, t in seen]).T                                    # [b, steps]
+    tokens = np.asarray(out.tokens)
+    np.testing.assert_array_equal(streamed, tokens[:, :len(steps)])
+    assert (tokens[:, len(steps):] == 0).all() and max(np.asarray(out.lengths)) <= len(steps)
+
+
+def test_decoding_on_a_mesh_equals_one_device():
+    from jax.sharding import Mesh
+
+    from jaxcl.models import abstract_params, param_axes
+    from jaxcl.parallel import logical_to_sharding
+
+    cfg = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=64)
+    params = init_params(cfg, jax.random.key(3))
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 1, 4), ("data", "fsdp", "tensor"))
+    sharded = jax.device_put(params, logical_to_sharding(param_axes(cfg), mesh, shapes=abstract_params(cfg)))
+    wq = sharded["layers"]["attn"]["k"]["kernel"]
+    assert len(wq.sharding.device_set) == 8 and wq.addressable_shards[0].data.size < wq.size       # really split
+    ids, mask = left_padded(64, [6, 2, 5, 4], seed=6)
+    kw = dict(max_new_tokens=9, eos_token_id=[], return_logprobs=True)
+    one = generate(cfg, params, ids, mask, **kw)
+    many = generate(cfg, sharded, ids, mask, mesh=mesh, **kw)
+    np.testing.assert_array_equal(np.asarray(many.tokens), np.asarray(one.tokens))
+    np.testing.assert_allclose(np.asarray(many.logprobs), np.asarray(one.logprobs), atol=1e-5, rtol=0)
+
+
+BF16_TOLERANCE = 0.02    # max |Δ log p| of a bfloat16 cached step vs the full forward; measured on CPU (4 seeds):
+                         # 0 vs the bfloat16 forward, <= 0.004 vs the float32 forward
+
+
+def test_bfloat16_cached_steps_match_the_full_forward_within_tolerance():
+    """bfloat16 decoding: the cache holds bfloat16 keys/values and the step attends over a different-length
+    reduction than the full forward, so the two differ by bfloat16 round-off; each step's log-distribution stays
+    within BF16_TOLERANCE of the full forward's in bfloat16 and in float32 (float32 decoding: 1e-4, test above)."""
+    cfg = ModelConfig(family="gpt2", vocab_size=64, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(4))
+    ids, mask = left_padded(64, [8, 5], seed=8)
+    out = generate(cfg, params, ids, mask, max_new_tokens=12, eos_token_id=[], return_logprobs=True)
+    seq = np.concatenate([ids, np.asarray(out.tokens)], axis=1)
+    full_mask = np.concatenate([mask, np.ones((2, 12), np.int64)], axis=1)
+    full = jax.nn.log_softmax(full_forward(cfg, params, seq, full_mask).logits[:, ids.shape[1] - 1:-1], -1)
+    gap = float(jnp.max(jnp.abs(out.logprobs - full)))
+    assert gap <= BF16_TOLERANCE, gap
+    f32 = jax.nn.log_softmax(full_forward(cfg.replace(dtype="float32"), params, seq, full_mask).logits[:, ids.shape[1] - 1:-1], -1)
+    assert float(jnp.max(jnp.abs(out.logprobs - f32))) <= BF16_TOLERANCE

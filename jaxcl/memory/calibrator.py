@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any
 
 import jax
@@ -114,6 +115,43 @@ class Calibrator:
     def lam(self, features: np.ndarray) -> np.ndarray:
         """λ `[n]` for features `[n, F]`."""
         return np.asarray(_lam(self.mode, self.hidden, self.params, jnp.asarray((features - self.mean) / self.std)))
+
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """Flat `{name: array}` (for an `.npz`): `meta` (mode, hidden as JSON bytes), `mean`, `std`, `params/...`."""
+        meta = json.dumps({"mode": self.mode, "hidden": self.hidden}).encode()
+        out = {f"{prefix}meta": np.frombuffer(meta, np.uint8), f"{prefix}mean": np.asarray(self.mean),
+               f"{prefix}std": np.asarray(self.std)}
+        for path, leaf in _flatten(self.params):
+            out[f"{prefix}params/{path}"] = np.asarray(jax.device_get(leaf))
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Any, prefix: str = "") -> "Calibrator":
+        """The inverse of `to_arrays` (`arrays`: a dict or an open `np.load` archive)."""
+        meta = json.loads(bytes(np.asarray(arrays[f"{prefix}meta"])).decode())
+        heads = (f"{prefix}params/", f"{prefix}params|")         # "|": semem_state.npz files before 2026-11
+        params = _unflatten({k[len(h):]: np.asarray(arrays[k]) for k in arrays.keys() for h in heads
+                             if k.startswith(h)})
+        return cls(meta["mode"], params, np.asarray(arrays[f"{prefix}mean"]), np.asarray(arrays[f"{prefix}std"]),
+                   meta["hidden"])
+
+
+def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(path "a/b/c", leaf) of a nested dict of arrays (calibrator parameters)."""
+    if isinstance(tree, dict):
+        return [item for k in sorted(tree) for item in _flatten(tree[k], f"{prefix}{k}/")]
+    return [(prefix.rstrip("/"), tree)]
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, last = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return out
 
 
 LAM_RANGE = (1e-4, 1 - 1e-4)    # a learned λ never reaches 0 or 1: either would make some gold token impossible

@@ -258,11 +258,7 @@ class SememRun(ContinualRun):
                  "invocations": self._acct.record()}
         arrays = {"state.json": np.frombuffer(json.dumps(state).encode(), np.uint8)}
         for name, cal in calibrators.items():
-            arrays[f"cal|{name}|meta"] = np.frombuffer(json.dumps({"mode": cal.mode, "hidden": cal.hidden}).encode(),
-                                                       np.uint8)
-            arrays[f"cal|{name}|mean"], arrays[f"cal|{name}|std"] = np.asarray(cal.mean), np.asarray(cal.std)
-            for path, leaf in _flatten(cal.params):
-                arrays[f"cal|{name}|params|{path}"] = np.asarray(jax.device_get(leaf))
+            arrays |= cal.to_arrays(f"cal|{name}|")
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         rundir.atomic_write(self.run_dir / STATE_FILE, buf.getvalue())
@@ -275,14 +271,8 @@ class SememRun(ContinualRun):
         with np.load(path) as z:
             state = json.loads(bytes(z["state.json"]).decode())
             if state["current"] is not None:
-                calibrators = {}
-                for name in POLICIES:
-                    meta = json.loads(bytes(z[f"cal|{name}|meta"]).decode())
-                    prefix = f"cal|{name}|params|"
-                    params = _unflatten({k[len(prefix):]: np.asarray(z[k]) for k in z.files if k.startswith(prefix)})
-                    calibrators[name] = Calibrator(meta["mode"], params, np.asarray(z[f"cal|{name}|mean"]),
-                                                   np.asarray(z[f"cal|{name}|std"]), meta["hidden"])
-                state["current"]["calibrators"] = calibrators
+                state["current"]["calibrators"] = {name: Calibrator.from_arrays(z, f"cal|{name}|")
+                                                   for name in POLICIES}
         return state
 
     # ------------------------------------------------------------------ run
@@ -400,20 +390,3 @@ def _override_model(base: ModelConfig, overrides: dict[str, Any], i: int) -> Mod
     except (TypeError, ValueError) as e:
         raise ConfigError(f"semem.extra_models[{i}]: {e}") from None
 
-
-def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(path "a/b/c", leaf) of a nested dict of arrays (calibrator parameters)."""
-    if isinstance(tree, dict):
-        return [item for k in sorted(tree) for item in _flatten(tree[k], f"{prefix}{k}/")]
-    return [(prefix.rstrip("/"), tree)]
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        *parents, last = path.split("/")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return out

@@ -86,7 +86,8 @@ def sharding_table(params: Any, shardings: Any) -> str:
 
 
 def with_logical_constraint(x: jax.Array, names: Sequence[str | None], mesh: Mesh, rules=None) -> jax.Array:
-    """Pin an activation's sharding by logical names inside a jitted function."""
-    spec = _mesh_axes(PartitionSpec(*names), mesh, resolve_rules(rules))
+    """Pin an activation's sharding by logical names inside a jitted function (a mesh axis that does not
+    divide its dim is dropped: that dim is replicated)."""
+    spec = _mesh_axes(PartitionSpec(*names), mesh, resolve_rules(rules), x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
