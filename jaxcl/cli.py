@@ -9,8 +9,11 @@
                                          the run's model (end of run, or after stage N) as a Hugging Face
                                          checkpoint with the run's tokenizer
     jaxcl generate RUN_OR_HF_DIR [--prompt TEXT ...] [--prompts-file F|-] [--max-new-tokens N] [--temperature T]
-                   [--top-k K] [--top-p P] [--seed S]
-                                         continue each prompt with the run's (or HF checkpoint's) model
+                   [--top-k K] [--top-p P] [--seed S] [--memory [PATH]] [--memory-policy semem|full]
+                   [--domain NAME] [--no-stream]
+                                         continue each prompt with the run's (or HF checkpoint's) model, with
+                                         its state: a SeMem memory, SLM's DTKR-chosen adapters, an ELLE prompt;
+                                         a single prompt's text is printed as it is generated
     jaxcl grow IN_DIR OUT_DIR [--d-model N] [--n-heads N] [--n-kv-heads N] [--d-ff N] [--n-layers N]
                [--method exact|elle] [--seed S] [--noise-std X] [--allow-inexact]
                                          grow a Hugging Face checkpoint; the result loads in transformers
@@ -105,28 +108,6 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _model_for_generation(path: str):
-    """(model config, params on one local device, tokenizer spec) of an HF directory or a jaxcl run's latest
-    checkpoint (ELLE prompts dropped: generation runs the backbone unless a domain prompt is asked for)."""
-    from pathlib import Path
-
-    from jaxcl.init_from import load_params, parse_init_from, source_model_config, tokenizer_spec
-
-    src = parse_init_from(path)
-    model_cfg = source_model_config(src)
-    params = load_params(path, model_cfg)
-    if src.kind == "hf":
-        if not (Path(src.path) / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{str(src.path)!r} has no tokenizer.json: jaxcl generate needs the model's "
-                                    "tokenizer beside it")
-        return model_cfg, params, str(src.path)
-    from jaxcl.config import config_from_dict
-    from jaxcl.init_from import run_step
-
-    _, meta = run_step(src)
-    return model_cfg, params, tokenizer_spec(config_from_dict(meta["config"]))
-
-
 def cmd_generate(args) -> int:
     import jax
     import numpy as np
@@ -134,6 +115,7 @@ def cmd_generate(args) -> int:
     from jaxcl.config import ConfigError
     from jaxcl.data.tokenizer import load_tokenizer
     from jaxcl.generate import generate
+    from jaxcl.inference import open_decoder
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -143,8 +125,12 @@ def cmd_generate(args) -> int:
         raise ConfigError("no prompt: give --prompt TEXT or --prompts-file FILE (one prompt per line, - for stdin)")
     if any(not p.strip() for p in prompts):
         raise ConfigError("an empty --prompt: give some text to continue")
-    model_cfg, params, spec = _model_for_generation(args.source)
-    tok = load_tokenizer(spec)
+    memory = False if args.memory is None else (True if args.memory == "" else args.memory)
+    try:
+        dec = open_decoder(args.source, memory=memory, policy=args.memory_policy)
+    except ValueError as e:            # DatastoreError, InitFromError: one line naming the path
+        raise ConfigError(str(e)) from None
+    tok = load_tokenizer(dec.tokenizer)
     encoded = [tok.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
     if any(not ids for ids in encoded):
         raise ConfigError("a prompt encodes to no tokens")
@@ -154,13 +140,22 @@ def cmd_generate(args) -> int:
     for row, seq in enumerate(encoded):
         ids[row, width - len(seq):] = seq
         mask[row, width - len(seq):] = 1
-    stops = list(model_cfg.token_ids("eos_token_id")) or [tok.eos_id]
+    stops = list(dec.model_cfg.token_ids("eos_token_id")) or [tok.eos_id]
+    state, routed = dec.state_for(prompts, args.domain)
+    if routed is not None and (args.domain is None or args.verbose):
+        for prompt, name in zip(prompts, routed):
+            print(f"[{name}] {prompt[:60]}", file=sys.stderr)
+    streaming = len(prompts) == 1 and not args.no_stream
+    printer = _StreamPrinter(tok.tokenizer, stops, prompts[0]) if streaming else None
     try:
-        out = generate(model_cfg, params, ids, mask, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, eos_token_id=stops, pad_token_id=tok.pad_id,
-                       rng=jax.random.key(args.seed))
+        out = generate(dec.model_cfg, dec.params, ids, mask, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=stops,
+                       pad_token_id=tok.pad_id, rng=jax.random.key(args.seed), stream=printer, **state)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if printer is not None:
+        printer.finish()
+        return 0
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     for row, prompt in enumerate(prompts):
         new = [int(t) for t in tokens[row, :lengths[row]] if int(t) not in stops]
@@ -168,6 +163,33 @@ def cmd_generate(args) -> int:
         if len(prompts) > 1:
             print("---", flush=True)
     return 0
+
+
+class _StreamPrinter:
+    """Prints one prompt's continuation as tokens arrive (`generate(stream=...)`): each step decodes the
+    tokens so far and writes what the text gained (so multi-token characters appear whole)."""
+
+    def __init__(self, tokenizer, stops, prompt: str):
+        self.tokenizer, self.stops, self.ids, self.shown, self.done = tokenizer, set(stops), [], "", False
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+
+    def __call__(self, step: int, tokens) -> None:
+        token = int(tokens[0])
+        if self.done or token in self.stops:
+            self.done = True
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        sys.stdout.write((text[len(self.shown):] if text.startswith(self.shown) else "") + "\n")
+        sys.stdout.flush()
 
 
 def cmd_grow(args) -> int:
@@ -209,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     x.add_argument("--stage", type=int, default=None, help="the model after this stage (default: the run's end)")
     x.add_argument("--task", default=None, help="SLM runs: this task's adapter")
     n = sub.add_parser("generate", help="continue prompts with a run's or an HF checkpoint's model (KV cache)")
-    n.add_argument("source", help="a jaxcl run directory (latest checkpoint, or RUN@STEP / RUN@stageN) or an HF dir")
+    n.add_argument("source", help="an HF dir, a jaxcl run directory (latest checkpoint, or RUN@STEP / RUN@stageN), "
+                                  "a SeMem run or an SLM LM-mode run")
     n.add_argument("--prompt", action="append", help="text to continue (repeat for a batch)")
     n.add_argument("--prompts-file", default=None, help="one prompt per line; - reads stdin")
     n.add_argument("--max-new-tokens", type=int, default=64)
@@ -217,6 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     n.add_argument("--top-k", type=int, default=0)
     n.add_argument("--top-p", type=float, default=1.0)
     n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--memory", nargs="?", const="", default=None, metavar="PATH",
+                   help="decode with a kNN-LM memory: a SeMem run's own (no PATH), or PATH = a SeMem run or a datastore")
+    n.add_argument("--memory-policy", choices=("semem", "full"), default="semem",
+                   help="which of a SeMem run's memories (selective, or full memorization)")
+    n.add_argument("--domain", default=None,
+                   help="ELLE: decode with this domain's prompt; SLM: this task's adapter (default: DTKR retrieval)")
+    n.add_argument("--no-stream", action="store_true", help="print a single prompt's text at the end, not as it grows")
+    n.add_argument("--verbose", action="store_true", help="print the domain each prompt is decoded as (stderr)")
     g = sub.add_parser("grow", help="grow a Hugging Face checkpoint (width and depth)")
     g.add_argument("in_dir")
     g.add_argument("out_dir")

@@ -7,13 +7,11 @@
 
 How it runs: one prefill call writes the (left-padded) prompts' keys and values into a cache of
 `prompt + max_new_tokens` slots (`[layers, batch, slots, kv_heads, head_dim]`: grouped-query attention caches
-only the kv heads), then one decode step per token under `lax.fori_loop` reads the cache and writes one slot.
-Shapes are fixed, so the whole call is one jitted program per (batch, prompt length, max_new_tokens,
+only the kv heads), then one decode step per token under `lax.while_loop` (which ends when every row has
+stopped) reads the cache and writes one slot. Shapes are fixed, so the whole call is one jitted program per (batch, prompt length, max_new_tokens,
 sampling settings): repeated calls never recompile. Positions come from the attention mask
 (`positions_from_mask`, as transformers derives `position_ids` for left-padded batches), for learned
 positions (GPT-2) and RoPE (LLaMA) alike.
-
-Shapes are fixed and the loop is a `lax.while_loop` that ends when every row has stopped.
 
 Continual-learning state, applied at every step exactly as in the full forward:
 - `memory=` a kNN-LM memory (`jaxcl.memory.decoding.KnnMemory`: a datastore, k, λ and T or SeMem's

@@ -22,7 +22,9 @@ on with the next chunk: it ends with the same memories and numbers as a run neve
 
 Writes report.json (the DESIGN.md contract; `matrix` is SeMem's perplexity after each streamed domain
 for the main model, `memory` its per-chunk memory records), metrics.jsonl, memory_growth.png,
-perplexity_per_chunk.png, perplexity_matrix.png, and one datastore per model and policy.
+perplexity_per_chunk.png, perplexity_matrix.png, and per model and policy a datastore plus `memory.npz` (final
+calibrator, the stream's token frequencies, k, the LM's checkpoint): `KnnMemory.from_run` and
+`jaxcl generate RUN --memory` decode with them.
 """
 
 from __future__ import annotations
@@ -164,7 +166,8 @@ class SememRun(ContinualRun):
         interrupted invocation (None: from the start); `source`: the checkpoint the LM comes from (None:
         pre-trained here)."""
         sm = self.cfg.semem
-        params, pre_report = self._load_frozen(model_cfg, source or self._pretrain(model_cfg, tag))
+        source = source or self._pretrain(model_cfg, tag)
+        params, pre_report = self._load_frozen(model_cfg, source)
         scorer = make_lm_scorer(model_cfg)
         fingerprint = params_fingerprint(params)
         eval_tokens = {d: score_sequences(scorer, params, self.valid_sequences[d][:self.eval_rows])
@@ -243,6 +246,14 @@ class SememRun(ContinualRun):
             bar.update()
             bar.set_postfix(semem=len(memories["semem"]), full=len(memories["full"]))
         bar.close()
+        from jaxcl.init_from import parse_init_from, pinned_spec
+        from jaxcl.memory.decoding import MEMORY_FILE, save_memory_info
+
+        pinned = pinned_spec(parse_init_from(source))
+        if jax.process_index() == 0:
+            for name, mem in memories.items():      # what decoding with this memory needs (KnnMemory.from_run)
+                save_memory_info(self.run_dir / tag / name / MEMORY_FILE, calibrator=mem.calibrator,
+                                 log_freq=np.log(counts).astype(np.float32), k=sm.k, lam=sm.lam, source=pinned)
         self._done_models[tag] = result
         self._commit_state(current=None, calibrators={}, metrics=metrics)
         return result
