@@ -171,10 +171,15 @@ class _StreamPrinter:
 
     def __init__(self, tokenizer, stops, prompt: str):
         self.tokenizer, self.stops, self.ids, self.shown, self.done = tokenizer, set(stops), [], "", False
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
+        self.prompt = prompt            # written with the first token (an input error prints nothing to stdout)
+
+    def _start(self) -> None:
+        if self.prompt is not None:
+            sys.stdout.write(self.prompt)
+            self.prompt = None
 
     def __call__(self, step: int, tokens) -> None:
+        self._start()
         token = int(tokens[0])
         if self.done or token in self.stops:
             self.done = True
@@ -187,6 +192,7 @@ class _StreamPrinter:
             self.shown = text
 
     def finish(self) -> None:
+        self._start()
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         sys.stdout.write((text[len(self.shown):] if text.startswith(self.shown) else "") + "\n")
         sys.stdout.flush()

@@ -136,4 +136,6 @@ def open_decoder(path: str, *, memory: bool | str = False, policy: str = "semem"
             dec = Decoder(model_cfg, params, tokenizer_spec(cfg), cfg.run.method,
                           domains=tuple(meta.get("domains") or cfg.data.domains),
                           trained_domains=int(meta.get("stage", -1)) + 1, memory=knn)
+    if dec.memory is not None:
+        dec.memory.check(dec.model_cfg, dec.params)     # another model's memory: one line, before any output
     return dec

@@ -190,6 +190,16 @@ def test_generate_command_on_an_hf_directory_and_on_a_run(tmp_path, capsys):
                      "--max-new-tokens", "4", "--temperature", "0.8", "--top-p", "0.9"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("The Lord said") and lines[2].startswith("A noun is") and lines[1] == "---"
+    # The run exported as an HF directory decodes to the same greedy text as the run itself.
+    assert cli.main(["export", str(tmp_path / "run"), str(tmp_path / "exported")]) == 0
+    capsys.readouterr()
+    texts = []
+    for source in (tmp_path / "run", tmp_path / "exported"):
+        assert cli.main(["generate", str(source), "--prompt", "The Lord said", "--max-new-tokens", "8"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("The Lord said") and len(texts[0]) > len("The Lord said\n")
+    assert cli.main(["generate", str(tmp_path / "run"), "--prompt", "x", "--memory", str(tmp_path / "nowhere")]) == 2
+    assert "--memory" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- kNN-LM memory, streaming, mesh, bf16
