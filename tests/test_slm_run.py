@@ -145,6 +145,40 @@ def test_lm_mode_keeps_the_frozen_backbone_domain_and_reports_perplexity(tmp_pat
     for name in base:
         assert (tmp_path / "lm" / f"perplexity_matrix_{name}.png").is_file()
     assert report["wall_seconds"] == report["invocations"][0]["wall_seconds"] > 0
+    # Decoding: every prompt is routed by DTKR from its text alone (no task id), or to a named task's mixture.
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxcl import cli
+    from jaxcl.generate import generate
+    from jaxcl.inference import open_decoder
+    from jaxcl.slm import dtkr, jare
+
+    dec = open_decoder(str(tmp_path / "lm"))
+    texts = ["A noun is a word that names a thing", "The kernel hacker patched the driver"]
+    state, routed = dec.state_for(texts)
+    assert set(routed) <= {"wordnet", "jargon"} and len(routed) == 2
+    s = cfg.slm
+    slots, weights, task = dtkr.retrieve_from_text(jnp.asarray(dec.slm.queries(texts)), dec.slm.keys, s.top_k, True,
+                                                   s.max_tasks, s.mix, s.task_choice)
+    assert routed == [("wordnet", "jargon")[int(t)] for t in task] and slots.shape == (2, s.top_k)
+    ids = np.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
+    out = generate(dec.model_cfg, dec.params, ids, np.ones_like(ids), max_new_tokens=4, eos_token_id=[],
+                   return_logprobs=True, **state)
+    same = generate(dec.model_cfg, dec.params, ids, np.ones_like(ids), max_new_tokens=4, eos_token_id=[],
+                    return_logprobs=True, adapters=jare.mix_adapters(dec.slm.bank, slots, weights))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(same.logprobs), atol=1e-6)
+    fixed = json.loads((tmp_path / "lm" / "slm_state.json").read_text())["tasks"]["jargon"]
+    named = generate(dec.model_cfg, dec.params, ids, np.ones_like(ids), max_new_tokens=4, eos_token_id=[],
+                     return_logprobs=True, adapters=jare.mix_adapters(
+                         dec.slm.bank, jnp.asarray([fixed["slots"]]), jnp.asarray([fixed["weights"]])))
+    state_j, routed_j = dec.state_for(texts, "jargon")
+    assert routed_j == ["jargon", "jargon"]
+    via_domain = generate(dec.model_cfg, dec.params, ids, np.ones_like(ids), max_new_tokens=4, eos_token_id=[],
+                          return_logprobs=True, **state_j)
+    np.testing.assert_allclose(np.asarray(via_domain.logprobs), np.asarray(named.logprobs), atol=1e-6)
+    assert cli.main(["generate", str(tmp_path / "lm"), "--prompt", texts[0], "--max-new-tokens", "3"]) == 0
+    assert cli.main(["generate", str(tmp_path / "lm"), "--prompt", "x", "--domain", "nope"]) == 2
     assert_rerun_changes_nothing(tmp_path / "lm", cfg, "steps", 3)
 
 
