@@ -6,7 +6,7 @@
     out.lengths    # [batch] new tokens per row, its stop token included
 
 How it runs: one prefill call writes the (left-padded) prompts' keys and values into a cache of
-`prompt + max_new_tokens` slots (`[layers, batch, slots, kv_heads, head_dim]`: grouped-query attention caches
+`prompt + max_new_tokens` slots (`[layers, batch, kv_heads, slots, head_dim]`: grouped-query attention caches
 only the kv heads), then one decode step per token under `lax.while_loop` (which ends when every row has
 stopped) reads the cache and writes one slot. Shapes are fixed, so the whole call is one jitted program per (batch, prompt length, max_new_tokens,
 sampling settings): repeated calls never recompile. Positions come from the attention mask
@@ -216,7 +216,7 @@ def _constrain(settings: _Settings, x: jax.Array, names: tuple) -> jax.Array:
     return with_logical_constraint(x, names, settings.mesh, settings.rules)
 
 
-_CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+_CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
 def _prefill(settings: _Settings, model, params, input_ids, mask, adapters, prompt_ids):
@@ -227,7 +227,7 @@ def _prefill(settings: _Settings, model, params, input_ids, mask, adapters, prom
     prefix = cfg.prompt_length if prompt_ids is not None else 0
     slots = prefix + length + settings.max_new_tokens
     dtype = jnp.dtype(settings.cache_dtype)
-    shape = (cfg.n_layers, b, slots, cfg.n_kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers, b, cfg.n_kv_heads, slots, cfg.head_dim)
     cache = tuple(_constrain(settings, jnp.zeros(shape, dtype), _CACHE_AXES) for _ in range(2))
     cache_mask = jnp.zeros((b, slots), jnp.int32).at[:, :prefix].set(1).at[:, prefix:prefix + length].set(mask)
     out = model.apply({"params": params}, input_ids, mask, positions=positions_from_mask(mask), prompt_ids=prompt_ids,

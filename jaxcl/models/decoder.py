@@ -50,7 +50,8 @@ class Decoder(nn.Module):
                  prompt_ids: jax.Array | None = None, adapters=None,
                  output_hidden_states: bool = False, cache=None, cache_index=None,
                  cache_mask: jax.Array | None = None) -> ModelOutput:
-        """With a KV cache (`jaxcl.generate`): `cache` is `(k, v)` `[L, b, T, kv_heads, head_dim]`, the new
+        """With a KV cache (`jaxcl.generate`): `cache` is `(k, v)` `[L, b, kv_heads, T, head_dim]` (heads before
+        slots: the attention contracts each head's slots without transposing the cache), the new
         tokens' keys/values are written at `[cache_index, cache_index + s)`, and `cache_mask` `[b, T]` marks
         the cache positions holding real tokens (the new ones included); `positions` must be given. The
         updated cache is `out.cache`. Prompts must be part of the cached prefix (pass `prompt_ids` only on the
@@ -72,7 +73,7 @@ class Decoder(nn.Module):
             mask = build_attention_mask(attention_mask, b, s, causal=True)
         else:
             k_cache, v_cache = cache
-            total = k_cache.shape[2]
+            total = k_cache.shape[3]
             if cache_mask is None or cache_mask.shape != (b, total):
                 raise ValueError(f"a KV-cache call needs cache_mask [batch, cache_len] = {(b, total)}")
             query_at = cache_index + jnp.arange(s)                                  # cache slot of each query
@@ -80,8 +81,12 @@ class Decoder(nn.Module):
             mask = cache_mask.astype(bool)[:, None, :] & causal[None]               # [b, s, T]
             layer_cache = (k_cache, v_cache, jnp.full((cfg.n_layers,), cache_index, jnp.int32))
         embedded = x
-        (x, ffn_in), (per_layer, new_cache) = stacked_layers(cfg, deterministic, collect=output_hidden_states)(
+        (x, ffn_in), (per_layer, new_entries) = stacked_layers(cfg, deterministic, collect=output_hidden_states)(
             (x, jnp.zeros_like(x)), mask, positions, dict(adapters or {}), layer_cache)
+        new_cache = None
+        if cache is not None:           # one write of the s new slots of every layer (in place in a decode loop)
+            new_cache = tuple(jax.lax.dynamic_update_slice(c, e.astype(c.dtype), (0, 0, 0, cache_index, 0))
+                              for c, e in zip(cache, new_entries))
         hidden = make_norm(cfg, "final_norm")(x)[:, n_prefix:]               # [b, s_text, d]
         ffn_in = ffn_in[:, n_prefix:]
         hidden_states = None

@@ -202,9 +202,11 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, adapters=None, cache=None):
         """`adapters`: optional {"q"|"k"|"v"|"o": LowRankMix} increments of this layer's projections.
 
-        `cache`: optional `(k, v, index)` of this layer, k/v `[b, T, kv_heads, head_dim]` and a scalar
-        int `index`: the new keys/values are written at `[index, index + s)` and the queries attend over
-        all T cached positions (`mask` is then `[b, s, T]`). Returns `(out, (k, v))` with a cache, else `out`.
+        `cache`: optional `(k, v, index)` of this layer, k/v `[b, kv_heads, T, head_dim]` and a scalar
+        int `index`: the queries attend over all T cached positions with the new keys/values at
+        `[index, index + s)` (`mask` is then `[b, s, T]`). Returns `(out, (k_new, v_new))` with a cache — only
+        the new entries `[b, kv_heads, s, head_dim]`, which the caller writes into its cache, so a decode step
+        moves one slot per layer instead of re-stacking the whole cache — else `out`.
         """
         cfg = self.cfg
         adapters = adapters or {}
@@ -218,19 +220,21 @@ class Attention(nn.Module):
         if cfg.family == "llama":
             inv_freq = rope_inverse_frequencies(cfg)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if cache is not None:
-            k_cache, v_cache, index = cache
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-            new_cache = (k, v)
-            k, v = k.astype(dtype), v.astype(dtype)
         groups = cfg.n_heads // cfg.n_kv_heads
         q = q.reshape(b, s, cfg.n_kv_heads, groups, cfg.head_dim)          # [b, q, kv, group, hd]
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        if cache is not None:        # heads-major cache [b, kv, T, hd]: the dots below batch over (b, kv) as stored
+            k_cache, v_cache, index = cache
+            new_cache = (k.transpose(0, 2, 1, 3).astype(k_cache.dtype), v.transpose(0, 2, 1, 3).astype(v_cache.dtype))
+            k = jax.lax.dynamic_update_slice(k_cache, new_cache[0], (0, 0, index, 0)).astype(dtype)
+            v = jax.lax.dynamic_update_slice(v_cache, new_cache[1], (0, 0, index, 0)).astype(dtype)
+            scores = jnp.einsum("bqkgd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        else:
+            scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
         scores = scores * (1.0 / math.sqrt(cfg.head_dim))
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)                  # [b, kv, group, q, k]
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, cfg.n_heads, cfg.head_dim)
+        out = jnp.einsum("bkgqs,bksd->bqkgd" if cache is not None else "bkgqs,bskd->bqkgd", probs, v)
+        out = out.reshape(b, s, cfg.n_heads, cfg.head_dim)
         out = Dense((cfg.d_model,), in_axes=("heads", "head_dim"), out_axes=("embed",), use_bias=cfg.attn_bias,
                     dtype=dtype, kernel_std=cfg.initializer_range, name="o")(out, adapters.get("o"))
         return out if cache is None else (out, new_cache)
@@ -280,8 +284,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry, mask: jax.Array, positions: jax.Array, adapters=None, cache=None):
-        """`cache`: this layer's `(k, v)` and the shared write index (decoding); the updated `(k, v)` is
-        returned as a scan output."""
+        """`cache`: this layer's `(k, v)` and the shared write index (decoding); the new entries `(k, v)`
+        `[b, kv_heads, s, head_dim]` are returned as a scan output."""
         cfg = self.cfg
         x, _ = carry
         adapters = adapters or {}
