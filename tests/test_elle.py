@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compile_cache import persistent_compilation_cache
 from jaxcl.config import ConfigError, load_config
 from jaxcl.elle import ElleRun, ReplayMemory, adaptive_weights, memory_rows, planned_stage_flops, replay_plan
 from jaxcl.hf import save_pretrained
@@ -195,7 +196,14 @@ class _Recording(ElleRun):
 
 
 @pytest.fixture(scope="module")
-def elle_run(tmp_path_factory):
+def compile_cache(tmp_path_factory):
+    """The resume test runs the reference run's programs again (three invocations): compile them once."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
+
+
+@pytest.fixture(scope="module")
+def elle_run(tmp_path_factory, compile_cache):
     run_dir = tmp_path_factory.mktemp("elle")
     cfg = load_config(ROOT / "configs/elle/demo.yaml", TINY_ELLE + [f"run.dir={run_dir}"])
     runner = _Recording(cfg)
@@ -326,3 +334,33 @@ def test_training_flops_per_token_golden():
     llama = ModelConfig(family="llama", vocab_size=61, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64)
     # q,o: 32*32 each; k,v: 32*16 each; SwiGLU: 3*32*64
     assert llama.train_flops_per_token(8) == 3 * (2 * (2048 + 1024 + 6144 + 32 * 61) + 4 * 1 * 8 * 32)
+
+
+def test_generate_with_an_elle_domain_prompt(elle_run, capsys):
+    """An ELLE run decodes with the backbone, or with a trained domain's prompt (`--domain`): the same tokens as
+    the full forward with that prompt; a domain whose prompt a stage-0 checkpoint has not trained is refused."""
+    from jaxcl import cli
+    from jaxcl.generate import generate, positions_from_mask
+    from jaxcl.inference import open_decoder
+    from jaxcl.models import build
+
+    _, _, run_dir, _ = elle_run
+    dec = open_decoder(str(run_dir))
+    assert dec.domains == ("bible", "manpages", "pydoc") and dec.trained_domains == 3
+    ids = np.asarray([[5, 17, 230, 41], [0, 0, 88, 9]])
+    mask = (np.arange(4)[None] >= np.asarray([[0], [2]])).astype(np.int32)
+    state, routed = dec.state_for(["a", "b"], "manpages")
+    assert routed == ["manpages", "manpages"] and state["prompt_ids"].tolist() == [1, 1]
+    out = generate(dec.model_cfg, dec.params, ids, mask, max_new_tokens=6, eos_token_id=[], **state)
+    seq = np.concatenate([ids, np.asarray(out.tokens)], 1)
+    full_mask = np.concatenate([mask, np.ones((2, 6), np.int32)], 1)
+    logits = build(dec.model_cfg).apply({"params": dec.params}, seq, full_mask,
+                                        positions=positions_from_mask(full_mask), prompt_ids=state["prompt_ids"]).logits
+    np.testing.assert_array_equal(np.asarray(logits[:, 3:-1].argmax(-1)), np.asarray(out.tokens))
+    capsys.readouterr()
+    assert cli.main(["generate", str(run_dir), "--domain", "pydoc", "--prompt", "The", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    assert cli.main(["generate", f"{run_dir}@stage0", "--domain", "pydoc", "--prompt", "The"]) == 2
+    assert "not trained at this checkpoint" in capsys.readouterr().err
+    assert cli.main(["generate", str(run_dir), "--domain", "nope", "--prompt", "The"]) == 2
+    assert "not a domain of this run" in capsys.readouterr().err

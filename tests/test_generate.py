@@ -221,17 +221,23 @@ def make_memory(tmp_path, cfg, params, rows=12, seq=20, seed=0, **kw):
     return KnnMemory(store, **kw)
 
 
-def reference_knn_step(cfg, params, memory, seq, mask):
-    """The mixed next-token log-distribution after `seq` from a full forward and an exhaustive search."""
+def reference_knn_step(cfg, params, memory, seq, mask, exhaustive=True):
+    """The mixed next-token log-distribution after `seq` from a full forward and an exhaustive search (or, with
+    `exhaustive=False`, the store's own search: ScaNN's approximate neighbours)."""
     from jaxcl.memory import knn_lm_logprobs
     from jaxcl.memory.calibrator import calibrator_features
 
     out = full_forward(cfg, params, seq, mask)
     logits, query = np.asarray(out.logits[:, -1]), np.asarray(out.knn_keys[:, -1], np.float32)
-    keys = memory.store.keys.astype(np.float32)
-    d = ((query[:, None, :] - keys[None]) ** 2).sum(-1)
-    idx = np.argsort(d, axis=1, kind="stable")[:, :memory.k]
-    dists, values = np.take_along_axis(d, idx, 1), memory.store.values[idx]
+    if exhaustive:
+        keys = memory.store.keys.astype(np.float32)
+        d = ((query[:, None, :] - keys[None]) ** 2).sum(-1)
+        idx = np.argsort(d, axis=1, kind="stable")[:, :memory.k]
+        dists, values = np.take_along_axis(d, idx, 1), memory.store.values[idx]
+    else:
+        dists, idx = memory.store.search(query, memory.k)
+        values = memory.store.values[idx]
+    d = dists
     if memory.calibrator is None:
         lam, temp = np.full(len(d), memory.lam, np.float32), memory.temperature
     else:

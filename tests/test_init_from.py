@@ -28,6 +28,7 @@ DEMO = str(ROOT / "configs" / "demo.yaml")
 SMALL = ["data.seq_len=32", "data.batch_size=8", "data.eval_batches=1", "data.domains=[bible,wordnet]",
          "train.pretrain_steps=3", "train.steps=3", "train.log_every=1", "optim.warmup_steps=1",
          "checkpoint.every=2", "checkpoint.async_save=false"]
+EVAL_DATA = ("data.seq_len=32", "data.batch_size=8", "data.eval_batches=1", "data.domains=[bible,wordnet]")
 SPECIALS = {"gpt2": ["<|endoftext|>"], "llama": ["<unk>", "<s>", "</s>"],
             "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]}
 FAMILIES = {
@@ -82,6 +83,36 @@ def checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def demo_run(checkpoints, tmp_path_factory):
+    """`jaxcl run configs/demo.yaml` (SMALL) from a checkpoint, made once per checkpoint; the tests only read it."""
+    runs = {}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            run_dir = tmp_path_factory.mktemp(f"run-{name}") / "run"
+            run("run", DEMO, f"model.init_from={checkpoints[name]}", f"run.dir={run_dir}", *SMALL)
+            runs[name] = run_dir
+        return runs[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hf_eval(tmp_path_factory):
+    """`jaxcl eval configs/demo.yaml ARGS --hf HF_DIR`'s per-domain results, evaluated once per (HF_DIR, ARGS)."""
+    results = {}
+
+    def get(hf_dir: Path, *args: str) -> dict:
+        if (hf_dir, args) not in results:
+            out = tmp_path_factory.mktemp("eval")
+            run("eval", DEMO, *args, f"run.dir={out}", "--hf", str(hf_dir))
+            results[hf_dir, args] = json.loads((out / "eval.json").read_text())["domains"]
+        return results[hf_dir, args]
+
+    return get
+
+
 def run(*args):
     code = cli.main(list(args))
     assert code == 0, f"jaxcl {' '.join(args)} exited with {code}"
@@ -96,12 +127,12 @@ def transformers_nll(directory: Path, sequences: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-tied"])
-def test_run_starts_from_the_checkpoint_with_its_tokenizer_and_exports_it_back(checkpoints, tmp_path, name):
+def test_run_starts_from_the_checkpoint_with_its_tokenizer_and_exports_it_back(checkpoints, demo_run, hf_eval,
+                                                                             tmp_path, name):
     hf_dir = checkpoints[name]
     cfg = load_config(DEMO, [f"model.init_from={hf_dir}", *SMALL])
     assert cfg.model == load_pretrained(hf_dir)[0]            # the architecture is the checkpoint's
-    run_dir = tmp_path / "run"
-    run("run", DEMO, f"model.init_from={hf_dir}", f"run.dir={run_dir}", *SMALL)
+    run_dir = demo_run(name)        # `jaxcl run DEMO model.init_from=HF_DIR SMALL`
     report = json.loads((run_dir / "report.json").read_text())
     from test_tensorboard import read_scalars
     tags = {t for t, _, _ in read_scalars(run_dir / "tensorboard")}
@@ -111,8 +142,7 @@ def test_run_starts_from_the_checkpoint_with_its_tokenizer_and_exports_it_back(c
     from jaxcl.train.loop import ContinualRun
     runner = ContinualRun(cfg)
     assert runner.tokenizer.vocab_size == 300 and runner.tokenizer_spec == str(hf_dir.resolve())
-    run("eval", DEMO, *SMALL, f"run.dir={tmp_path / 'eval'}", "--hf", str(hf_dir))
-    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["domains"]
+    evaluated = hf_eval(hf_dir, *SMALL)
     for d, ppl in zip(report["eval_on"], report["initial_perplexity"]):
         assert ppl == pytest.approx(evaluated[d]["perplexity"], rel=1e-5)
         reference = transformers_nll(hf_dir, runner.valid_sequences[d][:8])
@@ -194,7 +224,7 @@ def test_bert_checkpoint_runs_with_mlm_and_exports_for_masked_lm(checkpoints, tm
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
 
 
-def test_elle_starts_from_the_checkpoint_and_exports_the_grown_model_with_its_prompts(checkpoints, tmp_path):
+def test_elle_starts_from_the_checkpoint_and_exports_the_grown_model_with_its_prompts(checkpoints, hf_eval, tmp_path):
     hf_dir = checkpoints["gpt2"]
     elle = str(ROOT / "configs" / "elle" / "demo.yaml")
     overrides = [f"model.init_from={hf_dir}", *SMALL, "elle.schedule=[{d_model: 48, n_heads: 6, n_layers: 3}]",
@@ -203,8 +233,7 @@ def test_elle_starts_from_the_checkpoint_and_exports_the_grown_model_with_its_pr
     run("run", elle, *overrides, f"run.dir={run_dir}")
     report = json.loads((run_dir / "report.json").read_text())
     assert [a["d_model"] for a in report["architectures"]] == [32, 48]     # grows from the loaded size
-    run("eval", DEMO, *SMALL, f"run.dir={tmp_path / 'eval'}", "--hf", str(hf_dir))
-    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["domains"]
+    evaluated = hf_eval(hf_dir, *SMALL)
     assert report["initial_perplexity"] == pytest.approx([evaluated[d]["perplexity"] for d in report["eval_on"]],
                                                          rel=1e-5)
     out = tmp_path / "export"
@@ -254,9 +283,8 @@ def test_bad_init_from_and_export_inputs_are_one_line_errors(checkpoints, tmp_pa
         assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_export_stage_and_task_errors(checkpoints, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    run("run", DEMO, f"model.init_from={checkpoints['gpt2']}", f"run.dir={run_dir}", *SMALL)
+def test_export_stage_and_task_errors(checkpoints, demo_run, tmp_path, capsys):
+    run_dir = demo_run("gpt2")      # `jaxcl run DEMO model.init_from=<gpt2> SMALL`, shared with the test above
     capsys.readouterr()
     for args, message in ((["--stage", "2"], "--stage 2 is out of range: the run has stages 0..1"),
                           (["--task", "x"], "--task 'x': tasks belong to SLM runs")):
@@ -287,7 +315,7 @@ def test_export_stage_and_task_errors(checkpoints, tmp_path, capsys):
     assert load_config(DEMO, [f"model.init_from={bare}", f"data.tokenizer={checkpoints['gpt2']}"]).model.vocab_size == 300
 
 
-def test_semem_freezes_the_loaded_model(checkpoints, tmp_path):
+def test_semem_freezes_the_loaded_model(checkpoints, hf_eval, tmp_path):
     hf_dir = checkpoints["llama-gqa"]
     semem = str(ROOT / "configs" / "semem" / "demo.yaml")
     overrides = [f"model.init_from={hf_dir}", "data.seq_len=32", "data.batch_size=8", "data.eval_batches=1",
@@ -299,9 +327,7 @@ def test_semem_freezes_the_loaded_model(checkpoints, tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["init_from"] == str(hf_dir)
     assert not list(run_dir.glob("pretrain-*"))          # nothing was pre-trained
-    run("eval", DEMO, "data.seq_len=32", "data.batch_size=8", "data.eval_batches=1", "data.domains=[bible,wordnet]",
-        f"run.dir={tmp_path / 'eval'}", "--hf", str(hf_dir))
-    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["domains"]
+    evaluated = hf_eval(hf_dir, *EVAL_DATA)
     assert report["initial_perplexity"] == pytest.approx([evaluated[d]["perplexity"] for d in report["eval_on"]],
                                                          rel=1e-5)
     assert report["memory"][-1]["memory_size"] > 0
@@ -339,7 +365,8 @@ def test_pretraining_is_one_cached_run_of_the_shared_loop(tmp_path):
 
 @pytest.mark.parametrize("name,targets", [("gpt2", "[attn.q,attn.v,attn.o,mlp.wi]"),
                                           ("llama-gqa", "[attn.o,mlp.wg,mlp.wo]")])
-def test_slm_lm_mode_uses_the_checkpoint_as_backbone_and_exports_peft_adapters(checkpoints, tmp_path, name, targets):
+def test_slm_lm_mode_uses_the_checkpoint_as_backbone_and_exports_peft_adapters(checkpoints, hf_eval, tmp_path, name,
+                                                                             targets):
     peft = pytest.importorskip("peft")
     hf_dir = checkpoints[name]
     config = str(ROOT / "configs" / "slm" / "demo_lm.yaml")
@@ -350,9 +377,7 @@ def test_slm_lm_mode_uses_the_checkpoint_as_backbone_and_exports_peft_adapters(c
         f"run.dir={run_dir}")
     report = json.loads((run_dir / "report.json").read_text())
     assert report["backbone"] == str(hf_dir) and not list(run_dir.glob("pretrain-*"))
-    run("eval", DEMO, "data.seq_len=32", "data.batch_size=8", "data.eval_batches=1", "data.domains=[bible,wordnet]",
-        f"run.dir={tmp_path / 'eval'}", "--hf", str(hf_dir))
-    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["domains"]
+    evaluated = hf_eval(hf_dir, *EVAL_DATA)
     assert report["initial_perplexity"] == pytest.approx([evaluated[d]["perplexity"] for d in report["eval_on"]],
                                                          rel=1e-5)
     weights = report["task_mixing_weights"]

@@ -1,6 +1,8 @@
 """Selective memorization and the λ calibrator on controlled inputs, and the SeMem run end to end."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,19 +96,37 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=6
         "semem.calibrator_steps=30", "semem.extra_models=[{d_model: 48}]", "semem.index_options={segment_rows: 1500}"]
 
 
-def semem(*args, run_dir, wait=True):
+# The runs below see 2 fake CPU devices, not the suite's 8 (tests/conftest.py): still a data-parallel mesh, at a
+# fraction of the cost of 8 device programs on a 2-core machine (one tiny run: ~48 s -> ~37 s). SeMem on the
+# 8-device mesh is run by tests/test_init_from.py (test_semem_freezes_the_loaded_model, in-process).
+ENV = dict(os.environ, XLA_FLAGS=" ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    + ["--xla_force_host_platform_device_count=2"]))
+
+
+def semem(*args, run_dir, wait=True, xla_cache=None):
+    """`jaxcl run configs/semem/demo.yaml TINY ARGS`; `xla_cache`: a persistent compilation cache directory."""
     cmd = [sys.executable, "-m", "jaxcl.cli", "run", "configs/semem/demo.yaml", *TINY, *args, f"run.dir={run_dir}"]
+    env = ENV if xla_cache is None else dict(ENV, JAX_COMPILATION_CACHE_DIR=str(xla_cache),
+                                             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def xla_cache(tmp_path_factory):
+    """The module's persistent compilation cache: the uninterrupted run fills it, and the interrupted runs and
+    their resume (the same programs) load what it compiled instead of compiling it again."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, xla_cache):
     """A tiny SeMem run; its pre-trained LMs live in a shared semem.pretrain_dir (reused by the kill test)."""
     pretrain = tmp_path_factory.mktemp("pretrain")
     run_dir = tmp_path_factory.mktemp("semem")
-    out = semem(f"semem.pretrain_dir={pretrain}", run_dir=run_dir)
+    out = semem(f"semem.pretrain_dir={pretrain}", run_dir=run_dir, xla_cache=xla_cache)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return run_dir, pretrain, json.loads((run_dir / "report.json").read_text())
 
@@ -147,10 +167,11 @@ def _chunk_records(run_dir):
             if r["kind"] == "semem_chunk"]
 
 
-def _kill_after(run_dir, pretrain, model, n):
+def _kill_after(run_dir, pretrain, model, n, xla_cache):
     """Start the run and SIGKILL it once `n` chunk records of `model` are in metrics.jsonl: inside the
-    chunk loop, typically after the next policy's rows were added but before the chunk completed."""
-    proc = semem(f"semem.pretrain_dir={pretrain}", run_dir=run_dir, wait=False)
+    chunk loop, typically after the next policy's rows were added but before the chunk completed.
+    `xla_cache`: a copy of the compilation cache, private to this run (a kill can cut a cache write short)."""
+    proc = semem(f"semem.pretrain_dir={pretrain}", run_dir=run_dir, wait=False, xla_cache=xla_cache)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and \
             sum(r["model"] == model for r in _chunk_records(run_dir)) < n:
@@ -165,14 +186,16 @@ def _snapshot(run_dir):
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-def test_semem_killed_mid_stream_resumes_to_the_same_memories_and_numbers(uninterrupted, tmp_path):
+def test_semem_killed_mid_stream_resumes_to_the_same_memories_and_numbers(uninterrupted, xla_cache, tmp_path,
+                                                                          tmp_path_factory):
     _, pretrain, reference = uninterrupted
     tags = [m["tag"] for m in reference["models"]]
-    _kill_after(tmp_path, pretrain, tags[0], 3)            # mid chunk 1 of the main model
+    caches = [shutil.copytree(xla_cache, tmp_path_factory.mktemp("xla_cache_copy") / "cache") for _ in range(2)]
+    _kill_after(tmp_path, pretrain, tags[0], 3, caches[0])   # mid chunk 1 of the main model
     assert not (tmp_path / "report.json").exists()
-    _kill_after(tmp_path, pretrain, tags[1], 3)            # resumed, then killed mid chunk 1 of the second model
+    _kill_after(tmp_path, pretrain, tags[1], 3, caches[1])   # resumed, then killed mid chunk 1 of the second model
     assert not (tmp_path / "report.json").exists()
-    out = semem(f"semem.pretrain_dir={pretrain}", run_dir=tmp_path)
+    out = semem(f"semem.pretrain_dir={pretrain}", run_dir=tmp_path, xla_cache=xla_cache)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     resumed = json.loads((tmp_path / "report.json").read_text())
     accounting = ("wall_seconds", "invocations")
@@ -205,3 +228,44 @@ def test_semem_config_errors_name_the_key(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jaxcl.cli", "run", "configs/semem/demo.yaml", "semem.lam=2",
                           f"run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "semem.lam" in out.stderr
+
+
+def test_generate_decodes_with_the_runs_memory_and_calibrator(uninterrupted, tmp_path, capsys):
+    """A finished SeMem run decodes with its frozen LM, its selective memory and its final calibrator: the first
+    step equals the kNN-LM mixture of a full forward and the store's (ScaNN) search with that calibrator's λ and T
+    (against an exhaustive search: tests/test_generate.py on an exact store)."""
+    from test_generate import reference_knn_step
+
+    from jaxcl import cli
+    from jaxcl.data.tokenizer import load_tokenizer
+    from jaxcl.generate import generate
+    from jaxcl.inference import open_decoder
+    from jaxcl.memory.decoding import KnnMemory
+
+    run_dir, _, report = uninterrupted
+    memory = KnnMemory.from_run(run_dir)
+    assert len(memory.store) == report["models"][0]["memory_size"]["semem"] and memory.calibrator is not None
+    import yaml
+    semem_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["semem"]
+    assert (memory.k, memory.lam) == (semem_cfg["k"], semem_cfg["lam"])
+    dec = open_decoder(str(run_dir), memory=True)
+    assert dec.memory.source == memory.source and dec.model_cfg.d_model == 32
+    tok = load_tokenizer(dec.tokenizer)
+    ids = np.asarray([tok.tokenizer.encode("And God said unto Moses", add_special_tokens=False).ids])
+    out = generate(dec.model_cfg, dec.params, ids, np.ones_like(ids), max_new_tokens=3, eos_token_id=[],
+                   memory=dec.memory, return_logprobs=True)
+    want = reference_knn_step(dec.model_cfg, dec.params, dec.memory, ids, np.ones_like(ids), exhaustive=False)
+    # 5e-4, not test_generate's 1e-5: this LM is trained and its keys are far apart (squared distances in the
+    # hundreds), so the cached prefill's float32 round-off in a key (~1e-6 relative) moves log-weights by ~1e-4
+    np.testing.assert_allclose(np.asarray(out.logprobs[:, 0]), want, atol=5e-4, rtol=0)
+    full = KnnMemory.from_run(run_dir, policy="full")
+    assert len(full.store) == report["models"][0]["memory_size"]["full"]
+    assert KnnMemory.from_run(run_dir, model=1).store.dim == 48
+    capsys.readouterr()
+    assert cli.main(["generate", str(run_dir), "--memory", "--prompt", "And God said", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("And God said")
+    # the d=48 model's memory with the d=32 LM: one line, nothing printed
+    assert cli.main(["generate", str(run_dir), "--memory", str(run_dir / report["models"][1]["tag"] / "semem" /
+                                                                "datastore"), "--prompt", "x"]) == 2
+    captured = capsys.readouterr()
+    assert "width 48" in captured.err and len(captured.err.strip().splitlines()) == 1 and not captured.out
