@@ -222,19 +222,18 @@ class Attention(nn.Module):
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         groups = cfg.n_heads // cfg.n_kv_heads
         q = q.reshape(b, s, cfg.n_kv_heads, groups, cfg.head_dim)          # [b, q, kv, group, hd]
+        kv = "bskd"                  # keys/values [b, s, kv, hd] as projected
         if cache is not None:        # heads-major cache [b, kv, T, hd]: the dots below batch over (b, kv) as stored
             k_cache, v_cache, index = cache
             new_cache = (k.transpose(0, 2, 1, 3).astype(k_cache.dtype), v.transpose(0, 2, 1, 3).astype(v_cache.dtype))
             k = jax.lax.dynamic_update_slice(k_cache, new_cache[0], (0, 0, index, 0)).astype(dtype)
             v = jax.lax.dynamic_update_slice(v_cache, new_cache[1], (0, 0, index, 0)).astype(dtype)
-            scores = jnp.einsum("bqkgd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        else:
-            scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+            kv = "bksd"
+        scores = jnp.einsum(f"bqkgd,{kv}->bkgqs", q, k, preferred_element_type=jnp.float32)
         scores = scores * (1.0 / math.sqrt(cfg.head_dim))
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)                  # [b, kv, group, q, k]
-        out = jnp.einsum("bkgqs,bksd->bqkgd" if cache is not None else "bkgqs,bskd->bqkgd", probs, v)
-        out = out.reshape(b, s, cfg.n_heads, cfg.head_dim)
+        out = jnp.einsum(f"bkgqs,{kv}->bqkgd", probs, v).reshape(b, s, cfg.n_heads, cfg.head_dim)
         out = Dense((cfg.d_model,), in_axes=("heads", "head_dim"), out_axes=("embed",), use_bias=cfg.attn_bias,
                     dtype=dtype, kernel_std=cfg.initializer_range, name="o")(out, adapters.get("o"))
         return out if cache is None else (out, new_cache)
