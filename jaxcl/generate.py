@@ -6,8 +6,8 @@
     out.lengths    # [batch] new tokens per row, its stop token included
 
 How it runs: one prefill call writes the (left-padded) prompts' keys and values into a cache of
-`prompt + max_new_tokens` slots (`[layers, batch, kv_heads, slots, head_dim]`: grouped-query attention caches
-only the kv heads), then one decode step per token under `lax.while_loop` (which ends when every row has
+`prompt + max_new_tokens` slots (per layer `[batch, kv_heads, slots, head_dim]`: grouped-query attention caches
+only the kv heads; the layers run unrolled over per-layer weights unless `scan_layers=True`), then one decode step per token under `lax.while_loop` (which ends when every row has
 stopped) reads the cache and writes one slot. Shapes are fixed, so the whole call is one jitted program per (batch, prompt length, max_new_tokens,
 sampling settings): repeated calls never recompile. Positions come from the attention mask
 (`positions_from_mask`, as transformers derives `position_ids` for left-padded batches), for learned
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxcl.models import ModelConfig, build
+from jaxcl.models import ModelConfig, build, is_unstacked, unstack_layers
 
 __all__ = ["GenerateOutput", "generate", "positions_from_mask", "filter_logits", "next_token_logprobs"]
 
@@ -98,7 +98,8 @@ def generate(cfg: ModelConfig, params: Any, input_ids, attention_mask=None, *, m
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              rng: jax.Array | None = None, memory=None, adapters: dict[str, Any] | None = None,
              prompt_ids=None, cache_dtype: str | None = None, return_logprobs: bool = False,
-             stream: Callable[[int, np.ndarray], None] | None = None, mesh=None, rules=None) -> GenerateOutput:
+             stream: Callable[[int, np.ndarray], None] | None = None, mesh=None, rules=None,
+             scan_layers: bool = False) -> GenerateOutput:
     """Continue every row of `input_ids` [batch, prompt] (left-padded; `attention_mask` marks real tokens)
     by up to `max_new_tokens` tokens.
 
@@ -108,6 +109,10 @@ def generate(cfg: ModelConfig, params: Any, input_ids, attention_mask=None, *, m
     (`{"attn.o": LowRankMix, ...}`, G = 1 or batch). `prompt_ids` [batch]: ELLE domain prompts. `cache_dtype`:
     the KV cache's dtype (default: the compute dtype). `stream(step, tokens [batch])`: called as tokens are
     chosen (in step order). `mesh` / `rules`: decode on a device mesh (params already placed by the same rules).
+    `scan_layers`: False (default) runs the layers unrolled over per-layer weights (`jaxcl.models.layout`), made
+    from stacked `params` by one copy of the layer weights per call (pass `unstack_layers(params)` to reuse one
+    copy across calls); on CPU the scanned loop re-reads every weight through a per-token slice copy. True keeps
+    the scanned layers (no copy: for memory-bound accelerators where the scan costs nothing).
 
     Errors (ValueError, one line each): a non-decoder, an empty prompt, `max_new_tokens` < 1, a prompt plus new
     tokens longer than the model's context (`model.max_seq_len`), a temperature < 0, top-p outside (0, 1],
@@ -143,11 +148,15 @@ def generate(cfg: ModelConfig, params: Any, input_ids, attention_mask=None, *, m
             raise ValueError(f"prompt_ids must be in [0, model.num_prompts={cfg.num_prompts})")
     if memory is not None:
         memory.check(cfg, params)
+    if scan_layers and is_unstacked(params):
+        raise ValueError("scan_layers=True needs stacked parameters (params['layers']); got per-layer layers_0 ...")
+    if not scan_layers:
+        params = _unstack(params)
     stops = _as_ids(eos_token_id) or cfg.token_ids("eos_token_id")
     pad = pad_token_id if pad_token_id is not None else (cfg.token_ids("pad_token_id") or stops or (0,))[0]
     settings = _Settings(cfg, int(max_new_tokens), float(temperature), int(top_k), float(top_p), stops, int(pad),
                          cache_dtype or cfg.dtype, bool(return_logprobs), stream is not None, mesh,
-                         None if rules is None else tuple((n, tuple(a)) for n, a in rules))
+                         None if rules is None else tuple((n, tuple(a)) for n, a in rules), bool(scan_layers))
     rng = jax.random.key(0) if rng is None else rng
     if mesh is not None:
         from jaxcl.parallel import batch_sharding
@@ -192,6 +201,7 @@ class _Settings:
     streaming: bool = False
     mesh: Any = None
     rules: Any = None
+    scan_layers: bool = False
 
 
 _SINK: list[Callable[[int, np.ndarray], None]] = []      # the current call's `stream` (jitted code calls _emit)
@@ -219,6 +229,17 @@ def _constrain(settings: _Settings, x: jax.Array, names: tuple) -> jax.Array:
 _CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
+@jax.jit
+def _unstack(params):
+    return unstack_layers(params)
+
+
+def _constrain_cache(settings: _Settings, cache):
+    """The KV cache (stacked `[L, b, kv, T, hd]` arrays or per-layer tuples) under the mesh's logical rules."""
+    axes = _CACHE_AXES if settings.scan_layers else _CACHE_AXES[1:]
+    return jax.tree.map(lambda c: _constrain(settings, c, axes), cache)
+
+
 def _prefill(settings: _Settings, model, params, input_ids, mask, adapters, prompt_ids):
     """Fill a fresh cache with the prompts: (model output at the last prompt position, cache, cache_mask,
     the next position of every row)."""
@@ -227,11 +248,15 @@ def _prefill(settings: _Settings, model, params, input_ids, mask, adapters, prom
     prefix = cfg.prompt_length if prompt_ids is not None else 0
     slots = prefix + length + settings.max_new_tokens
     dtype = jnp.dtype(settings.cache_dtype)
-    shape = (cfg.n_layers, b, cfg.n_kv_heads, slots, cfg.head_dim)
-    cache = tuple(_constrain(settings, jnp.zeros(shape, dtype), _CACHE_AXES) for _ in range(2))
+    shape = (b, cfg.n_kv_heads, slots, cfg.head_dim)
+    if settings.scan_layers:
+        cache = tuple(jnp.zeros((cfg.n_layers,) + shape, dtype) for _ in range(2))
+    else:
+        cache = tuple(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)) for _ in range(2))
+    cache = _constrain_cache(settings, cache)
     cache_mask = jnp.zeros((b, slots), jnp.int32).at[:, :prefix].set(1).at[:, prefix:prefix + length].set(mask)
     out = model.apply({"params": params}, input_ids, mask, positions=positions_from_mask(mask), prompt_ids=prompt_ids,
-                      adapters=adapters, cache=cache, cache_index=0, cache_mask=cache_mask)
+                      adapters=adapters, cache=cache, cache_index=0, cache_mask=cache_mask, logits_to_keep=1)
     next_pos = prefix + jnp.sum(mask, axis=-1).astype(jnp.int32)               # [b] position of the next token
     return out, out.cache, cache_mask, next_pos
 
@@ -242,14 +267,13 @@ def _decode_one(settings: _Settings, model, params, adapters, token, t, cache, c
     cache_mask = cache_mask.at[:, index].set(1)
     out = model.apply({"params": params}, token[:, None], None, positions=(next_pos + t - 1)[:, None],
                       adapters=adapters, cache=cache, cache_index=index, cache_mask=cache_mask)
-    cache = tuple(_constrain(settings, c, _CACHE_AXES) for c in out.cache)
-    return out, cache, cache_mask
+    return out, _constrain_cache(settings, out.cache), cache_mask
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _generate(settings: _Settings, params, input_ids, mask, rng, adapters, prompt_ids) -> GenerateOutput:
     cfg = settings.cfg
-    model = build(cfg)
+    model = build(cfg, scan_layers=settings.scan_layers)
     b, length = input_ids.shape
     new = settings.max_new_tokens
     prefix = cfg.prompt_length if prompt_ids is not None else 0
@@ -298,7 +322,7 @@ def _lm_features(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _memory_prefill(settings: _Settings, params, input_ids, mask, adapters, prompt_ids):
-    model = build(settings.cfg)
+    model = build(settings.cfg, scan_layers=settings.scan_layers)
     out, cache, cache_mask, next_pos = _prefill(settings, model, params, input_ids, mask, adapters, prompt_ids)
     logits = out.logits[:, -1]
     conf, entropy = _lm_features(logits)
@@ -313,7 +337,7 @@ def _memory_prefill(settings: _Settings, params, input_ids, mask, adapters, prom
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _memory_step(settings: _Settings, length: int, params, adapters, state, t, dists, values, lam, temperature, rng):
     """Choose token t from the mixed distribution, then forward it: the new state and the next query."""
-    model = build(settings.cfg)
+    model = build(settings.cfg, scan_layers=settings.scan_layers)
     prefix = state["cache_mask"].shape[1] - length - settings.max_new_tokens
     logp = next_token_logprobs(state["logits"], dists, values, lam, temperature)
     done = state["done"]

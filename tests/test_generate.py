@@ -63,11 +63,12 @@ def test_greedy_equals_transformers_generate_with_left_padding_and_stop_lists(tm
         assert (n == new or int(out.tokens[row, n - 1]) in stops) and (np.asarray(out.tokens[row, n:]) == 0).all()
 
 
-def test_every_cached_step_equals_a_full_forward():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_cached_step_equals_a_full_forward(scan_layers):
     cfg = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48)
     params = init_params(cfg, jax.random.key(0))
     ids, mask = left_padded(64, [6, 3], seed=1)
-    out = generate(cfg, params, ids, mask, max_new_tokens=8, eos_token_id=[])
+    out = generate(cfg, params, ids, mask, max_new_tokens=8, eos_token_id=[], scan_layers=scan_layers)
     seq = np.concatenate([ids, np.asarray(out.tokens)], axis=1)
     full_mask = np.concatenate([mask, np.ones((2, 8), np.int64)], axis=1)
     logits = build(cfg).apply({"params": params}, jnp.asarray(seq), jnp.asarray(full_mask),
@@ -75,10 +76,17 @@ def test_every_cached_step_equals_a_full_forward():
     # greedy: each new token is the argmax of the full forward at the position before it
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, ids.shape[1] - 1:-1], -1)), np.asarray(out.tokens))
     # and every cached step's distribution is the full forward's (float32: <= 1e-4)
-    scored = generate(cfg, params, ids, mask, max_new_tokens=8, eos_token_id=[], return_logprobs=True)
+    scored = generate(cfg, params, ids, mask, max_new_tokens=8, eos_token_id=[], return_logprobs=True,
+                      scan_layers=scan_layers)
     np.testing.assert_array_equal(np.asarray(scored.tokens), np.asarray(out.tokens))
     full = jax.nn.log_softmax(logits[:, ids.shape[1] - 1:-1], -1)
     np.testing.assert_allclose(np.asarray(scored.logprobs), np.asarray(full), atol=1e-4, rtol=0)
+    if not scan_layers:      # per-layer params given directly decode the same; the scan needs stacked ones
+        from jaxcl.models import unstack_layers
+        again = generate(cfg, unstack_layers(params), ids, mask, max_new_tokens=8, eos_token_id=[])
+        np.testing.assert_array_equal(np.asarray(again.tokens), np.asarray(out.tokens))
+        with pytest.raises(ValueError, match="scan_layers=True needs stacked"):
+            generate(cfg, unstack_layers(params), ids, mask, max_new_tokens=8, scan_layers=True)
 
 
 def test_sampling_is_reproducible_filtered_and_one_compile():
@@ -282,6 +290,9 @@ def test_memory_decoding_equals_knn_lm_on_a_full_forward_and_exact_search(tmp_pa
                      memory=memory, return_logprobs=True)
     assert _memory_step._cache_size() == compiled                                     # same shapes: no compile
     np.testing.assert_array_equal(np.asarray(again.tokens), tokens[::-1])
+    from jaxcl.models import unstack_layers                                           # per-layer params: same model
+    per_layer = generate(cfg, unstack_layers(params), ids, mask, max_new_tokens=new, eos_token_id=[], memory=memory)
+    np.testing.assert_array_equal(np.asarray(per_layer.tokens), tokens)
     other = init_params(cfg, jax.random.key(6))                                       # another model's memory
     with pytest.raises(DatastoreError, match="holds keys of model"):
         generate(cfg, other, ids, mask, max_new_tokens=2, memory=memory)
@@ -306,7 +317,8 @@ def test_stream_sees_every_token_in_order(tmp_path, with_memory):
     assert (tokens[:, len(steps):] == 0).all() and max(np.asarray(out.lengths)) <= len(steps)
 
 
-def test_decoding_on_a_mesh_equals_one_device():
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decoding_on_a_mesh_equals_one_device(scan_layers):
     from jax.sharding import Mesh
 
     from jaxcl.models import abstract_params, param_axes
@@ -319,7 +331,7 @@ def test_decoding_on_a_mesh_equals_one_device():
     wq = sharded["layers"]["attn"]["k"]["kernel"]
     assert len(wq.sharding.device_set) == 8 and wq.addressable_shards[0].data.size < wq.size       # really split
     ids, mask = left_padded(64, [6, 2, 5, 4], seed=6)
-    kw = dict(max_new_tokens=9, eos_token_id=[], return_logprobs=True)
+    kw = dict(max_new_tokens=9, eos_token_id=[], return_logprobs=True, scan_layers=scan_layers)
     one = generate(cfg, params, ids, mask, **kw)
     many = generate(cfg, sharded, ids, mask, mesh=mesh, **kw)
     np.testing.assert_array_equal(np.asarray(many.tokens), np.asarray(one.tokens))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl.models import ModelConfig, build
+from jaxcl.models import ModelConfig, build, is_unstacked
 
 __all__ = ["sequence_logprobs", "multiple_choice", "MultipleChoice"]
 
@@ -31,7 +31,7 @@ __all__ = ["sequence_logprobs", "multiple_choice", "MultipleChoice"]
 @functools.partial(jax.jit, static_argnums=0)
 def _lm_scores(cfg: ModelConfig, params, ids, mask, adapters, prompt_ids):
     """Per target position t (predicting ids[:, t+1]): log p_LM(target), max p, entropy, the kNN query key."""
-    out = build(cfg).apply({"params": params}, ids, mask, positions=_positions(mask), adapters=adapters,
+    out = build(cfg, scan_layers=not is_unstacked(params)).apply({"params": params}, ids, mask, positions=_positions(mask), adapters=adapters,
                            prompt_ids=prompt_ids)
     logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)               # text positions only (prompts dropped)
     gold = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]

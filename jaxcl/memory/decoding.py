@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxcl.memory.calibrator import Calibrator, calibrator_features
 from jaxcl.memory.datastore import Datastore, DatastoreError, params_fingerprint
+from jaxcl.models.layout import stack_layers
 
 __all__ = ["KnnMemory", "MEMORY_FILE", "save_memory_info"]
 
@@ -78,9 +79,10 @@ class KnnMemory:
         if self._checked is params:
             return
         recorded = self.store.manifest.get("model_fingerprint") or ""
-        if recorded and recorded != params_fingerprint(params):
+        actual = params_fingerprint(stack_layers(params)) if recorded else ""       # of the stacked layout
+        if recorded and recorded != actual:
             raise DatastoreError(f"memory {self.store.root!r} holds keys of model {recorded!r}, not of this model "
-                                 f"({params_fingerprint(params)!r}): decode with the LM that built it"
+                                 f"({actual!r}): decode with the LM that built it"
                                  + (f" ({self.source})" if self.source else ""))
         self._checked = params
 

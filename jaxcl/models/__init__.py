@@ -18,15 +18,22 @@ from flax import linen as nn
 from jaxcl.models.config import ConfigError, ModelConfig
 from jaxcl.models.decoder import Decoder
 from jaxcl.models.encoder import Encoder, mean_pool
+from jaxcl.models.layout import is_unstacked, stack_layers, unstack_layers
 from jaxcl.models.outputs import ModelOutput
 
 __all__ = ["ConfigError", "ModelConfig", "ModelOutput", "build", "init_params", "param_axes", "abstract_params",
-           "mean_pool", "example_input_ids", "without_prompts", "Decoder", "Encoder"]
+           "mean_pool", "example_input_ids", "without_prompts", "Decoder", "Encoder", "unstack_layers", "stack_layers",
+           "is_unstacked"]
 
 
-def build(cfg: ModelConfig) -> nn.Module:
-    """The Linen module for `cfg`: `Decoder` for gpt2/llama, `Encoder` for bert."""
-    return Decoder(cfg) if cfg.is_decoder else Encoder(cfg)
+def build(cfg: ModelConfig, *, scan_layers: bool = True) -> nn.Module:
+    """The Linen module for `cfg`: `Decoder` for gpt2/llama, `Encoder` for bert.
+
+    `scan_layers=False` (decoders only) runs the layers as an unrolled loop over per-layer parameters
+    (`layers_0` ...; convert with `unstack_layers`): what decoding uses, see `jaxcl.models.layout`."""
+    if not scan_layers and not cfg.is_decoder:
+        raise ValueError(f"scan_layers=False is only built for decoders, got model.family={cfg.family!r}")
+    return Decoder(cfg, scan_layers=scan_layers) if cfg.is_decoder else Encoder(cfg)
 
 
 def example_input_ids(cfg: ModelConfig) -> jax.Array:

@@ -321,3 +321,26 @@ def stacked_layers(cfg: ModelConfig, deterministic: bool, name: str = "layers", 
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     return scanned(cfg, deterministic, collect, name=name)
+
+
+def unrolled_layers(cfg: ModelConfig, deterministic: bool, collect: bool, carry, mask: jax.Array,
+                    positions: jax.Array, adapters, cache):
+    """The same `n_layers` blocks as `stacked_layers`, as an unrolled loop of modules `layers_0` … (the
+    per-layer parameter layout of `jaxcl.models.layout`); call it inside a parent's compact method.
+
+    `adapters` keep their leading `layers` axis (layer i reads index i); `cache` is `(k, v, index)` with k and
+    v sequences of `n_layers` per-layer caches `[b, kv_heads, T, head_dim]`. Returns what the scan returns:
+    `(carry, (outputs [L, b, s, d] | None, (k_new, v_new) per-layer tuples | None))`.
+    """
+    outputs, k_new, v_new = [], [], []
+    for i in range(cfg.n_layers):
+        layer_adapters = jax.tree.map(lambda a, i=i: a[i], adapters)
+        layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache[2])
+        carry, (out, entries) = Block(cfg, deterministic, collect, name=f"layers_{i}")(
+            carry, mask, positions, layer_adapters, layer_cache)
+        outputs.append(out)
+        if entries is not None:
+            k_new.append(entries[0])
+            v_new.append(entries[1])
+    return carry, (jnp.stack(outputs) if collect else None, (tuple(k_new), tuple(v_new)) if cache is not None else None)
+
