@@ -102,12 +102,10 @@ class Decoder(nn.Module):
             (x, ffn_in), (per_layer, new_entries) = unrolled_layers(
                 cfg, deterministic, output_hidden_states, carry, mask, positions, dict(adapters or {}), layer_cache)
         new_cache = None
-        if cache is not None and self.scan_layers:   # one write of the s new slots of every layer (in place)
-            new_cache = tuple(jax.lax.dynamic_update_slice(c, e.astype(c.dtype), (0, 0, 0, cache_index, 0))
-                              for c, e in zip(cache, new_entries))
-        elif cache is not None:
-            new_cache = tuple(tuple(jax.lax.dynamic_update_slice(c, e.astype(c.dtype), (0, 0, cache_index, 0))
-                                    for c, e in zip(layers, entries)) for layers, entries in zip(cache, new_entries))
+        if cache is not None:    # one write of the s new slots of every layer (in place in a decode loop); the
+            new_cache = jax.tree.map(      # slot axis is second to last in both layouts
+                lambda c, e: jax.lax.dynamic_update_slice(c, e.astype(c.dtype), (0,) * (c.ndim - 2) + (cache_index, 0)),
+                tuple(cache), tuple(new_entries))
         hidden = make_norm(cfg, "final_norm")(x)[:, n_prefix:]               # [b, s_text, d]
         ffn_in = ffn_in[:, n_prefix:]
         hidden_states = None
