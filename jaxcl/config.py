@@ -48,6 +48,14 @@ class DataConfig:
     batch_size: int = 16              # global batch (sequences per step across all processes)
     eval_batches: int = 8             # batches of each domain's valid split per evaluation
     text_field: str = "text"          # jsonl sources
+    train_documents: tuple[float, float] = (0.0, 1.0)   # the slice of each domain's training documents, in
+                                      # document order, that the run reads (fractions; [0, 0.5] = the first half)
+
+    def __post_init__(self):
+        lo, hi = (float(x) for x in self.train_documents) if len(self.train_documents) == 2 else (1.0, 0.0)
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ConfigError(f"data.train_documents must be [start, end] fractions with 0 <= start < end <= 1, "
+                              f"got {list(self.train_documents)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,9 +177,22 @@ class SememConfig:
     index_options: dict[str, Any] = dataclasses.field(default_factory=dict)   # ExactIndex / ScannOptions fields
     k: int = 64                        # neighbours per query
     threshold: float = -1.5            # δ: admit a token when log p(gold) < δ (natural log), as the memory stood
-    stream_domains: tuple[str, ...] = ()   # streamed after pre-training; default: data.domains after the first
-    chunk_tokens: int = 8192           # tokens per chunk (the memory is updated once per chunk)
+    pretrain_domains: tuple[str, ...] = ()   # the LM is pre-trained on the mixture of these domains' pasts
+                                       # (default: every domain of data.domains)
+    past_fraction: float = 0.5         # a pre-training domain's training documents, in document order: the first
+                                       # past_fraction pre-train the LM (past), the rest are streamed (future)
+    stream_source: str | None = None   # where streamed domains that are not pre-training domains come from
+                                       # (default data.source): "embedded", "embedded:unseen" or a directory
+    stream_domains: tuple[str, ...] = ()   # stream order; default: every pre-training domain's future, then the
+                                       # other domains of data.domains, then those of stream_source
+    chunk_tokens: int = 8192           # tokens per chunk (the memory is updated once per chunk); 0: each domain's
+                                       # stream text is cut into chunks_per_domain equal chunks
     chunks_per_domain: int = 3
+    sweep: tuple[float, ...] = ()      # more values of δ, each one more policy `semem@δ` on the same stream
+    random_control: bool = False       # RandMem: per SeMem policy, `randmem[@δ]` admits a seeded random subset of
+                                       # the chunk of the same size as that SeMem policy admitted
+    eval_every: Literal["chunk", "domain"] = "chunk"   # validation perplexity after every chunk or domain
+    calibrator_max_tokens: int = 0     # held-out tokens the calibrator refits on (seeded subset; 0 = all)
     heldout_tokens: int = 1024         # per chunk, never memorized: the calibrator's training data
     eval_tokens: int = 2048            # per domain (valid split) for each perplexity evaluation
     calibrator: Literal["mlp", "constant"] = "mlp"   # per-token λ from features, or one λ; both fit T too
@@ -184,10 +205,14 @@ class SememConfig:
     pretrain_dir: str | None = None    # reuse (or write) the pre-trained LMs here instead of in run.dir
 
     def __post_init__(self):
-        if self.k < 1 or self.chunk_tokens < 1 or self.chunks_per_domain < 1 or self.eval_tokens < 1:
-            raise ConfigError("semem.k, semem.chunk_tokens, semem.chunks_per_domain and semem.eval_tokens must be >= 1")
+        if self.k < 1 or self.chunks_per_domain < 1 or self.eval_tokens < 1:
+            raise ConfigError("semem.k, semem.chunks_per_domain and semem.eval_tokens must be >= 1")
         if not 0.0 <= self.lam <= 1.0 or self.temperature <= 0:
             raise ConfigError(f"semem.lam must be in [0, 1] and semem.temperature > 0, got {self.lam}, {self.temperature}")
+        if not 0.0 < self.past_fraction <= 1.0:
+            raise ConfigError(f"semem.past_fraction must be in (0, 1], got {self.past_fraction}")
+        if self.chunk_tokens < 0 or self.calibrator_max_tokens < 0:
+            raise ConfigError("semem.chunk_tokens and semem.calibrator_max_tokens must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

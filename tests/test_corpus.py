@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import importlib.util
+import json
+import lzma
 import pathlib
 import re
 import sys
@@ -214,3 +216,29 @@ def test_build_drops_repeated_paragraphs_and_chunks_long_documents(build):
     chunks = documents[2:]                      # the third was mostly a repeat, so it went whole
     assert len(chunks) > 1 and all(len(c) <= build.MAX_DOC_CHARS for c in chunks)
     assert "\n\n".join(chunks) == long_document
+
+
+def test_unseen_collection_matches_its_manifest_and_shares_nothing_with_the_corpus():
+    """`embedded:unseen` (scripts/build_unseen.py): real Debian text the corpus and tokenizer never saw."""
+    from jaxcl.data.sources import UNSEEN, open_source
+
+    directory = importlib.resources.files("jaxcl.data").joinpath("unseen")
+    unseen = json.loads(directory.joinpath("manifest.json").read_text("utf-8"))
+    source = open_source(UNSEEN)
+    assert set(source.domains()) == set(unseen["domains"]) and len(unseen["domains"]) >= 2
+    assert not set(unseen["domains"]) & set(corpus.DOMAINS)
+    notice = " ".join(directory.joinpath("NOTICE").read_text("utf-8").split())
+    corpus_paragraphs = set().union(*(_long_paragraphs(d, "train") for d in corpus.DOMAINS))
+    for domain, entry in unseen["domains"].items():
+        assert entry["license"] and entry["sources"] and all(f"{p} {v}" in notice for p, v in entry["sources"].items())
+        paragraphs = {}
+        for split in corpus.SPLITS:
+            with lzma.open(directory.joinpath(entry["splits"][split]["file"]), "rt", encoding="utf-8") as f:
+                text = f.read()
+            assert hashlib.sha256(text.encode("utf-8")).hexdigest() == entry["splits"][split]["sha256"]
+            docs = source.documents(domain, split)
+            assert len(docs) == entry["splits"][split]["documents"] > 0
+            paragraphs[split] = {q for d in docs for p in d.split("\n\n") for q in [" ".join(p.split())]
+                                 if len(q) >= LEAK_PARAGRAPH_CHARS}
+        assert not paragraphs["train"] & (paragraphs["valid"] | paragraphs["test"]), domain
+        assert not set().union(*paragraphs.values()) & corpus_paragraphs, domain

@@ -321,7 +321,8 @@ def test_semem_freezes_the_loaded_model(checkpoints, hf_eval, tmp_path):
     overrides = [f"model.init_from={hf_dir}", "data.seq_len=32", "data.batch_size=8", "data.eval_batches=1",
                  "data.domains=[bible,wordnet]", "semem.chunk_tokens=512",
                  "semem.chunks_per_domain=2", "semem.heldout_tokens=128", "semem.eval_tokens=256",
-                 "semem.calibrator_steps=5", "semem.extra_models=[]"]
+                 "semem.calibrator_steps=5", "semem.extra_models=[]", "semem.sweep=[]", "semem.random_control=false",
+                 "semem.stream_source=null"]
     run_dir = tmp_path / "run"
     run("run", semem, *overrides, f"run.dir={run_dir}")
     report = json.loads((run_dir / "report.json").read_text())

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from jaxcl.memory import Datastore
 from jaxcl.memory.calibrator import CalibrationData, Calibrator, calibrator_features, fit_calibrator, mixture_nll
-from jaxcl.memory.selective import ScoredTokens, SelectiveMemory, admission_mask
+from jaxcl.memory.selective import ScoredTokens, SelectiveMemory, admission_mask, stream_policies
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,71 @@ def test_admission_uses_the_memory_as_it_stood_at_the_start_of_the_chunk(tmp_pat
     logp, records = none.logprobs(tokens(keys, targets, lm_logp), log_freq)
     np.testing.assert_allclose(logp, lm_logp)
     assert records is None
+
+
+def test_random_memorization_admits_a_seeded_subset_of_the_requested_size(tmp_path):
+    rng = np.random.default_rng(1)
+    chunk = tokens(rng.normal(size=(300, 8)), rng.integers(0, 40, 300), np.full(300, -2.0))
+    log_freq = np.zeros(40, np.float32)
+
+    def admitted(seed, size, name):
+        mem = SelectiveMemory(Datastore.create(tmp_path / name, dim=8), "random", -1.5, 4, Calibrator.initial(0.5, 1.0))
+        stats = mem.memorize(chunk, log_freq, size=size, rng=np.random.default_rng(seed))
+        assert stats["admitted"] == len(mem.store) == min(size, 300)
+        return mem.store.values.copy(), mem.store.keys.copy()
+
+    a, b, c = admitted(7, 120, "a"), admitted(7, 120, "b"), admitted(8, 120, "c")
+    np.testing.assert_array_equal(a[1], b[1])                     # same seed: the same tokens
+    assert not np.array_equal(a[1], c[1])                         # another seed: another subset
+    rows = {k.tobytes() for k in chunk.keys.astype(np.float16)}
+    assert all(k.astype(np.float16).tobytes() in rows for k in a[1])   # every admitted key is one of the chunk's
+    assert admitted(0, 1000, "all")[0].shape == (300,)           # capped by the chunk
+    mem = SelectiveMemory(Datastore.create(tmp_path / "x", dim=8), "random", -1.5, 4, Calibrator.initial(0.5, 1.0))
+    with pytest.raises(ValueError, match="size"):
+        mem.memorize(chunk, log_freq)
+
+
+def test_stream_policies_order_each_semem_before_its_random_control():
+    p = stream_policies(-1.5, sweep=(-3, -1.5, -0.5), random_control=True)
+    assert list(p) == ["semem", "semem@-3", "semem@-0.5", "full", "randmem", "randmem@-3", "randmem@-0.5"]
+    assert [p[n].threshold for n in ("semem", "semem@-3", "semem@-0.5")] == [-1.5, -3.0, -0.5]
+    assert p["randmem@-3"].matches == "semem@-3" and p["randmem@-3"].admit == "random" and p["full"].admit == "all"
+    assert list(stream_policies(-1.5)) == ["semem", "full"]
+
+
+def test_calibration_pool_is_capped_by_a_seeded_subset(tmp_path):
+    rng = np.random.default_rng(2)
+    keys = rng.normal(size=(400, 8))
+    mem = SelectiveMemory(Datastore.create(tmp_path / "s", dim=8), "all", -1.5, 4, Calibrator.initial(0.5, 1.0))
+    mem.memorize(tokens(keys[:100], rng.integers(0, 30, 100), np.full(100, -2.0)), np.zeros(30, np.float32))
+    for part in np.split(np.arange(100, 400), 3):
+        mem.heldout.append(tokens(keys[part], rng.integers(0, 30, 100), np.full(100, -2.0)))
+    assert len(mem.calibration_data(np.zeros(30, np.float32))) == 300
+    capped = mem.calibration_data(np.zeros(30, np.float32), 64, rng=np.random.default_rng(3))
+    again = mem.calibration_data(np.zeros(30, np.float32), 64, rng=np.random.default_rng(3))
+    assert len(capped) == 64
+    np.testing.assert_array_equal(capped.features, again.features)
+
+
+def test_pipelined_knn_lm_evaluation_equals_scoring_then_searching(tmp_path):
+    import jax
+
+    from jaxcl.memory.selective import knn_lm_logprobs, make_lm_scorer, memory_logprobs, score_sequences
+    from jaxcl.models import ModelConfig, build
+
+    cfg = ModelConfig(family="gpt2", vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16)
+    ids = np.random.default_rng(0).integers(0, 64, (11, 9)).astype(np.int32)
+    params = build(cfg).init(jax.random.key(0), ids[:1], np.ones((1, 9), np.int32))["params"]
+    scorer = make_lm_scorer(cfg)
+    tokens = score_sequences(scorer, params, ids, batch=4)
+    store = Datastore.create(tmp_path / "s", dim=16)
+    store.add(tokens.keys[::2], tokens.targets[::2])
+    cal, log_freq = Calibrator.initial(0.3, 2.0), np.zeros(64, np.float32)
+    reference = memory_logprobs(tokens, store, cal, 5, log_freq)[0]
+    piped = knn_lm_logprobs(scorer, params, ids, store, cal, 5, log_freq, batch=4)     # 3 batches, last one padded
+    assert piped.shape == (11 * 8,)
+    np.testing.assert_allclose(piped, reference, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(piped, tokens.lm_logp)                  # the memory changed the scores
 
 
 def test_calibrator_learns_when_to_trust_the_memory():
@@ -92,8 +158,13 @@ def test_distinct_value_features():
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=64",
         "data.seq_len=64", "data.batch_size=8", "data.eval_batches=2", "data.domains=[bible,wordnet]",
         "train.pretrain_steps=30", "optim.warmup_steps=5", "optim.lr=1e-2", "checkpoint.async_save=false",
-        "semem.chunk_tokens=1024", "semem.chunks_per_domain=3", "semem.heldout_tokens=256", "semem.eval_tokens=256",
-        "semem.calibrator_steps=30", "semem.extra_models=[{d_model: 48}]", "semem.index_options={segment_rows: 1500}"]
+        "semem.chunk_tokens=1024", "semem.chunks_per_domain=2", "semem.heldout_tokens=256", "semem.eval_tokens=256",
+        "semem.calibrator_steps=30", "semem.extra_models=[{d_model: 48}]", "semem.index_options={segment_rows: 1500}",
+        "semem.sweep=[]", "semem.random_control=true", "semem.calibrator_max_tokens=512",
+        # the LMs learn the pasts of bible and wordnet; the stream is wordnet's future, then an unseen domain
+        "semem.stream_source=embedded:unseen", "semem.stream_domains=[wordnet,gnuinfo]"]
+POLICIES = ("semem", "full", "randmem")
+CHUNKS = 4                                           # 2 streamed domains x semem.chunks_per_domain
 
 
 # The runs below see 2 fake CPU devices, not the suite's 8 (tests/conftest.py): still a data-parallel mesh, at a
@@ -132,31 +203,48 @@ def uninterrupted(tmp_path_factory, xla_cache):
 
 
 def test_semem_run_writes_the_report_contract(uninterrupted):
-    tmp_path, _, report = uninterrupted
+    tmp_path, pretrain, report = uninterrupted
+    # Each LM was pre-trained by the shared loop on the mixture of the pasts: the first half of each
+    # pre-training domain's training documents (the stream reads the second half).
+    for run in sorted(pretrain.glob("pretrain-*")):
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["data"]["train_documents"] == [0.0, 0.5] and saved["data"]["domains"] == ["bible", "wordnet"]
+        assert saved["run"]["method"] == "joint"
     assert report["method"] == "semem" and report["metric"] == "perplexity"
-    assert report["stages"] == ["wordnet"] and report["eval_on"] == ["bible", "wordnet"]
-    assert np.array(report["matrix"], float).shape == (1, 2)
+    assert report["stages"] == ["wordnet", "gnuinfo"] and report["eval_on"] == ["bible", "wordnet", "gnuinfo"]
+    assert report["pretrain_domains"] == ["bible", "wordnet"] and report["past_fraction"] == 0.5
+    assert np.array(report["matrix"], float).shape == (2, 3) and np.isfinite(report["matrix"]).all()
     memory = report["memory"]
-    assert len(memory) == 3 and set(memory[0]) >= {"tokens_seen", "memory_size", "admitted_rate"}
+    assert len(memory) == CHUNKS and set(memory[0]) >= {"tokens_seen", "memory_size", "admitted_rate"}
     per_chunk = 1024 // 64 * 63
-    assert [m["tokens_seen"] for m in memory] == [per_chunk * (i + 1) for i in range(3)]
+    assert [m["tokens_seen"] for m in memory] == [per_chunk * (i + 1) for i in range(CHUNKS)]
     sizes = np.cumsum([m["tokens_admitted"] for m in memory])
     assert [m["memory_size"] for m in memory] == sizes.tolist()
     for model in report["models"]:
         full = model["memory"]["full"]
-        assert [m["memory_size"] for m in full] == [per_chunk * (i + 1) for i in range(3)]
+        assert [m["memory_size"] for m in full] == [per_chunk * (i + 1) for i in range(CHUNKS)]
+        # RandMem admits, chunk by chunk, exactly as many tokens as SeMem did
+        assert [m["tokens_admitted"] for m in model["memory"]["randmem"]] == \
+            [m["tokens_admitted"] for m in model["memory"]["semem"]]
         assert model["memory_size"]["semem"] <= model["memory_size"]["full"]
         assert 0 < model["memory_ratio"] <= 1 and np.isfinite(model["perplexity_ratio"])
         assert set(model["final_perplexity"]) == {"semem", "full"} and set(model["lm_only_perplexity"]) == \
-            {"bible", "wordnet"}
+            {"bible", "wordnet", "gnuinfo"}
+        assert set(model["policies"]) == set(POLICIES) and model["groups"] == \
+            {"stream": ["wordnet", "gnuinfo"], "future": ["wordnet"], "unseen": ["gnuinfo"]}
+        for policy in model["policies"].values():       # test perplexities of every domain, below the bare LM's
+            assert set(policy["test_perplexity"]) == {"bible", "wordnet", "gnuinfo"}
+            assert policy["test"]["stream"] < model["lm_only"]["test"]["stream"]
+        assert model["chosen_threshold"] in (None, -1.5)
     assert len(report["models"]) == 2 and report["models"][1]["architecture"]["d_model"] == 48
+    assert any("semem below randmem" in key for key in report["acceptance"])
     store = Datastore.open(tmp_path / report["models"][0]["tag"] / "semem" / "datastore")
     assert len(store) == memory[-1]["memory_size"] and store.manifest["backend"] == "scann"
     for name in ("config.yaml", "metrics.jsonl", "memory_growth.png", "perplexity_per_chunk.png",
-                 "admitted_rate.png", "perplexity_matrix.png"):
+                 "admitted_rate.png", "perplexity_matrix.png", *(f"tradeoff-{m['tag']}.png" for m in report["models"])):
         assert (tmp_path / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert sum(r["kind"] == "semem_chunk" for r in records) == 2 * 2 * 3        # models x policies x chunks
+    assert sum(r["kind"] == "semem_chunk" for r in records) == 2 * len(POLICIES) * CHUNKS   # models x policies x chunks
     assert report["wall_seconds"] == sum(i["wall_seconds"] for i in report["invocations"]) > 0
 
 
@@ -191,9 +279,9 @@ def test_semem_killed_mid_stream_resumes_to_the_same_memories_and_numbers(uninte
     _, pretrain, reference = uninterrupted
     tags = [m["tag"] for m in reference["models"]]
     caches = [shutil.copytree(xla_cache, tmp_path_factory.mktemp("xla_cache_copy") / "cache") for _ in range(2)]
-    _kill_after(tmp_path, pretrain, tags[0], 3, caches[0])   # mid chunk 1 of the main model
+    _kill_after(tmp_path, pretrain, tags[0], len(POLICIES) + 1, caches[0])   # mid chunk 1 of the main model
     assert not (tmp_path / "report.json").exists()
-    _kill_after(tmp_path, pretrain, tags[1], 3, caches[1])   # resumed, then killed mid chunk 1 of the second model
+    _kill_after(tmp_path, pretrain, tags[1], len(POLICIES) + 1, caches[1])   # resumed, killed mid chunk 1 of model 2
     assert not (tmp_path / "report.json").exists()
     out = semem(f"semem.pretrain_dir={pretrain}", run_dir=tmp_path, xla_cache=xla_cache)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -206,11 +294,11 @@ def test_semem_killed_mid_stream_resumes_to_the_same_memories_and_numbers(uninte
     assert resumed["wall_seconds"] == sum(i["wall_seconds"] for i in resumed["invocations"])
     # Each chunk is recorded once, though two invocations were killed after logging part of a chunk.
     chunks = [(r["model"], r["policy"], r["domain"], r["chunk"]) for r in _chunk_records(tmp_path)]
-    assert len(chunks) == len(set(chunks)) == 2 * 2 * 3
+    assert len(chunks) == len(set(chunks)) == 2 * len(POLICIES) * CHUNKS
     for model in reference["models"]:
-        for policy in ("semem", "full"):
+        for policy in POLICIES:
             store = Datastore.open(tmp_path / model["tag"] / policy / "datastore")
-            assert len(store) == model["memory_size"][policy]
+            assert len(store) == model["policies"][policy]["memory_size"]
     # A rerun of the finished run changes no file; a config that changes what is trained is refused.
     before = _snapshot(tmp_path)
     again = semem(f"semem.pretrain_dir={pretrain}", run_dir=tmp_path)

@@ -60,18 +60,19 @@ class DirectorySource:
 
     SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".txt.gz", ".jsonl.xz", ".txt.xz")
 
-    def __init__(self, directory: str | Path, text_field: str = "text"):
+    def __init__(self, directory: str | Path, text_field: str = "text", key: str = "data.source"):
         self.directory = Path(directory)
         self.text_field = text_field
+        self.key = key                   # the config key that named the directory (error messages)
         if not self.directory.is_dir():
-            raise ConfigError(f"data.source={str(directory)!r}: directory not found")
+            raise ConfigError(f"{key}={str(directory)!r}: directory not found")
 
     def domains(self) -> tuple[str, ...]:
         names = sorted({p.name.split(".train.")[0] for p in self.directory.iterdir()
                         if any(p.name.endswith(".train" + suffix) for suffix in self.SUFFIXES)
                         and not p.name.startswith(".")})
         if not names:
-            raise ConfigError(f"data.source={str(self.directory)!r} has no <domain>.train.txt|jsonl files")
+            raise ConfigError(f"{self.key}={str(self.directory)!r} has no <domain>.train.txt|jsonl files")
         return tuple(names)
 
     def documents(self, domain: str, split: str) -> list[str]:
@@ -83,7 +84,7 @@ class DirectorySource:
                     return [self._field(json.loads(line), path, n)
                             for n, line in enumerate(text.splitlines(), 1) if line.strip()]
                 return split_documents(text)
-        raise ConfigError(f"data.source={str(self.directory)!r}: no file for domain {domain!r} split {split!r} "
+        raise ConfigError(f"{self.key}={str(self.directory)!r}: no file for domain {domain!r} split {split!r} "
                           f"(looked for {domain}.{split}.txt / .jsonl)")
 
     def _field(self, record: dict, path: Path, line: int) -> str:
@@ -119,11 +120,22 @@ class HFDatasetSource:
         return [r[self.text_field] for r in rows if r[self.domain_field] == domain]
 
 
-def open_source(source: str, text_field: str = "text") -> TextSource:
-    """`"embedded"`, a directory of text/jsonl files, or a `datasets.save_to_disk` directory."""
+UNSEEN = "embedded:unseen"
+"""The second packaged collection (`jaxcl/data/unseen/`): real text from Debian packages that the embedded
+corpus does not contain (GNU Texinfo manuals, Perl's documentation), for streams of unseen domains
+(`semem.stream_source`); built by `scripts/build_unseen.py`."""
+
+
+def open_source(source: str, text_field: str = "text", key: str = "data.source") -> TextSource:
+    """`"embedded"` (the corpus), `"embedded:unseen"` (the packaged unseen domains), a directory of
+    text/jsonl files, or a `datasets.save_to_disk` directory; `key`: the config key naming it (errors)."""
     if source == "embedded":
         return EmbeddedSource()
+    if source == UNSEEN:
+        import importlib.resources
+
+        return DirectorySource(Path(str(importlib.resources.files("jaxcl.data") / "unseen")), text_field, key)
     path = Path(source)
     if (path / "dataset_dict.json").is_file():
         return HFDatasetSource(path, text_field)
-    return DirectorySource(path, text_field)
+    return DirectorySource(path, text_field, key)

@@ -33,15 +33,25 @@ def pack_sequences(tokens: np.ndarray, seq_len: int, what: str = "stream") -> np
     return np.ascontiguousarray(tokens[: n * seq_len].reshape(n, seq_len))
 
 
+def document_slice(documents: list, fractions: tuple[float, float] = (0.0, 1.0)) -> list:
+    """The documents between two fractions of the list, in order: `[0, 0.5]` is the first half (rounded
+    down), `[0.5, 1]` the rest, so complementary ranges partition the documents exactly."""
+    lo, hi = (int(len(documents) * float(f)) for f in fractions)
+    return documents[lo:hi]
+
+
 def tokenize_domains(tokenizer, source, domains, seq_len: int, n_eval: int | None = None,
-                     progress=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                     progress=None, train_documents: tuple[float, float] = (0.0, 1.0),
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every domain's train and valid split as packed `[n, seq_len]` int32 sequences: the one token stream
     every method reads (documents end with EOS and never run together; valid keeps its first `n_eval`
-    sequences). `progress`: an optional tqdm-like bar advanced once per split."""
+    sequences). `train_documents`: the slice of each domain's training documents read (`document_slice`;
+    `data.train_documents`). `progress`: an optional tqdm-like bar advanced once per split."""
     train, valid = {}, {}
     for d in domains:
-        train[d] = pack_sequences(tokenizer.encode_documents(source.documents(d, "train")), seq_len,
-                                  f"domain {d!r} train split")
+        docs = document_slice(source.documents(d, "train"), train_documents)
+        where = "" if tuple(train_documents) == (0.0, 1.0) else f" (documents {list(train_documents)})"
+        train[d] = pack_sequences(tokenizer.encode_documents(docs), seq_len, f"domain {d!r} train split{where}")
         if progress is not None:
             progress.update()
         valid[d] = pack_sequences(tokenizer.encode_documents(source.documents(d, "valid")), seq_len,

@@ -16,6 +16,7 @@ Tags: `<kind>[/<method|policy|model|phase|split>...]/<field>[/<domain|task|key>]
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +40,16 @@ def _number(value: Any) -> float | None:
 
 def record_scalars(record: dict[str, Any], counters: dict[str, int] | None = None) -> Iterator[tuple[str, float, int]]:
     """`(tag, value, step)` for every number in one metrics record (dicts of numbers give one scalar per key;
-    strings and lists are not scalars). `counters` numbers records that carry no step, per tag prefix."""
+    strings and lists are not scalars). `counters` numbers records that carry no step, per tag prefix. Tags
+    keep TensorBoard's legal characters (`[A-Za-z0-9_./-]`); any other becomes `_` (`semem@-1` -> `semem_-1`)."""
+    for tag, value, step in _record_scalars(record, counters):
+        yield _ILLEGAL.sub("_", tag), value, step
+
+
+_ILLEGAL = re.compile(r"[^A-Za-z0-9_./-]")
+
+
+def _record_scalars(record: dict[str, Any], counters: dict[str, int] | None = None):
     kind = str(record.get("kind", "metrics"))
     if kind == "eval_initial":          # the untrained / loaded model: step 0 of the eval curves
         kind, record = "eval", {**record, "global_step": 0}

@@ -51,7 +51,8 @@ class LmStream:
         if len(self.domains) > s.max_tasks:
             raise ConfigError(f"{len(self.domains)} domains exceed slm.max_tasks={s.max_tasks}")
         n_eval = cfg.data.eval_batches * cfg.data.batch_size
-        train, valid = tokenize_domains(self.tokenizer, source, self.domains, cfg.data.seq_len, n_eval)
+        train, valid = tokenize_domains(self.tokenizer, source, self.domains, cfg.data.seq_len, n_eval,
+                                       train_documents=cfg.data.train_documents)
         self.train, self.valid = {}, {}
         for d in self.domains:
             rng = np.random.default_rng(cfg.run.seed)

@@ -106,7 +106,8 @@ class ContinualRun:
             raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={self.cfg.model.max_seq_len}")
         n_eval = self.cfg.data.eval_batches * self.cfg.data.batch_size
         bar = _progress(2 * len(self.domains), 0, "tokenizing")
-        train, valid = tokenize_domains(self.tokenizer, source, self.domains, seq_len, n_eval, bar)
+        train, valid = tokenize_domains(self.tokenizer, source, self.domains, seq_len, n_eval, bar,
+                                        train_documents=self.cfg.data.train_documents)
         bar.close()
         return train, valid
 
