@@ -12,7 +12,7 @@ cached under `--cache` (resumable, in slices); queries: the validation splits. T
 measured against exact brute-force search on a query sample; the fastest setting with recall >= 0.95 is used.
 
 Timing (interleaved over `--rounds`, medians): the plain LM's evaluation (`score_sequences`: forward and the
-gold token's log-probability) against kNN-LM evaluation (`knn_lm_logprobs`: the forward of the next batch
+gold token's log-probability) against kNN-LM evaluation (`memory_eval_logprobs`: the forward of the next batch
 overlapped with the memory search of this one, then the target-only kNN-LM mixture) on the same validation
 tokens, and, for reference, kNN-LM evaluation without the overlap (score everything, then search).
 Target (issue 16): kNN-LM evaluation >= 0.5x the plain LM's tokens/s at recall >= 0.95.
@@ -59,7 +59,8 @@ def main() -> None:
     from jaxcl.data.tokenizer import load_tokenizer
     from jaxcl.memory import Datastore
     from jaxcl.memory.calibrator import Calibrator
-    from jaxcl.memory.selective import knn_keys_of, knn_lm_logprobs, make_lm_scorer, memory_logprobs, score_sequences
+    from jaxcl.memory.selective import knn_keys_of, make_lm_scorer, memory_eval_logprobs, memory_logprobs, \
+        score_sequences
     from jaxcl.models import ModelConfig, build
 
     cfg = ModelConfig(family="gpt2", vocab_size=8192, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
@@ -160,7 +161,7 @@ def main() -> None:
     n_tokens = ev.shape[0] * (ev.shape[1] - 1)
     runs = {
         "plain LM": lambda: score_sequences(scorer, params, ev, batch=args.batch).lm_logp,
-        "kNN-LM (pipelined)": lambda: knn_lm_logprobs(scorer, params, ev, store, calibrator, args.k, log_freq,
+        "kNN-LM (pipelined)": lambda: memory_eval_logprobs(scorer, params, ev, store, calibrator, args.k, log_freq,
                                                      batch=args.batch),
         "kNN-LM (score, then search)": lambda: memory_logprobs(score_sequences(scorer, params, ev, batch=args.batch),
                                                                store, calibrator, args.k, log_freq)[0],

@@ -43,7 +43,8 @@ def budget_curves(pretrain_root: Path) -> dict[str, dict[str, list]]:
             rec = json.loads(line) if line.endswith("}") else {}
             if rec.get("kind") == "eval":
                 by_step.setdefault(int(rec["global_step"]), []).append(float(rec["perplexity"]))
-        curves[run.name] = {"steps": sorted(by_step), "perplexity": [sum(v) / len(v) for _, v in sorted(by_step.items())]}
+        curves[run.name] = {"steps": sorted(by_step),
+                            "perplexity": [sum(v) / len(v) for _, v in sorted(by_step.items())]}
     return curves
 
 
@@ -109,7 +110,8 @@ def main() -> None:
         print(f"  {key}: {value}")
     print(f"  paper, admitted at δ = -1.5: {PAPER_RATES}")
     for name, curve in summary["pretraining_budget"].items():
-        print(f"pre-training {name}: " + ", ".join(f"{s}: {p:.1f}" for s, p in zip(curve["steps"], curve["perplexity"])))
+        print(f"pre-training {name}: "
+              + ", ".join(f"{s}: {p:.1f}" for s, p in zip(curve["steps"], curve["perplexity"])))
     write_json(str(out / "semem_stream.json"), summary)
     print(f"\nwrote {out / 'semem_stream.json'}; plots in {out / 'semem'}/")
 

@@ -101,7 +101,7 @@ def test_calibration_pool_is_capped_by_a_seeded_subset(tmp_path):
 def test_pipelined_knn_lm_evaluation_equals_scoring_then_searching(tmp_path):
     import jax
 
-    from jaxcl.memory.selective import knn_lm_logprobs, make_lm_scorer, memory_logprobs, score_sequences
+    from jaxcl.memory.selective import memory_eval_logprobs, make_lm_scorer, memory_logprobs, score_sequences
     from jaxcl.models import ModelConfig, build
 
     cfg = ModelConfig(family="gpt2", vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16)
@@ -113,7 +113,7 @@ def test_pipelined_knn_lm_evaluation_equals_scoring_then_searching(tmp_path):
     store.add(tokens.keys[::2], tokens.targets[::2])
     cal, log_freq = Calibrator.initial(0.3, 2.0), np.zeros(64, np.float32)
     reference = memory_logprobs(tokens, store, cal, 5, log_freq)[0]
-    piped = knn_lm_logprobs(scorer, params, ids, store, cal, 5, log_freq, batch=4)     # 3 batches, last one padded
+    piped = memory_eval_logprobs(scorer, params, ids, store, cal, 5, log_freq, batch=4)     # 3 batches, last one padded
     assert piped.shape == (11 * 8,)
     np.testing.assert_allclose(piped, reference, rtol=1e-6, atol=1e-6)
     assert not np.allclose(piped, tokens.lm_logp)                  # the memory changed the scores

@@ -306,14 +306,16 @@ class SememRun(ContinualRun):
                 mem.heldout.append(heldout_tokens)
                 # The same held-out subset for every policy (seeded by the chunk only): memories that agree
                 # get the same calibrator.
-                data = mem.calibration_data(log_freq, sm.calibrator_max_tokens, rng=np.random.default_rng([seed, index]))
+                data = mem.calibration_data(log_freq, sm.calibrator_max_tokens,
+                                            rng=np.random.default_rng([seed, index]))
                 if data is not None:
                     mem.calibrator = fit_calibrator(data, sm.calibrator, init=mem.calibrator,
                                                     steps=sm.calibrator_steps, lr=sm.calibrator_lr,
                                                     hidden=sm.calibrator_hidden,
                                                     rng=jax.random.fold_in(jax.random.key(seed), index))
                 rec = {"domain": domain, "chunk": c, "tokens_seen": tokens_seen, "memory_size": len(mem),
-                       "tokens": stats["tokens"], "tokens_admitted": stats["admitted"], "admitted_rate": stats["admitted"] / stats["tokens"],
+                       "tokens": stats["tokens"], "tokens_admitted": stats["admitted"],
+                       "admitted_rate": stats["admitted"] / stats["tokens"],
                        "online_perplexity": math.exp(stats["online_nll"]),
                        "temperature": mem.calibrator.temperature}
                 if evaluate:

@@ -22,7 +22,7 @@ from jaxcl.memory.knnlm import knn_lm_target_logprobs
 from jaxcl.models import ModelConfig, build
 
 __all__ = ["ScoredTokens", "make_lm_scorer", "score_sequences", "memory_logprobs", "admission_mask",
-           "Policy", "stream_policies", "SelectiveMemory", "knn_keys_of", "knn_lm_logprobs"]
+           "Policy", "stream_policies", "SelectiveMemory", "knn_keys_of", "memory_eval_logprobs"]
 
 
 @dataclasses.dataclass
@@ -90,8 +90,8 @@ def score_sequences(scorer: Callable, params: Any, sequences: np.ndarray, batch:
     return _concat(parts)
 
 
-def knn_lm_logprobs(scorer: Callable, params: Any, sequences: np.ndarray, store: Datastore | None,
-                    calibrator: Calibrator, k: int, log_freq: np.ndarray, batch: int = 32) -> np.ndarray:
+def memory_eval_logprobs(scorer: Callable, params: Any, sequences: np.ndarray, store: Datastore | None,
+                         calibrator: Calibrator, k: int, log_freq: np.ndarray, batch: int = 32) -> np.ndarray:
     """kNN-LM log p(gold) `[n * (seq - 1)]` of every target token of `sequences [n, seq]`: the LM forward and
     the memory search pipelined.
 
