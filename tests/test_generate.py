@@ -229,14 +229,15 @@ def make_memory(tmp_path, cfg, params, rows=12, seq=20, seed=0, **kw):
     return KnnMemory(store, **kw)
 
 
-def reference_knn_step(cfg, params, memory, seq, mask, exhaustive=True):
-    """The mixed next-token log-distribution after `seq` from a full forward and an exhaustive search (or, with
-    `exhaustive=False`, the store's own search: ScaNN's approximate neighbours)."""
+def reference_knn_step(cfg, params, memory, seq, mask, exhaustive=True, at=-1, out=None):
+    """The mixed next-token log-distribution after `seq[:, :at + 1]` from a full forward of `seq` (causal: the
+    same as a forward of the prefix) and an exhaustive search (or, with `exhaustive=False`, the store's own
+    search: ScaNN's approximate neighbours). `out`: that forward, if already computed."""
     from jaxcl.memory import knn_lm_logprobs
     from jaxcl.memory.calibrator import calibrator_features
 
-    out = full_forward(cfg, params, seq, mask)
-    logits, query = np.asarray(out.logits[:, -1]), np.asarray(out.knn_keys[:, -1], np.float32)
+    out = full_forward(cfg, params, seq, mask) if out is None else out
+    logits, query = np.asarray(out.logits[:, at]), np.asarray(out.knn_keys[:, at], np.float32)
     if exhaustive:
         keys = memory.store.keys.astype(np.float32)
         d = ((query[:, None, :] - keys[None]) ** 2).sum(-1)
@@ -251,7 +252,7 @@ def reference_knn_step(cfg, params, memory, seq, mask, exhaustive=True):
     else:
         logp = np.asarray(jax.nn.log_softmax(logits, -1))
         conf, ent = np.exp(logp).max(-1), -(np.exp(logp) * logp).sum(-1)
-        feats = calibrator_features(conf, ent, memory.log_freq[np.asarray(seq)[:, -1]], dists, values)
+        feats = calibrator_features(conf, ent, memory.log_freq[np.asarray(seq)[:, at]], dists, values)
         lam, temp = memory.calibrator.lam(feats), memory.calibrator.temperature
     return np.asarray(knn_lm_logprobs(jnp.asarray(logits), dists, values, lam=lam, temperature=temp))
 
@@ -277,10 +278,11 @@ def test_memory_decoding_equals_knn_lm_on_a_full_forward_and_exact_search(tmp_pa
     new = 10
     out = generate(cfg, params, ids, mask, max_new_tokens=new, eos_token_id=[], memory=memory, return_logprobs=True)
     tokens = np.asarray(out.tokens)
+    seq = np.concatenate([ids, tokens[:, :new - 1]], axis=1)           # one forward: every step's prefix
+    full_mask = np.concatenate([mask, np.ones((3, new - 1), np.int64)], axis=1)
+    forward = full_forward(cfg, params, seq, full_mask)
     for t in range(new):
-        seq = np.concatenate([ids, tokens[:, :t]], axis=1)
-        full_mask = np.concatenate([mask, np.ones((3, t), np.int64)], axis=1)
-        want = reference_knn_step(cfg, params, memory, seq, full_mask)
+        want = reference_knn_step(cfg, params, memory, seq, full_mask, at=ids.shape[1] + t - 1, out=forward)
         np.testing.assert_allclose(np.asarray(out.logprobs[:, t]), want, atol=1e-5, rtol=0)
         np.testing.assert_array_equal(tokens[:, t], want.argmax(-1))                  # greedy on the mixture
     plain = generate(cfg, params, ids, mask, max_new_tokens=new, eos_token_id=[])
