@@ -159,7 +159,7 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=6
         "data.seq_len=64", "data.batch_size=8", "data.eval_batches=2", "data.domains=[bible,wordnet]",
         "train.pretrain_steps=30", "optim.warmup_steps=5", "optim.lr=1e-2", "checkpoint.async_save=false",
         "semem.chunk_tokens=1024", "semem.chunks_per_domain=2", "semem.heldout_tokens=256", "semem.eval_tokens=256",
-        "semem.calibrator_steps=30", "semem.extra_models=[{d_model: 48}]", "semem.index_options={segment_rows: 1500}",
+        "semem.calibrator_steps=10", "semem.extra_models=[{d_model: 48}]", "semem.index_options={segment_rows: 1500}",
         "semem.sweep=[]", "semem.random_control=true", "semem.calibrator_max_tokens=512",
         # the LMs learn the pasts of bible and wordnet; the stream is wordnet's future, then an unseen domain
         "semem.stream_source=embedded:unseen", "semem.stream_domains=[wordnet,gnuinfo]"]
