@@ -1,5 +1,6 @@
 """Selective memorization and the λ calibrator on controlled inputs, and the SeMem run end to end."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -9,12 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
 
 from jaxcl.memory import Datastore
-from jaxcl.memory.calibrator import CalibrationData, Calibrator, calibrator_features, fit_calibrator, mixture_nll
+from jaxcl.memory.calibrator import CalibrationData, Calibrator, byte_dropout, calibrator_features, fit_calibrator, \
+    fit_calibrators, mixture_nll
 from jaxcl.memory.selective import ScoredTokens, SelectiveMemory, admission_mask, stream_policies
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +148,45 @@ def test_calibrator_learns_when_to_trust_the_memory():
     assert nll(mlp) < nll(constant) < nll(init)
     lam = mlp.lam(feats)
     assert lam[close].mean() > 0.8 and lam[~close].mean() < 0.2
+
+
+def test_calibrators_fitted_together_equal_fits_alone():
+    """fit_calibrators (one vmapped, scanned fit for several memories) gives each memory the calibrator
+    fit_calibrator gives it alone; held-out data of different shapes is refused with both shapes named."""
+    rng = np.random.default_rng(2)
+    n, k = 512, 8
+
+    def data(shift):
+        dists = np.sort(rng.random((n, k)) * 10 + shift, axis=1).astype(np.float32)
+        values = rng.integers(0, 5, (n, k))
+        feats = calibrator_features(rng.random(n).astype(np.float32), rng.random(n).astype(np.float32),
+                                    rng.random(n).astype(np.float32), dists, values)
+        return CalibrationData(feats, np.log(rng.random(n)).astype(np.float32), dists, values == 0)
+
+    datas = [data(0.0), data(3.0), data(6.0)]
+    inits = [Calibrator.initial(0.25, t) for t in (5.0, 10.0, 20.0)]
+    for mode, lr in (("mlp", 3e-3), ("constant", 3e-2)):
+        together = fit_calibrators(datas, mode, inits=inits, steps=5, lr=lr, batch=128, rng=jax.random.key(7))
+        for d, init, cal in zip(datas, inits, together):
+            alone = fit_calibrator(d, mode, init=init, steps=5, lr=lr, batch=128, rng=jax.random.key(7))
+            np.testing.assert_allclose(cal.lam(d.features), alone.lam(d.features), rtol=1e-4, atol=1e-5)
+            assert cal.temperature == pytest.approx(alone.temperature, rel=1e-5)
+        assert len({round(c.temperature, 4) for c in together}) == 3        # each memory kept its own T
+    with pytest.raises(ValueError, match=r"differ in shape.*\(256, 8, 23\).*\(512, 8, 23\)"):
+        fit_calibrators([datas[0], CalibrationData(*(a[:256] for a in dataclasses.astuple(datas[1])))], "mlp",
+                        inits=inits[:2], steps=1)
+
+
+def test_byte_dropout_is_unbiased_inverted_dropout():
+    x = jnp.ones((64, 256))
+    y = np.asarray(byte_dropout(x, 0.2, jax.random.key(0)))
+    keep = 205 / 256
+    assert set(np.unique(y)) == {0.0, np.float32(1 / keep)}
+    assert abs((y > 0).mean() - keep) < 0.01                      # 16,384 units: 4 sigma is 0.012
+    assert abs(y.mean() - 1.0) < 0.015
+    assert not np.array_equal(y, np.asarray(byte_dropout(x, 0.2, jax.random.key(1))))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        byte_dropout(jnp.ones((2, 6)), 0.2, jax.random.key(0))
 
 
 def test_distinct_value_features():

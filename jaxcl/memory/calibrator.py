@@ -29,7 +29,8 @@ from flax import linen as nn
 
 from jaxcl.memory.knnlm import knn_neighbor_logweights, mix_logprobs
 
-__all__ = ["Calibrator", "CalibrationData", "calibrator_features", "fit_calibrator", "mixture_nll", "N_TOP"]
+__all__ = ["Calibrator", "CalibrationData", "calibrator_features", "fit_calibrator", "fit_calibrators", "mixture_nll",
+           "N_TOP"]
 
 N_TOP = 10
 
@@ -75,8 +76,27 @@ class CalibrationData:
                                np.concatenate([self.match[:, :k], other.match[:, :k]]))
 
 
+def byte_dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout whose keep mask comes from random *bytes*: one 32-bit random word decides 4 units.
+
+    Why: on CPU, generating random bits (threefry) costs more than the calibrator's whole forward and
+    backward; slicing each 32-bit word into 4 bytes draws 4x fewer words. The keep probability is
+    quantised to 1/256: keep = round((1 - rate) * 256) / 256 (rate 0.2 -> 0.1992), and kept units are scaled
+    by its inverse, so the layer is unbiased. x [..., h] with h a multiple of 4.
+    """
+    if x.shape[-1] % 4:
+        raise ValueError(f"byte_dropout: the last axis ({x.shape[-1]}) must be a multiple of 4")
+    threshold = int(round((1.0 - rate) * 256))
+    words = jax.random.bits(key, x.shape[:-1] + (x.shape[-1] // 4,), jnp.uint32)
+    shifts = jnp.arange(4, dtype=jnp.uint32) * 8
+    u8 = ((words[..., None] >> shifts) & 0xFF).reshape(x.shape)
+    return jnp.where(u8 < threshold, x * (256.0 / threshold), 0.0).astype(x.dtype)
+
+
 class LambdaNet(nn.Module):
-    """features [n, F] -> λ logit [n]: `layers` x (Dense -> LeakyReLU -> Dropout), then Dense(1)."""
+    """features [n, F] -> λ logit [n]: `layers` x (Dense -> LeakyReLU -> dropout), then Dense(1).
+
+    Dropout is `byte_dropout` (rate quantised to 1/256) on the "dropout" rng stream."""
 
     hidden: int = 128
     layers: int = 4
@@ -87,7 +107,8 @@ class LambdaNet(nn.Module):
         for _ in range(self.layers):
             x = nn.Dense(self.hidden)(x)
             x = nn.leaky_relu(x)
-            x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
+            if not deterministic and self.dropout > 0:
+                x = byte_dropout(x, self.dropout, self.make_rng("dropout"))
         return nn.Dense(1)(x)[..., 0]
 
 
@@ -176,39 +197,84 @@ def mixture_nll(mode: str, hidden: int, params, x, lm_logp, dists, match, determ
 
 @functools.lru_cache(maxsize=8)
 def _adam(lr: float) -> optax.GradientTransformation:
-    return optax.adam(lr)          # one object per lr, so the jitted step below is compiled once
+    return optax.adam(lr)          # one object per lr, so the jitted fit below is compiled once
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _train_step(mode, hidden, tx, params, opt, x, lm_logp, dists, match, rng, step):
-    """One Adam step on a fixed-size minibatch (compiled once per shape, reused across chunks); the dropout
-    key is `fold_in(rng, step)`, derived inside the jitted step (an eager fold_in cost 5 ms a step, more than
-    the step itself)."""
-    key = jax.random.fold_in(rng, step)
-    grads = jax.grad(lambda p: mixture_nll(mode, hidden, p, x, lm_logp, dists, match, False, key))(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt
+def _fit_steps(mode, hidden, tx, params, x, lm_logp, dists, match, idx, rng):
+    """Every Adam step of a fit in one compiled scan, vmapped over memories: params' leaves and the data
+    carry a leading memory axis [m, ...]; `idx [steps, b]` (the minibatch rows) and `rng` (the dropout key
+    of step s is `fold_in(rng, s)`) are shared by all memories. One dispatch per fit instead of one per step
+    per memory: the step is small enough that per-call and per-op overheads dominated it."""
+
+    def fit_one(params, x, lm_logp, dists, match):
+        opt = tx.init(params)
+
+        def step(carry, inputs):
+            params, opt = carry
+            s, rows = inputs
+            key = jax.random.fold_in(rng, s)
+            loss = lambda p: mixture_nll(mode, hidden, p, x[rows], lm_logp[rows], dists[rows], match[rows],
+                                         False, key)
+            grads = jax.grad(loss)(params)
+            updates, opt = tx.update(grads, opt, params)
+            return (optax.apply_updates(params, updates), opt), None
+
+        steps = jnp.arange(idx.shape[0], dtype=jnp.int32)
+        (params, _), _ = jax.lax.scan(step, (params, opt), (steps, idx))
+        return params
+
+    return jax.vmap(fit_one)(params, x, lm_logp, dists, match)
 
 
 def fit_calibrator(data: CalibrationData, mode: str, *, init: Calibrator, steps: int = 300, lr: float = 3e-3,
                    hidden: int = 128, batch: int = 1024, rng: jax.Array | None = None) -> Calibrator:
-    """Train a calibrator from scratch on held-out tokens (Adam on the mixture NLL); T starts at `init`'s."""
+    """Train a calibrator from scratch on held-out tokens (Adam on the mixture NLL); T starts at `init`'s.
+
+    `data`: held-out tokens of the memory (features, log p_LM(gold), neighbour distances, gold match);
+    `mode`: "mlp" | "constant"; `steps` Adam steps at `lr` on minibatches of `batch` tokens drawn with
+    replacement (a fixed size: one compile for every chunk of a stream); `rng` seeds the MLP's
+    initialisation, the minibatch order and dropout. SeMem §2.4 (the λ calibrator).
+    """
+    return fit_calibrators([data], mode, inits=[init], steps=steps, lr=lr, hidden=hidden, batch=batch,
+                           rng=rng)[0]
+
+
+def fit_calibrators(datas: list[CalibrationData], mode: str, *, inits: list[Calibrator], steps: int = 300,
+                    lr: float = 3e-3, hidden: int = 128, batch: int = 1024,
+                    rng: jax.Array | None = None) -> list[Calibrator]:
+    """`fit_calibrator` for several memories at once, as one vmapped, compiled fit.
+
+    Why: a SeMem stream refits one calibrator per policy (δ sweep, RandMem, full memorization) after every
+    chunk; fitted together they cost about one fit. Every memory gets the fit `fit_calibrator` would give it
+    alone with the same `rng` (same initialisation, minibatch rows and dropout keys; equal up to float
+    rounding). `datas[i]` and `inits[i]` belong to memory i; all `datas` must hold the same number of
+    held-out tokens and neighbours (the same held-out subset scored against each memory), else ValueError.
+    """
+    if len(datas) != len(inits) or not datas:
+        raise ValueError(f"fit_calibrators: {len(datas)} data sets for {len(inits)} initial calibrators")
+    shapes = {(len(d), d.dists.shape[1], d.features.shape[1]) for d in datas}
+    if len(shapes) != 1:
+        raise ValueError(f"fit_calibrators: the memories' held-out data differ in shape (tokens, k, features): "
+                         f"{sorted(shapes)}; fit them separately")
     rng = jax.random.key(0) if rng is None else rng
-    mean = data.features.mean(0)
-    std = data.features.std(0) + 1e-3
-    x_all = (data.features - mean) / std
-    params: dict[str, Any] = {"log_temperature": jnp.float32(init.params["log_temperature"])}
+    means = [d.features.mean(0) for d in datas]
+    stds = [d.features.std(0) + 1e-3 for d in datas]
+    x = np.stack([(d.features - m) / s for d, m, s in zip(datas, means, stds)]).astype(np.float32)
+    params: dict[str, Any] = {"log_temperature": jnp.asarray([np.float32(i.params["log_temperature"])
+                                                              for i in inits])}
     if mode == "constant":
-        params["lam_logit"] = jnp.float32(init.params.get("lam_logit", 0.0))
+        params["lam_logit"] = jnp.asarray([np.float32(i.params.get("lam_logit", 0.0)) for i in inits])
     else:
-        params["net"] = LambdaNet(hidden).init(rng, jnp.zeros((1, x_all.shape[1])))["params"]
-    tx = _adam(float(lr))
-    opt = tx.init(params)
-    n, b = len(data), batch          # fixed minibatch size (sampled with replacement): one compile for all chunks
+        net = LambdaNet(hidden).init(rng, jnp.zeros((1, x.shape[2])))["params"]
+        params["net"] = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(datas),) + a.shape), net)
+    n = len(datas[0])          # minibatches drawn with replacement, the same rows for every memory
     order_rng = np.random.default_rng(int(jax.random.randint(rng, (), 0, 2**31 - 1)))
-    dists = data.dists.astype(np.float32)
-    for s in range(steps):
-        idx = order_rng.integers(0, n, b)
-        params, opt = _train_step(mode, hidden, tx, params, opt, x_all[idx], data.lm_logp[idx], dists[idx],
-                                  data.match[idx], rng, np.int32(s))
-    return Calibrator(mode, jax.device_get(params), mean, std, hidden)
+    idx = order_rng.integers(0, n, (steps, batch)).astype(np.int32)
+    fitted = _fit_steps(mode, hidden, _adam(float(lr)), params, x,
+                        np.stack([d.lm_logp for d in datas]).astype(np.float32),
+                        np.stack([d.dists for d in datas]).astype(np.float32),
+                        np.stack([d.match for d in datas]), idx, rng)
+    fitted = jax.device_get(fitted)
+    return [Calibrator(mode, jax.tree.map(lambda a: a[i], fitted), means[i], stds[i], hidden)
+            for i in range(len(datas))]

@@ -56,7 +56,7 @@ from jaxcl.config import Config, ConfigError
 from jaxcl.eval.metrics import seen_domains
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_memory_growth, plot_series, \
     write_report
-from jaxcl.memory.calibrator import Calibrator, fit_calibrator
+from jaxcl.memory.calibrator import Calibrator, fit_calibrators
 from jaxcl.memory.datastore import Datastore, DatastoreError, params_fingerprint
 from jaxcl.data.sources import open_source
 from jaxcl.data.stream import document_slice, pack_sequences, tokenize_domains
@@ -296,27 +296,38 @@ class SememRun(ContinualRun):
             tokens_seen += len(chunk_tokens)
             evaluate = sm.eval_every == "chunk" or c == sm.chunks_per_domain - 1
             admitted: dict[str, int] = {}
+            stats: dict[str, dict[str, Any]] = {}
             for name, mem in memories.items():
                 policy = self.policies[name]
                 # Seeded by (run seed, chunk, policy): a resumed chunk draws the same random subset.
                 rng = np.random.default_rng([seed, index, zlib.crc32(name.encode())])
-                stats = mem.memorize(chunk_tokens, log_freq, rng=rng,
-                                     size=admitted[policy.matches] if policy.matches else None)
-                admitted[name] = stats["admitted"]
+                stats[name] = mem.memorize(chunk_tokens, log_freq, rng=rng,
+                                           size=admitted[policy.matches] if policy.matches else None)
+                admitted[name] = stats[name]["admitted"]
                 mem.heldout.append(heldout_tokens)
-                # The same held-out subset for every policy (seeded by the chunk only): memories that agree
-                # get the same calibrator.
-                data = mem.calibration_data(log_freq, sm.calibrator_max_tokens,
-                                            rng=np.random.default_rng([seed, index]))
+            # The same held-out subset for every policy (seeded by the chunk only), the same initialisation,
+            # minibatches and dropout: memories that agree get the same calibrator. Fitted together (one
+            # vmapped fit per shape of held-out data).
+            datas = {name: mem.calibration_data(log_freq, sm.calibrator_max_tokens,
+                                                rng=np.random.default_rng([seed, index]))
+                     for name, mem in memories.items()}
+            groups: dict[tuple, list[str]] = {}
+            for name, data in datas.items():
                 if data is not None:
-                    mem.calibrator = fit_calibrator(data, sm.calibrator, init=mem.calibrator,
-                                                    steps=sm.calibrator_steps, lr=sm.calibrator_lr,
-                                                    hidden=sm.calibrator_hidden,
-                                                    rng=jax.random.fold_in(jax.random.key(seed), index))
+                    groups.setdefault((len(data), data.dists.shape[1]), []).append(name)
+            for names in groups.values():
+                fitted = fit_calibrators([datas[n] for n in names], sm.calibrator,
+                                         inits=[memories[n].calibrator for n in names], steps=sm.calibrator_steps,
+                                         lr=sm.calibrator_lr, hidden=sm.calibrator_hidden,
+                                         rng=jax.random.fold_in(jax.random.key(seed), index))
+                for n, cal in zip(names, fitted):
+                    memories[n].calibrator = cal
+            for name, mem in memories.items():
+                st = stats[name]
                 rec = {"domain": domain, "chunk": c, "tokens_seen": tokens_seen, "memory_size": len(mem),
-                       "tokens": stats["tokens"], "tokens_admitted": stats["admitted"],
-                       "admitted_rate": stats["admitted"] / stats["tokens"],
-                       "online_perplexity": math.exp(stats["online_nll"]),
+                       "tokens": st["tokens"], "tokens_admitted": st["admitted"],
+                       "admitted_rate": st["admitted"] / st["tokens"],
+                       "online_perplexity": math.exp(st["online_nll"]),
                        "temperature": mem.calibrator.temperature}
                 if evaluate:
                     rec["perplexity"] = {d: math.exp(-float(mem.logprobs(eval_tokens[d], log_freq)[0].mean()))
