@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -225,3 +226,21 @@ def test_a_version_1_store_opens_and_upgrades_on_its_next_commit(tmp_path):
     assert len(old) == 120
     old.add(keys[120:], np.arange(80))
     np.testing.assert_array_equal(Datastore.open(tmp_path / "s").keys, keys.astype(np.float16))
+
+
+@pytest.mark.parametrize("q,n,k", [(7, 4096, 64), (5, 16384, 64), (3, 1000, 10), (4, 256, 64), (2, 64, 64),
+                                   (6, 2048, 1)])
+def test_min_k_is_exactly_top_k(q, n, k):
+    """The grouped exact top-k (group minima, then the chosen groups) returns top_k's values and indices,
+    including rows with ties and infinities (masked rows), on shapes where grouping applies and where it
+    falls back."""
+    from jaxcl.memory.index import min_k
+    rng = np.random.default_rng(n + k)
+    d = rng.standard_normal((q, n)).astype(np.float32)
+    d[0, : n // 2] = np.inf                                   # a half-masked row
+    d[-1] = np.round(d[-1])                                   # a row of ties
+    vals, idx = jax.jit(min_k, static_argnums=1)(jnp.asarray(d), k)
+    neg, ref_idx = jax.lax.top_k(-jnp.asarray(d), k)
+    np.testing.assert_array_equal(np.asarray(vals), -np.asarray(neg))
+    np.testing.assert_array_equal(np.take_along_axis(d, np.asarray(idx), 1), np.asarray(vals))   # indices match values
+    np.testing.assert_array_equal(np.asarray(idx)[:-1], np.asarray(ref_idx)[:-1])                 # no ties: same indices

@@ -135,7 +135,8 @@ class Calibrator:
 
     def lam(self, features: np.ndarray) -> np.ndarray:
         """λ `[n]` for features `[n, F]`."""
-        return np.asarray(_lam(self.mode, self.hidden, self.params, jnp.asarray((features - self.mean) / self.std)))
+        x = np.asarray((features - self.mean) / self.std, np.float32)
+        return np.asarray(_lam_jit(self.mode, self.hidden, self.params, x))
 
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         """Flat `{name: array}` (for an `.npz`): `meta` (mode, hidden as JSON bytes), `mean`, `std`, `params/...`."""
@@ -176,6 +177,11 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 LAM_RANGE = (1e-4, 1 - 1e-4)    # a learned λ never reaches 0 or 1: either would make some gold token impossible
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _lam_jit(mode: str, hidden: int, params, x):
+    return _lam(mode, hidden, params, x)
 
 
 def _lam(mode: str, hidden: int, params, x, deterministic=True, rng=None):

@@ -241,12 +241,11 @@ class SelectiveMemory:
                 if len(mine):
                     pool.append(tokens.take(mine))
                 start += len(tokens)
-        data = None
-        for tokens in pool:
-            _, records = self.logprobs(tokens, log_freq)
-            if records is not None:
-                data = records if data is None else data.extend(records)
-        return data
+        if not pool:
+            return None
+        # One search over all the pieces (a search call has a fixed cost; per token the result is the same)
+        _, records = self.logprobs(_concat(pool), log_freq)
+        return records
 
 
 def knn_keys_of(model_cfg: ModelConfig, params: Any, sequences: np.ndarray, batch: int = 32) -> np.ndarray:
