@@ -201,6 +201,7 @@ class SememConfig:
     calibrator_steps: int = 300
     calibrator_lr: float = 3e-3
     calibrator_hidden: int = 128
+    calibrator_batch: int = 1024       # held-out tokens per Adam step (drawn with replacement from the pool)
     extra_models: tuple[dict[str, Any], ...] = ()    # other model sizes (overrides of `model`) run the same way
     pretrain_dir: str | None = None    # reuse (or write) the pre-trained LMs here instead of in run.dir
 
@@ -213,6 +214,9 @@ class SememConfig:
             raise ConfigError(f"semem.past_fraction must be in (0, 1], got {self.past_fraction}")
         if self.chunk_tokens < 0 or self.calibrator_max_tokens < 0:
             raise ConfigError("semem.chunk_tokens and semem.calibrator_max_tokens must be >= 0")
+        if self.calibrator_batch < 1 or self.calibrator_steps < 0:
+            raise ConfigError(f"semem.calibrator_batch must be >= 1 and semem.calibrator_steps >= 0, got "
+                              f"{self.calibrator_batch}, {self.calibrator_steps}")
 
 
 @dataclasses.dataclass(frozen=True)

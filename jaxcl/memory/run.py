@@ -319,7 +319,7 @@ class SememRun(ContinualRun):
                 fitted = fit_calibrators([datas[n] for n in names], sm.calibrator,
                                          inits=[memories[n].calibrator for n in names], steps=sm.calibrator_steps,
                                          lr=sm.calibrator_lr, hidden=sm.calibrator_hidden,
-                                         rng=jax.random.fold_in(jax.random.key(seed), index))
+                                         batch=sm.calibrator_batch, rng=jax.random.fold_in(jax.random.key(seed), index))
                 for n, cal in zip(names, fitted):
                     memories[n].calibrator = cal
             for name, mem in memories.items():
