@@ -2,6 +2,7 @@
 
     python benchmarks/knnlm_eval.py [--n 1000000] [--k 64] [--eval-tokens 8192] [--rounds 3]
                                     [--cache runs/bench/knnlm-eval] [--json runs/bench/knnlm_eval.json]
+                                    [--prepare-only]
 
 Model: GPT-2 small's shape (d = 768, 12 layers, 12 heads, d_ff = 3072, learned positions) over jaxcl's shipped
 tokenizer (8,192 tokens: the LM head is 6x smaller than GPT-2's 50,257, so the plain LM is *faster* than real
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--init-from", default=None, help="a checkpoint of this shape (default: random weights)")
     parser.add_argument("--cache", default="runs/bench/knnlm-eval")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="compute the keys and build the store, then stop (no timing: can run on a busy machine)")
     args = parser.parse_args()
 
     import dataclasses
@@ -120,6 +123,8 @@ def main() -> None:
             store.add(keys[s:s + 65536], values[s:s + 65536])
         store.compact()
         print(f"built the ScaNN store over {args.n:,} keys in {time.perf_counter() - t:.0f} s")
+    if args.prepare_only:
+        return
 
     # ---- recall of each ScaNN setting against exact search
     valid = text("valid", max(args.eval_tokens, args.recall_queries * 2))

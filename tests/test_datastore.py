@@ -243,4 +243,4 @@ def test_min_k_is_exactly_top_k(q, n, k):
     neg, ref_idx = jax.lax.top_k(-jnp.asarray(d), k)
     np.testing.assert_array_equal(np.asarray(vals), -np.asarray(neg))
     np.testing.assert_array_equal(np.take_along_axis(d, np.asarray(idx), 1), np.asarray(vals))   # indices match values
-    np.testing.assert_array_equal(np.asarray(idx)[:-1], np.asarray(ref_idx)[:-1])                 # no ties: same indices
+    np.testing.assert_array_equal(np.asarray(idx)[:-1], np.asarray(ref_idx)[:-1])       # no ties: same indices
