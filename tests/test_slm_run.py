@@ -79,6 +79,30 @@ def test_slm_run_writes_report_matrix_and_heatmaps(tmp_path, csv_root, tiny_enco
     assert_rerun_changes_nothing(tmp_path / "run", cfg, "rank", 3)
 
 
+def test_reused_predictions_give_the_matrix_of_a_full_evaluation(tmp_path, csv_root, tiny_encoder, monkeypatch):
+    """SLM's evaluation cache (a text is encoded again only when DTKR routes it to a task it was not yet scored
+    with) changes no number: test and validation matrices, retrieval and slot precision equal a full
+    evaluation of every text after every stage, and later stages encode fewer texts."""
+    from jaxcl.runs import run_config
+    from jaxcl.slm.classifier import ContinualClassifier
+
+    for name in ("ag_news_csv", "yelp_review_full_csv"):
+        (csv_root / name / "valid.csv").write_text((csv_root / name / "test.csv").read_text())
+    extra = ("slm.query_layers=[1,2]", "slm.mix=task", "slm.task_choice=best_keys", "slm.baselines=[]")
+    reports, encoded = {}, {}
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(ContinualClassifier, "predictions_reusable", property(lambda self: False))
+        run = tmp_path / f"reuse{reuse}"
+        cfg = make_config(tmp_path, csv_root, *extra, f"run.dir={run}", encoder=tiny_encoder)
+        reports[reuse] = json.loads(json.dumps(run_config(cfg)))
+        encoded[reuse] = [r["encoded"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                          if r["kind"] == "eval"]
+    for key in ("matrix", "valid_matrix", "retrieval_accuracy", "retrieval", "summary"):
+        assert reports[True][key] == reports[False][key], key
+    assert encoded[False] == [12, 12, 9] and encoded[True][0] == 12 and encoded[True][1] < 12
+
+
 def test_bad_slm_configs_are_named(tmp_path, csv_root):
     with pytest.raises(ConfigError, match="slm.tasks lists a task twice"):
         make_config(tmp_path, csv_root, "slm.tasks=[ag_news,ag_news]")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHIPPED_TASKS: tuple[str, ...] = ("bible_books", "wordnet_pos", "manpage_section", "pydoc_package")
+SHIPPED_TASKS: tuple[str, ...] = ("bible_books", "wordnet_pos", "manpage_section", "pydoc_package", "debian_section")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
 # The standard 5-task benchmark: directory names tried under `root`, and the label names.

@@ -141,6 +141,22 @@ class ContinualClassifier:
         return self._retrieve(jnp.asarray(queries), self.keys.keys, allowed, top_k=self.shape.top_k,
                               per_example=self.shape.per_example)
 
+    def choose_tasks(self, queries: np.ndarray) -> np.ndarray:
+        """The task DTKR picks for each text from its query alone ([n, c] -> int32 [n]), as `predict` does.
+
+        Why: with per-example retrieval, `mix="task"` and `head="retrieved"`, a prediction depends only on
+        the text and the chosen task (whose keys, slots and head columns are frozen once it is trained), so a
+        runner can reuse it for as long as the choice does not change (`SlmRun`'s evaluation cache).
+        """
+        return np.asarray(_choose(jnp.asarray(queries), self.keys, top_k=self.shape.top_k,
+                                  per_example=self.shape.per_example, n_tasks=self.shape.max_tasks,
+                                  mix=self.shape.mix, task_choice=self.shape.task_choice))
+
+    @property
+    def predictions_reusable(self) -> bool:
+        """True when a text's prediction is a function of (text, chosen task) only (see `choose_tasks`)."""
+        return self.shape.per_example and self.shape.mix == "task" and self.shape.head == "retrieved"
+
     def predict(self, ids: np.ndarray, mask: np.ndarray, queries: np.ndarray, *, use_retrieval: bool = True,
                 fixed_slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(head column [b], chosen task [b], retrieved slots [G, K]) for one batch of texts.
@@ -197,5 +213,10 @@ def _predict(backbone, trainable, keys, ids, mask, queries, col_task, fixed_slot
 
 
 _retrieve = jax.jit(dtkr.retrieve, static_argnames=("top_k", "per_example"))
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "per_example", "n_tasks", "mix", "task_choice"))
+def _choose(queries, keys, *, top_k, per_example, n_tasks, mix, task_choice):
+    return dtkr.retrieve_from_text(queries, keys, top_k, per_example, n_tasks, mix, task_choice)[2]
 
 __all__ = ["LearnerShape", "ContinualClassifier", "FREE"]

@@ -160,23 +160,52 @@ class SlmRun:
             bar.update()
         bar.close()
 
-    def _evaluate(self, learner, task: int, data: _Data, slm: bool) -> dict[str, float]:
-        """Accuracy (prediction = the right task's right column) and retrieval accuracy, text inputs only."""
-        correct = chose_right = slot_hits = slot_total = 0
+    def _evaluate(self, learner, task: int, data: _Data, slm: bool, reuse: dict | None = None) -> dict[str, float]:
+        """Accuracy (prediction = the right task's right column) and retrieval accuracy, text inputs only.
+
+        `reuse` ({(row, chosen task): (column, slots)} for this split, SLM only, when
+        `learner.predictions_reusable`): a text whose chosen task was already scored with it is not run
+        through the encoder again; its prediction is the same by construction (that task's keys, slots and
+        columns are frozen), so the matrix is unchanged and each stage encodes only newly routed texts.
+        """
         truth = learner.global_labels(task, data.labels)
-        for start in range(0, len(data), EVAL_BATCH):
-            rows = slice(start, start + EVAL_BATCH)
-            n = len(data.labels[rows])
+        n_all = len(data)
+        if reuse is not None:
+            chosen = np.concatenate([learner.choose_tasks(data.queries[i:i + EVAL_BATCH])
+                                     for i in range(0, n_all, EVAL_BATCH)])
+            todo = np.array([i for i in range(n_all) if (i, int(chosen[i])) not in reuse], np.int64)
+        else:
+            todo = np.arange(n_all)
+        cols_all = np.zeros(n_all, np.int64)
+        chosen_all = np.zeros(n_all, np.int64)
+        owners_all: list[np.ndarray | None] = [None] * n_all
+        batch_owners = []
+        for start in range(0, len(todo), EVAL_BATCH):
+            rows = todo[start:start + EVAL_BATCH]
+            n = len(rows)
             pad = EVAL_BATCH - n
             ids, mask, queries = (np.pad(x[rows], ((0, pad), (0, 0))) for x in (data.ids, data.mask, data.queries))
-            cols, chosen, slots = learner.predict(ids, mask, queries, use_retrieval=slm)
-            correct += int(np.sum(cols[:n] == truth[rows]))
-            chose_right += int(np.sum(chosen[:n] == task))
+            cols, picked, slots = learner.predict(ids, mask, queries, use_retrieval=slm)
             owners = np.asarray(learner.keys.slot_task)[slots[:n] if len(slots) > 1 else slots]
-            slot_hits += int(np.sum(owners == task))
-            slot_total += owners.size
-        return {"accuracy": 100.0 * correct / len(data), "retrieval_accuracy": 100.0 * chose_right / len(data),
-                "slot_precision": 100.0 * slot_hits / max(slot_total, 1)}
+            if len(slots) > 1:
+                for j, i in enumerate(rows):
+                    cols_all[i], chosen_all[i], owners_all[i] = cols[j], picked[j], owners[j]
+                    if reuse is not None:
+                        reuse[(int(i), int(picked[j]))] = (int(cols[j]), owners[j])
+            else:                      # one retrieval for the whole batch
+                cols_all[rows], chosen_all[rows] = cols[:n], picked[:n]
+                batch_owners.append(owners)
+        if reuse is not None:
+            for i in range(n_all):
+                if owners_all[i] is None:
+                    cols_all[i], owners_all[i] = reuse[(i, int(chosen[i]))]
+                    chosen_all[i] = chosen[i]
+        owners = np.concatenate([o.reshape(-1) for o in batch_owners] +
+                                [o.reshape(-1) for o in owners_all if o is not None])
+        return {"accuracy": 100.0 * np.sum(cols_all == truth) / n_all,
+                "retrieval_accuracy": 100.0 * np.sum(chosen_all == task) / n_all,
+                "slot_precision": 100.0 * np.sum(owners == task) / max(owners.size, 1),
+                "encoded": int(len(todo))}
 
     def _run_method(self, method: str, metrics) -> dict[str, Any]:
         s = self.scfg
@@ -184,6 +213,7 @@ class SlmRun:
         learner = self._learner({"slm": 0, "sequential": 1, "replay": 2, "multitask": 3}[method])
         rng = np.random.default_rng(self.cfg.run.seed)
         matrix, valid_matrix, key_losses = [], [], {}
+        reuse: dict[tuple[str, str], dict] = {}      # SLM: predictions per (text, chosen task), see _evaluate
         stages = self.tasks if method != "multitask" else ("multitask",)
         retrieval = {}
         for stage, name in enumerate(stages):
@@ -215,10 +245,16 @@ class SlmRun:
                 if t >= seen:
                     row.append(None), vrow.append(None)
                     continue
-                result = self._evaluate(learner, t, self.data[other]["test"], slm)
+                reusable = slm and learner.predictions_reusable
+                result = self._evaluate(learner, t, self.data[other]["test"], slm,
+                                        reuse.setdefault((other, "test"), {}) if reusable else None)
                 row.append(result["accuracy"])
-                if "valid" in self.data[other]:
-                    vrow.append(self._evaluate(learner, t, self.data[other]["valid"], slm)["accuracy"])
+                if slm and "valid" in self.data[other]:      # SLM's choices are made on validation text
+                    vrow.append(self._evaluate(learner, t, self.data[other]["valid"], slm,
+                                               reuse.setdefault((other, "valid"), {}) if reusable else None
+                                               )["accuracy"])
+                else:
+                    vrow.append(None)
                 metrics.write(kind="eval", method=method, stage=name, task=other, split="test", **result)
                 if slm:
                     retrieval[other] = result
