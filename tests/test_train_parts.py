@@ -209,3 +209,34 @@ def test_train_config_rejects_values_that_would_crash_the_loop(key, value, messa
 
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**{key: value})
+
+
+def test_bootstrap_intervals_resample_texts_once_per_column():
+    """Intervals over test texts: a task scored identically after two stages has forgetting exactly 0 in every
+    resample (one draw shared by the column's rows); a 50 % task of 400 texts has the binomial width; the
+    point estimate lies inside; the same seed gives the same intervals."""
+    import numpy as np
+
+    from jaxcl.eval.metrics import bootstrap_matrix, mean_interval, summarize
+
+    rng = np.random.default_rng(1)
+    a = rng.random(400) < 0.5                       # task 0: 50 % right, unchanged after stage 1
+    b = rng.random(300) < 0.8                       # task 1
+    correct = [[a, None], [a.copy(), b]]
+    out = bootstrap_matrix(correct, [0, 1], resamples=2000, seed=3)
+    assert out["forgetting"] == [0.0, 0.0] and out["backward_transfer"] == [0.0, 0.0]
+    lo, hi = out["matrix"][0][0]
+    assert lo < 100 * a.mean() < hi and abs((hi - lo) - 2 * 1.96 * 100 * np.sqrt(0.25 / 400)) < 1.5
+    assert out["matrix"][0][1] is None and out["matrix"][1][1][0] < 100 * b.mean() < out["matrix"][1][1][1]
+    point = summarize([[100 * a.mean(), None], [100 * a.mean(), 100 * b.mean()]], "accuracy", [0, 1])
+    assert out["average"][0] < point["average"] < out["average"][1]
+    assert bootstrap_matrix(correct, [0, 1], resamples=2000, seed=3) == out
+    worse = a.copy()
+    worse[np.flatnonzero(a)[:40]] = False           # 40 of the right texts lost: 10 points of forgetting
+    dropped = bootstrap_matrix([[a, None], [worse, b]], [0, 1], resamples=2000, seed=3)["forgetting"]
+    assert 6 < dropped[0] < 10 < dropped[1] < 14 and 4 < dropped[1] - dropped[0] < 8   # +-1.96 sd of 10 %
+    with pytest.raises(ValueError, match="same"):
+        bootstrap_matrix([[a], [b]])
+    m = mean_interval([1.0, 2.0, 3.0, 4.0])
+    assert m["mean"] == 2.5 and 1.0 <= m["low"] < 2.5 < m["high"] <= 4.0 and m["n"] == 4
+    assert mean_interval([0.7]) == {"mean": 0.7, "low": 0.7, "high": 0.7, "std": 0.0, "n": 1}

@@ -10,7 +10,7 @@ the diagonal under the usual protocol, shifted for SeMem whose first stage strea
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 Matrix = Sequence[Sequence[float | None]]
 
@@ -105,3 +105,65 @@ def summarize(matrix: Matrix, metric: str, seen: int | Sequence[int] | None = No
         return {"average": average_seen(matrix, seen), "forgetting": perplexity_forgetting(matrix, learned)}
     return {"average": average_seen(matrix, seen), "forgetting": accuracy_forgetting(matrix, learned),
             "backward_transfer": backward_transfer(matrix, learned)}
+
+
+def bootstrap_matrix(correct: Sequence[Sequence[Any]], seen: int | Sequence[int] | None = None,
+                     *, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile bootstrap intervals (over test texts) of an accuracy matrix and its summary.
+
+    Why: a task's accuracy on a few hundred texts moves by 0.1-0.8 points per text, so a matrix entry, an
+    average or a forgetting number means little without its sampling interval.
+
+    `correct[i][j]`: a 0/1 (or bool) vector over task j's test texts after stage i, the same texts in the
+    same order in every row (None where not evaluated). Each resample draws every task's texts with
+    replacement once and applies that draw to every row of the column (the rows score the same texts),
+    then recomputes the matrix and `summarize(..., "accuracy", seen)`. Returns {"matrix": [[[lo, hi] |
+    None]], "average": [lo, hi], "forgetting": [lo, hi], "backward_transfer": [lo, hi]} in points, at
+    `level` (two-sided, percentiles), with a seeded generator (same inputs, same intervals).
+    """
+    import numpy as np
+
+    rows, cols = len(correct), max(len(r) for r in correct)
+    rng = np.random.default_rng(seed)
+    boot = np.full((resamples, rows, cols), np.nan)
+    for j in range(cols):
+        scored = [(i, np.asarray(correct[i][j], np.float64)) for i in range(rows)
+                  if j < len(correct[i]) and correct[i][j] is not None]
+        if not scored:
+            continue
+        n = len(scored[0][1])
+        if any(len(v) != n for _, v in scored) or n == 0:
+            raise ValueError(f"column {j}: every row must score the same (non-empty) set of texts")
+        draw = rng.integers(n, size=(resamples, n))
+        for i, v in scored:
+            boot[:, i, j] = 100.0 * v[draw].mean(axis=1)
+    tail = 100.0 * (1.0 - level) / 2.0
+
+    def interval(values) -> list[float]:
+        lo, hi = np.percentile(np.asarray(values, np.float64), [tail, 100.0 - tail])
+        return [float(lo), float(hi)]
+
+    summaries = [summarize([[None if np.isnan(x) else float(x) for x in row] for row in b], "accuracy", seen)
+                 for b in boot]
+    matrix = [[interval(boot[:, i, j]) if not np.isnan(boot[0, i, j]) else None for j in range(cols)]
+              for i in range(rows)]
+    return {"matrix": matrix, "level": level, "resamples": resamples,
+            **{k: interval([s[k] for s in summaries]) for k in ("average", "forgetting", "backward_transfer")}}
+
+
+def mean_interval(values: Sequence[float], *, resamples: int = 10000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean of per-run values with a percentile bootstrap interval over runs (orders x seeds).
+
+    Returns {"mean", "low", "high", "std", "n"}; with one run the interval is the value itself. Used for the
+    averages over task orders and seeds that SLM's benchmark reports (`benchmarks/slm_orders.py`).
+    """
+    import numpy as np
+
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        raise ValueError("mean_interval needs at least one value")
+    means = v[np.random.default_rng(seed).integers(v.size, size=(resamples, v.size))].mean(axis=1)
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail]) if v.size > 1 else (v[0], v[0])
+    return {"mean": float(v.mean()), "low": float(lo), "high": float(hi),
+            "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}

@@ -52,26 +52,34 @@ def format_matrix(report: dict[str, Any]) -> str:
 
 
 def plot_matrix(report: dict[str, Any], path: str | Path) -> Path:
-    """Heatmap of the stage x domain matrix with the values written in the cells."""
+    """Heatmap of the stage x domain matrix with the values written in the cells; where the report holds
+    bootstrap `intervals` (`jaxcl.eval.metrics.bootstrap_matrix`), each cell and the summary in the title
+    carry their 95 % interval."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
     m = np.array([[np.nan if v is None else v for v in row] for row in report["matrix"]], dtype=float)
-    fig, ax = plt.subplots(figsize=(1.4 * m.shape[1] + 2.5, 0.8 * m.shape[0] + 2))
+    fig, ax = plt.subplots(figsize=(1.6 * m.shape[1] + 3, 0.9 * m.shape[0] + 2))
     shown = np.log(m) if report["metric"] == "perplexity" else m
     cmap = "viridis_r" if report["metric"] == "perplexity" else "viridis"
     im = ax.imshow(shown, cmap=cmap, aspect="auto")
+    intervals = report.get("intervals") or {}
+    cells = intervals.get("matrix")
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
             if np.isfinite(m[i, j]):
-                ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", color="w" if i != j else "black",
-                        fontweight="bold" if i == j else "normal", fontsize=9)
+                label = f"{m[i, j]:.1f}"
+                if cells and cells[i][j] is not None:
+                    label += f"\n[{cells[i][j][0]:.1f}, {cells[i][j][1]:.1f}]"
+                ax.text(j, i, label, ha="center", va="center", color="w" if i != j else "black",
+                        fontweight="bold" if i == j else "normal", fontsize=8 if cells else 9)
     ax.set_xticks(range(m.shape[1]), report["eval_on"], rotation=30, ha="right")
     ax.set_yticks(range(m.shape[0]), [f"after {s}" for s in report["stages"]])
     ax.set_xlabel("evaluated on")
-    summary = ", ".join(f"{k} {v:.2f}" for k, v in report["summary"].items())
+    summary = ", ".join(f"{k} {v:.2f}" + (f" [{intervals[k][0]:.2f}, {intervals[k][1]:.2f}]" if k in intervals else "")
+                        for k, v in report["summary"].items())
     ax.set_title(f"{report['method']}: {report['metric']} ({summary})", fontsize=10)
     fig.colorbar(im, ax=ax, label=f"log {report['metric']}" if report["metric"] == "perplexity" else report["metric"])
     fig.tight_layout()

@@ -28,7 +28,7 @@ import optax
 from jaxcl import rundir
 from jaxcl.config import Config, ConfigError
 from jaxcl.data.classification import TaskSplit, load_task
-from jaxcl.eval.metrics import summarize
+from jaxcl.eval.metrics import bootstrap_matrix, summarize
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, write_report
 from jaxcl.slm import dtkr
 from jaxcl.slm.classifier import ContinualClassifier, LearnerShape
@@ -205,7 +205,22 @@ class SlmRun:
         return {"accuracy": 100.0 * np.sum(cols_all == truth) / n_all,
                 "retrieval_accuracy": 100.0 * np.sum(chosen_all == task) / n_all,
                 "slot_precision": 100.0 * np.sum(owners == task) / max(owners.size, 1),
-                "encoded": int(len(todo))}
+                "encoded": int(len(todo)), "correct": cols_all == truth, "chosen": chosen_all}
+
+    def _confusion(self, chosen: dict[int, np.ndarray], examples: int = 3) -> dict[str, Any]:
+        """Where DTKR routes each task's test texts after the last task: counts [text's task, chosen task] and,
+        per confused pair, the first few texts (what `docs/slm.md` shows when retrieval misses)."""
+        n = len(self.tasks)
+        counts = np.zeros((n, n), np.int64)
+        pairs: dict[str, list[str]] = {}
+        for t, picks in chosen.items():
+            counts[t] = np.bincount(np.clip(picks, 0, n - 1), minlength=n)[:n]
+            texts = self.data[self.tasks[t]]["test"].split.texts
+            for row in np.flatnonzero(picks != t):
+                pair = pairs.setdefault(f"{self.tasks[t]} -> {self.tasks[min(int(picks[row]), n - 1)]}", [])
+                if len(pair) < examples:
+                    pair.append(texts[row])
+        return {"tasks": list(self.tasks), "counts": counts.tolist(), "examples": pairs}
 
     def _run_method(self, method: str, metrics) -> dict[str, Any]:
         s = self.scfg
@@ -214,6 +229,8 @@ class SlmRun:
         rng = np.random.default_rng(self.cfg.run.seed)
         matrix, valid_matrix, key_losses = [], [], {}
         reuse: dict[tuple[str, str], dict] = {}      # SLM: predictions per (text, chosen task), see _evaluate
+        correct: list[list[np.ndarray | None]] = []     # per stage and task: which test texts are right
+        chosen: dict[int, np.ndarray] = {}               # per task: the task chosen for each test text (last)
         stages = self.tasks if method != "multitask" else ("multitask",)
         retrieval = {}
         for stage, name in enumerate(stages):
@@ -241,6 +258,7 @@ class SlmRun:
             self._train_stage(learner, method, stage, name, sources, steps, slm, metrics, rng)
             seen = len(self.tasks) if method == "multitask" else stage + 1
             row, vrow = [], []
+            correct.append([None] * len(self.tasks))
             for t, other in enumerate(self.tasks):
                 if t >= seen:
                     row.append(None), vrow.append(None)
@@ -248,6 +266,7 @@ class SlmRun:
                 reusable = slm and learner.predictions_reusable
                 result = self._evaluate(learner, t, self.data[other]["test"], slm,
                                         reuse.setdefault((other, "test"), {}) if reusable else None)
+                correct[-1][t], chosen[t] = result.pop("correct"), result.pop("chosen")
                 row.append(result["accuracy"])
                 if slm and "valid" in self.data[other]:      # SLM's choices are made on validation text
                     vrow.append(self._evaluate(learner, t, self.data[other]["valid"], slm,
@@ -262,8 +281,10 @@ class SlmRun:
             valid_matrix.append(vrow)
             log.info("%s after %s: %s", method, name, row)
         out = {"stages": list(stages), "matrix": matrix, "valid_matrix": valid_matrix,
-               "summary": summarize(matrix, "accuracy", list(range(seen)))}
+               "summary": summarize(matrix, "accuracy", list(range(seen))),
+               "intervals": bootstrap_matrix(correct, list(range(seen)), seed=self.cfg.run.seed)}
         if slm:
+            out["confusion"] = self._confusion(chosen)
             out["retrieval"] = retrieval
             out["key_loss"] = key_losses
             out["learner"] = learner
@@ -291,13 +312,15 @@ class SlmRun:
             retrieval={"per_task_final": {k: v["retrieval_accuracy"] for k, v in final.items()},
                        "slot_precision": float(np.mean([r["slot_precision"] for r in final.values()])),
                        "mode": self.scfg.retrieval, "head": self.scfg.head},
-            valid_matrix=slm["valid_matrix"], key_loss=slm["key_loss"],
+            valid_matrix=slm["valid_matrix"], key_loss=slm["key_loss"], intervals=slm["intervals"],
+            retrieval_confusion=slm["confusion"],
             label_sets={n: list(self.data[n]["train"].split.label_names) for n in self.tasks},
-            baselines={m: {k: r[k] for k in ("stages", "matrix", "valid_matrix", "summary")}
+            baselines={m: {k: r[k] for k in ("stages", "matrix", "valid_matrix", "summary", "intervals")}
                        for m, r in results.items()})
         plot_matrix(report, self.run_dir / "accuracy_matrix.png")
         for m, r in results.items():
-            plot_matrix(build_report(m, "accuracy", r["stages"], self.tasks, r["matrix"], 0.0),
+            plot_matrix(build_report(m, "accuracy", r["stages"], self.tasks, r["matrix"], 0.0,
+                                     intervals=r["intervals"]),
                         self.run_dir / f"accuracy_matrix_{m}.png")
         self._save_state(slm["learner"])
         write_report(self.run_dir, report)          # last: report.json marks the run finished
