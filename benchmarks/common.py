@@ -24,6 +24,45 @@ def time_call(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7, mi
     return statistics.median(times)
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int, steps: int = 1,
+                      warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of every function, measured in `rounds` interleaved rounds (each round times `steps`
+    calls of each function, in an order rotated every round), so that slow drift of the machine (thermal, other
+    load, allocator state) hits every side alike. Returns {name: [seconds per call, one per round]}."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fns[name]()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile)."""
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return q[0], statistics.median(values), q[2]
+
+
+def machine_details() -> dict[str, object]:
+    """What a timing depends on besides the code: CPU model, cores, the allocator settings both sides share
+    (MALLOC_* and LD_PRELOAD in the environment) and the 1-minute load average."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    return {"cpu": model, "cores": os.cpu_count(), "allocator": allocator or "glibc malloc defaults",
+            "load_average": os.getloadavg()[0]}
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Print and return a GitHub-markdown table (so it can be pasted into docs/benchmarks.md)."""
     def fmt(v):
@@ -61,8 +100,17 @@ def gpt2_benchmark_args(doc: str, default_sizes: str) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (medians, quartiles)")
+    parser.add_argument("--jaxcl-options", default="none/xla,dots_saveable/blocked",
+                        help="comma list of jaxcl compute options REMAT/ATTENTION[/BLOCK] timed side by side "
+                             "(model.remat / model.attention / model.attention_block); the first is the baseline")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    args.options = []
+    for spec in args.jaxcl_options.split(","):
+        remat, attention, *block = spec.split("/")
+        args.options.append({"remat": remat, "attention": attention,
+                             "attention_block": int(block[0]) if block else 128})
     args.sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     return args
 

@@ -1,10 +1,14 @@
 """Forward-pass throughput: jaxcl GPT-2 vs `transformers` PyTorch GPT-2, same config, same run, CPU.
 
-    python benchmarks/forward.py [--sizes 1x128,8x128,8x512] [--threads N] [--json out.json]
+    python benchmarks/forward.py [--sizes 1x128,8x128,4x512,16x256] [--threads N] [--rounds 10] [--repeats 3]
+                                 [--jaxcl-options none/xla,none/blocked] [--json out.json]
 
 Both models get identical weights (jaxcl loads the PyTorch model's checkpoint), the same token
-batch and the same number of CPU threads; each timing is a median after warmup. jaxcl's forward is
-one jitted call; PyTorch runs in `inference_mode` with its default attention (SDPA).
+batch and the same number of CPU threads. jaxcl's forward is one jitted call per variant
+(`--jaxcl-options`: REMAT/ATTENTION[/BLOCK]; remat does not matter without a backward pass);
+PyTorch runs in `inference_mode` with its default attention (SDPA). All sides are timed in
+`--rounds` interleaved rounds of `--repeats` calls (order rotated every round); the table gives
+medians, quartiles and ratios of medians, with the CPU model and allocator setting.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ def main() -> None:
     import torch
     import transformers
 
-    from common import machine_summary, print_table, time_call, write_json
+    from common import interleaved_times, machine_details, machine_summary, print_table, quartiles, write_json
     from jaxcl.hf import load_pretrained
     from jaxcl.models import build
 
+    machine = machine_details()
     torch.set_num_threads(args.threads)
     sizes = args.sizes
     max_seq = max(s for _, s in sizes)
@@ -41,35 +46,49 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch_model.save_pretrained(tmp)
         cfg, params = load_pretrained(tmp)
-    model = build(cfg)
-    forward = jax.jit(lambda p, ids: model.apply({"params": p}, ids).logits)
+    forwards = {}
+    for o in args.options:
+        name = f"{o['attention']}" + (f"/{o['attention_block']}" if o["attention"] == "blocked" else "")
+        model = build(cfg.replace(**o))
+        forwards[name] = jax.jit(lambda p, ids, model=model: model.apply({"params": p}, ids).logits)
+    baseline = next(iter(forwards))
 
     print(f"# forward pass, GPT-2 d={args.d_model} L={args.layers} H={args.heads} V={args.vocab} "
-          f"({cfg.num_params() / 1e6:.1f} M params), float32; {machine_summary()}, torch threads={args.threads}")
+          f"({cfg.num_params() / 1e6:.1f} M params), float32; {machine_summary()}; CPU {machine['cpu']} "
+          f"({machine['cores']} cores); allocator {machine['allocator']}; torch threads={args.threads}; "
+          f"{args.rounds} interleaved rounds x {args.repeats} calls; load average {machine['load_average']:.2f}")
     rows, records = [], []
     for batch, seq in sizes:
         ids = np.random.RandomState(0).randint(0, args.vocab, (batch, seq))
         jids, tids = jnp.asarray(ids, jnp.int32), torch.tensor(ids)
-        ours = np.asarray(forward(params, jids))
         with torch.inference_mode():
             ref = torch_model(tids).logits.numpy()
-        max_diff = float(np.abs(ours - ref).max())
-
-        def run_jax():
-            forward(params, jids).block_until_ready()
+        fns, diffs = {}, {}
+        for name, forward in forwards.items():
+            diffs[name] = float(np.abs(np.asarray(forward(params, jids)) - ref).max())
+            fns[name] = lambda forward=forward: forward(params, jids).block_until_ready()
 
         def run_torch():
             with torch.inference_mode():
                 torch_model(tids)
 
-        t_jax = time_call(run_jax, repeats=args.repeats)
-        t_torch = time_call(run_torch, repeats=args.repeats)
+        fns["torch"] = run_torch
+        times = interleaved_times(fns, rounds=args.rounds, steps=args.repeats)
+        q = {name: quartiles(t) for name, t in times.items()}
         tokens = batch * seq
-        rows.append([f"{batch}x{seq}", tokens / t_jax, tokens / t_torch, t_torch / t_jax, f"{max_diff:.1e}"])
-        records.append(dict(batch=batch, seq=seq, jaxcl_tokens_per_s=tokens / t_jax,
-                            torch_tokens_per_s=tokens / t_torch, ratio=t_torch / t_jax, max_abs_logit_diff=max_diff))
-    print_table(["batch x seq", "jaxcl tok/s", "torch tok/s", "jaxcl / torch", "max |Δlogit|"], rows)
-    write_json(args.json, {"benchmark": "forward", "results": records})
+        record = {"batch": batch, "seq": seq, "seconds_per_call": times}
+        for name in fns:
+            q1, med, q3 = q[name]
+            rows.append([f"{batch}x{seq}", name, tokens / med, f"{tokens / q3:,.0f}-{tokens / q1:,.0f}",
+                         "-" if name == "torch" else f"{q['torch'][1] / med:.3f}",
+                         "-" if name == "torch" else f"{q[baseline][1] / med:.3f}",
+                         "-" if name == "torch" else f"{diffs[name]:.1e}"])
+            record[name] = {"tokens_per_s_median": tokens / med, "vs_torch": q["torch"][1] / med,
+                            "max_abs_logit_diff": diffs.get(name)}
+        records.append(record)
+    print_table(["batch x seq", "side (attention)", "tok/s (median)", "tok/s (IQR)", "jaxcl / torch",
+                 f"vs {baseline}", "max |Δlogit|"], rows)
+    write_json(args.json, {"benchmark": "forward", "machine": machine, "rounds": args.rounds, "results": records})
 
 
 if __name__ == "__main__":

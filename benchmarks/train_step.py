@@ -1,13 +1,18 @@
 """Training throughput: jaxcl GPT-2 train step vs `transformers` PyTorch GPT-2 + AdamW, same run, CPU.
 
     python benchmarks/train_step.py [--sizes 4x128,8x128,8x256] [--d-model 256 --layers 4 --heads 4]
-                                    [--vocab 8192] [--threads N] [--repeats 7] [--json out.json]
+                                    [--vocab 8192] [--threads N] [--rounds 10] [--repeats 3]
+                                    [--jaxcl-options none/xla,dots_saveable/blocked] [--json out.json]
 
 One timed iteration is one full optimizer step (forward + backward + clipping + AdamW update) on a
-fixed batch; the reported time is the median over `--repeats` steps after warmup (jaxcl's warmup
-includes compilation). Both sides are synchronous per step: jaxcl's jitted `make_train_step` is
-blocked on its returned state and metrics (the state is donated, so each step's new state is
-threaded into the next); PyTorch eager execution is synchronous.
+fixed batch. Every jaxcl variant (`--jaxcl-options`: model.remat / model.attention / block; the first
+is the baseline, jaxcl's defaults) and PyTorch are timed in `--rounds` interleaved rounds of `--repeats`
+steps each, the order rotated every round, after warmup (jaxcl's includes compilation); the table
+gives medians and quartiles over rounds, the ratios of medians, each side's MFU, the CPU model and the
+allocator setting both sides ran with (MALLOC_* / LD_PRELOAD, from the environment). Both sides are
+synchronous per step: jaxcl's jitted `make_train_step` is blocked on its returned state and metrics
+(the state is donated, so each step's new state is threaded into the next); PyTorch eager execution
+is synchronous.
 
 Fairness: identical initial weights (jaxcl loads the PyTorch model's `save_pretrained` checkpoint),
 the same token batch, float32 on both sides, the same loss (mean next-token cross-entropy over all
@@ -61,12 +66,11 @@ def measure_matmul_peak(repeats: int) -> tuple[float, float]:
     return flops / t_jax, flops / t_torch
 
 
-def bench_jaxcl(train_step, tx, cfg, params, mesh, ids, repeats: int) -> tuple[list[float], float]:
-    """(losses of the first two steps, median step time) from fresh optimizer state at `params`."""
+def jaxcl_stepper(train_step, tx, cfg, params, mesh, ids) -> tuple[list[float], object]:
+    """(losses of the first two steps, a function running one blocked step) from fresh optimizer state."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from common import time_call
 
     from jaxcl.parallel import batch_sharding
     from jaxcl.train import create_train_state
@@ -83,14 +87,12 @@ def bench_jaxcl(train_step, tx, cfg, params, mesh, ids, repeats: int) -> tuple[l
         jax.block_until_ready((state, metrics))
         return metrics
 
-    losses = [float(run()["loss"]) for _ in range(2)]
-    return losses, time_call(run, repeats=repeats)
+    return [float(run()["loss"]) for _ in range(2)], run
 
 
-def bench_torch(base_model, optim, ids, repeats: int) -> tuple[list[float], float]:
-    """(losses of the first two steps, median step time) for a copy of `base_model` with a fresh AdamW."""
+def torch_stepper(base_model, optim, ids) -> tuple[list[float], object]:
+    """(losses of the first two steps, a function running one step) for a copy of `base_model` + fresh AdamW."""
     import torch
-    from common import time_call
 
     model = copy.deepcopy(base_model).train()
     params = list(model.parameters())
@@ -107,8 +109,12 @@ def bench_torch(base_model, optim, ids, repeats: int) -> tuple[list[float], floa
         opt.step()
         return loss
 
-    losses = [run().item() for _ in range(2)]
-    return losses, time_call(run, repeats=repeats)
+    return [run().item() for _ in range(2)], run
+
+
+def option_name(option: dict) -> str:
+    return f"{option['remat']}/{option['attention']}" + \
+        (f"/{option['attention_block']}" if option["attention"] == "blocked" else "")
 
 
 def main() -> None:
@@ -120,14 +126,15 @@ def main() -> None:
     import numpy as np
     import torch
     import transformers
-    from common import machine_summary, print_table, write_json
+
+    from common import interleaved_times, machine_details, machine_summary, print_table, quartiles, write_json
 
     from jaxcl.config import MeshConfig, OptimConfig
     from jaxcl.hf import load_pretrained
     from jaxcl.parallel import make_mesh
     from jaxcl.train import make_optimizer, make_train_step, state_shardings
 
-    load_at_start = os.getloadavg()[0]
+    machine = machine_details()
     torch.set_num_threads(args.threads)
     sizes = args.sizes
     max_seq = max(s for _, s in sizes)
@@ -144,36 +151,50 @@ def main() -> None:
     optim = OptimConfig(warmup_steps=0, min_lr_ratio=1.0)   # constant lr, like plain torch AdamW
     tx = make_optimizer(optim, total_steps=TOTAL_STEPS)
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    train_step = make_train_step(cfg, tx, mesh, state_shardings(cfg, tx, mesh))
+    variants = {option_name(o): cfg.replace(**o) for o in args.options}
+    steps = {name: make_train_step(c, tx, mesh, state_shardings(c, tx, mesh)) for name, c in variants.items()}
 
     peak_jax, peak_torch = measure_matmul_peak(args.repeats)
     peak = max(peak_jax, peak_torch)
     n_matmul = cfg.num_params() - cfg.max_seq_len * cfg.d_model
+    baseline = next(iter(variants))
 
     print(f"# train step (fwd + bwd + clip {optim.clip_norm} + AdamW), GPT-2 d={args.d_model} L={args.layers} "
           f"H={args.heads} V={args.vocab} ({cfg.num_params() / 1e6:.1f} M params, N={n_matmul / 1e6:.1f} M), "
-          f"float32; {machine_summary()}, torch {torch.__version__} threads={args.threads}")
+          f"float32; {machine_summary()}; CPU {machine['cpu']} ({machine['cores']} cores); allocator "
+          f"{machine['allocator']}; torch {torch.__version__} threads={args.threads}")
     print(f"# fp32 matmul peak ({MATMUL_N}^3): jnp.dot {peak_jax / 1e9:.1f} GFLOP/s, torch.mm "
           f"{peak_torch / 1e9:.1f} GFLOP/s; MFU uses {peak / 1e9:.1f} GFLOP/s and 6*N + 12*L*S*d FLOPs per token; "
-          f"1-min load average at start {load_at_start:.2f} (timings need an otherwise idle machine)")
+          f"{args.rounds} interleaved rounds x {args.repeats} steps; 1-min load average at start "
+          f"{machine['load_average']:.2f} (timings need an otherwise idle machine)")
     rows, records = [], []
     for batch, seq in sizes:
         ids = np.random.RandomState(0).randint(0, args.vocab, (batch, seq)).astype(np.int64)
-        jax_losses, t_jax = bench_jaxcl(train_step, tx, cfg, params, mesh, ids, args.repeats)
-        torch_losses, t_torch = bench_torch(torch_model, optim, ids, args.repeats)
+        fns, losses = {}, {}
+        for name, c in variants.items():
+            losses[name], fns[name] = jaxcl_stepper(steps[name], tx, c, params, mesh, ids)
+        losses["torch"], fns["torch"] = torch_stepper(torch_model, optim, ids)
+        times = interleaved_times(fns, rounds=args.rounds, steps=args.repeats)
         tokens = batch * seq
         step_flops = tokens * (6 * n_matmul + 12 * cfg.n_layers * seq * cfg.d_model)
-        mfu_jax, mfu_torch = step_flops / t_jax / peak, step_flops / t_torch / peak
-        loss_diffs = [abs(a - b) for a, b in zip(jax_losses, torch_losses)]
-        rows.append([f"{batch}x{seq}", tokens / t_jax, tokens / t_torch, t_torch / t_jax, f"{mfu_jax:.1%}",
-                     f"{mfu_torch:.1%}", f"{jax_losses[0]:.4f}", f"{loss_diffs[0]:.1e}", f"{loss_diffs[1]:.1e}"])
-        records.append({"batch": batch, "seq": seq, "jaxcl_tokens_per_s": tokens / t_jax,
-                        "torch_tokens_per_s": tokens / t_torch, "ratio": t_torch / t_jax, "jaxcl_mfu": mfu_jax,
-                        "torch_mfu": mfu_torch, "jaxcl_losses": jax_losses, "torch_losses": torch_losses})
-    print_table(["batch x seq", "jaxcl tok/s", "torch tok/s", "jaxcl / torch", "jaxcl MFU", "torch MFU",
-                 "loss step 1", "|Δloss| step 1", "|Δloss| step 2"], rows)
-    write_json(args.json, {"benchmark": "train_step", "matmul_peak_flops": {"jax": peak_jax, "torch": peak_torch},
-                           "load_average_at_start": load_at_start, "results": records})
+        q = {name: quartiles(t) for name, t in times.items()}
+        record = {"batch": batch, "seq": seq, "step_flops": step_flops, "losses": losses, "seconds_per_step": times}
+        for name in fns:
+            q1, med, q3 = q[name]
+            diffs = [abs(a - b) for a, b in zip(losses[name], losses["torch"])]
+            rows.append([f"{batch}x{seq}", name, tokens / med, f"{tokens / q3:,.0f}-{tokens / q1:,.0f}",
+                         f"{step_flops / med / peak:.1%}",
+                         "-" if name == "torch" else f"{q['torch'][1] / med:.3f}",
+                         "-" if name == "torch" else f"{q[baseline][1] / med:.3f}",
+                         f"{diffs[0]:.1e} / {diffs[1]:.1e}" if name != "torch" else f"{losses[name][0]:.4f}"])
+            record[name] = {"tokens_per_s_median": tokens / med, "mfu": step_flops / med / peak,
+                            "vs_torch": q["torch"][1] / med, "vs_baseline": q[baseline][1] / med}
+        records.append(record)
+    print_table(["batch x seq", "side (remat/attention)", "tok/s (median)", "tok/s (IQR)", "MFU",
+                 "jaxcl / torch", f"vs {baseline}", "|Δloss| steps 1 / 2 (torch: loss)"], rows)
+    write_json(args.json, {"benchmark": "train_step", "machine": machine,
+                           "matmul_peak_flops": {"jax": peak_jax, "torch": peak_torch}, "rounds": args.rounds,
+                           "steps_per_round": args.repeats, "results": records})
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ __all__ = ["InitSource", "NON_ARCHITECTURE_KEYS", "check_tokenizer_fits", "parse
 
 # ModelConfig keys a run may set on top of a loaded checkpoint: they do not change the stored weights'
 # shapes or meaning (compute dtype, dropout, the prompt tables a method adds).
-NON_ARCHITECTURE_KEYS = frozenset({"dtype", "dropout", "num_prompts", "prompt_length"})
+NON_ARCHITECTURE_KEYS = frozenset({"dtype", "dropout", "num_prompts", "prompt_length", "remat", "attention",
+                                   "attention_block"})
 
 
 class InitFromError(ValueError):
@@ -253,7 +254,8 @@ def load_params(spec: str, model_cfg, shardings: Any = None, rng=None) -> Any:
     src = parse_init_from(spec)
     stored = source_model_config(src)
     backbone_cfg = model_cfg.replace(num_prompts=0)
-    if stored.replace(num_prompts=0, prompt_length=1, dtype=model_cfg.dtype, dropout=model_cfg.dropout) != \
+    compute = {k: getattr(model_cfg, k) for k in ("dtype", "dropout", "remat", "attention", "attention_block")}
+    if stored.replace(num_prompts=0, prompt_length=1, **compute) != \
             backbone_cfg.replace(prompt_length=1):
         raise InitFromError(f"model.init_from={spec!r}: the run's model config differs from the checkpoint's "
                             "architecture (resolve the config with jaxcl.config.load_config)")

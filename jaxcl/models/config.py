@@ -16,6 +16,11 @@ DECODER_FAMILIES = ("gpt2", "llama")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
+# Remat policies for the layer block (jax.checkpoint_policies): "none" saves every residual of the block for the
+# backward pass; "full" saves only the block's inputs and recomputes the rest; the dots policies keep the matmul
+# outputs and recompute the cheap elementwise work between them (MaxText's common choices).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION_IMPLS = ("xla", "blocked", "dot_product_attention")
 
 # Family defaults for fields left as None.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -63,6 +68,11 @@ class ModelConfig:
     num_prompts: int = 0               # learned prompt tables (ELLE: one per domain); 0 = none
     prompt_length: int = 1             # prompt vectors per table, prepended when `prompt_ids` is given
     dtype: str = "float32"             # compute dtype; parameters are always float32
+    # How the same function is computed (never what): exact alternatives, chosen per machine.
+    remat: str = "none"                # rematerialisation of the layer block under differentiation (REMAT_POLICIES)
+    attention: str = "xla"             # xla (full scores, masked) | blocked (causal query blocks read only the keys
+                                       # up to the block's end) | dot_product_attention (jax.nn's; cuDNN on GPU)
+    attention_block: int = 128         # query block of attention="blocked"
     initializer_range: float = 0.02
     pad_token_id: int | tuple[int, ...] | None = None   # one id, or several (Llama-3 lists several eos ids)
     bos_token_id: int | tuple[int, ...] | None = None
@@ -113,6 +123,13 @@ class ModelConfig:
             raise ConfigError(f"model.activation={self.activation!r} is not one of {ACTIVATIONS}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={self.dtype!r} is not one of {DTYPES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"model.attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+        if not (isinstance(self.attention_block, int) and not isinstance(self.attention_block, bool)
+                and self.attention_block >= 1):
+            raise ConfigError(f"model.attention_block must be a positive integer, got {self.attention_block!r}")
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
             raise ConfigError(f"model.norm_eps must be a positive float, got {self.norm_eps!r}")
         if not 0.0 <= self.dropout < 1.0:

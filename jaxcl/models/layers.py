@@ -193,8 +193,25 @@ def build_attention_mask(attention_mask: jax.Array | None, batch: int, seq: int,
     return keep
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv: str, cfg: ModelConfig, dtype) -> jax.Array:
+    """Softmax attention of grouped queries: q `[b, q, kv_heads, groups, head_dim]`, k/v `[b, s, kv_heads, head_dim]`
+    (`kv="bskd"`) or `[b, kv_heads, s, head_dim]` (`"bksd"`, the cache layout), mask `[b, q, s]` (True = attend)
+    -> `[b, q, n_heads, head_dim]`. Scores in float32; masked scores are float32's minimum, so they add exactly 0."""
+    b, sq = q.shape[:2]
+    scores = jnp.einsum(f"bqkgd,{kv}->bkgqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(cfg.head_dim))
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)                  # [b, kv, group, q, k]
+    return jnp.einsum(f"bkgqs,{kv}->bqkgd", probs, v).reshape(b, sq, cfg.n_heads, cfg.head_dim)
+
+
 class Attention(nn.Module):
-    """Multi-head / grouped-query self-attention; q head h reads kv head h // (n_heads // n_kv_heads)."""
+    """Multi-head / grouped-query self-attention; q head h reads kv head h // (n_heads // n_kv_heads).
+
+    `cfg.attention` picks how (never what) is computed when there is no KV cache: "xla" (full score matrix,
+    masked), "blocked" (decoders: causal query blocks of `cfg.attention_block` that read only the keys up to
+    the block's end) or "dot_product_attention" (`jax.nn.dot_product_attention`, which uses cuDNN's fused
+    kernel on GPU). Decoding with a cache always uses the full path over the cache."""
 
     cfg: ModelConfig
 
@@ -229,11 +246,18 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(k_cache, new_cache[0], (0, 0, index, 0)).astype(dtype)
             v = jax.lax.dynamic_update_slice(v_cache, new_cache[1], (0, 0, index, 0)).astype(dtype)
             kv = "bksd"
-        scores = jnp.einsum(f"bqkgd,{kv}->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / math.sqrt(cfg.head_dim))
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)                  # [b, kv, group, q, k]
-        out = jnp.einsum(f"bkgqs,{kv}->bqkgd", probs, v).reshape(b, s, cfg.n_heads, cfg.head_dim)
+        if cache is None and cfg.attention == "dot_product_attention":
+            out = jax.nn.dot_product_attention(q.reshape(b, s, cfg.n_heads, cfg.head_dim), k, v,
+                                               mask=mask[:, None], scale=1.0 / math.sqrt(cfg.head_dim))
+        elif cache is None and cfg.attention == "blocked" and cfg.is_decoder and s > cfg.attention_block:
+            # Causal query blocks: block [i, j) reads only keys [0, j); the keys after j are masked for every query
+            # of the block, so this skips about half of the score matrix and computes the same function.
+            step = cfg.attention_block
+            out = jnp.concatenate([attend(q[:, i:i + step], k[:, :i + step], v[:, :i + step],
+                                          mask[:, i:i + step, :i + step], kv, cfg, dtype)
+                                   for i in range(0, s, step)], axis=1)
+        else:
+            out = attend(q, k, v, mask, kv, cfg, dtype)
         out = Dense((cfg.d_model,), in_axes=("heads", "head_dim"), out_axes=("embed",), use_bias=cfg.attn_bias,
                     dtype=dtype, kernel_std=cfg.initializer_range, name="o")(out, adapters.get("o"))
         return out if cache is None else (out, new_cache)
@@ -307,13 +331,24 @@ class Block(nn.Module):
         return (x, ffn_in), ((x if self.collect else None), new_cache)
 
 
+def block_class(cfg: ModelConfig, in_scan: bool = True) -> type[nn.Module]:
+    """`Block`, or `Block` under `nn.remat` with `cfg.remat`'s policy (the backward pass then recomputes what the
+    policy does not save instead of reading stored residuals: less memory, often less time on CPU where the
+    stored buffers are written and re-read). Same values and gradients either way."""
+    if cfg.remat == "none":
+        return Block
+    policy = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
+              "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
+    return nn.remat(Block, policy=policy, prevent_cse=not in_scan)
+
+
 def stacked_layers(cfg: ModelConfig, deterministic: bool, name: str = "layers", collect: bool = False) -> nn.Module:
     """All `n_layers` blocks as one scanned module with a leading `layers` axis on every parameter.
 
     With `collect`, the scan also returns every layer's output `[n_layers, b, s, d]` (hidden_states).
     """
     scanned = nn.scan(
-        Block,
+        block_class(cfg),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, 0),       # mask, positions, adapters and cache [layers, ...]
@@ -336,7 +371,7 @@ def unrolled_layers(cfg: ModelConfig, deterministic: bool, collect: bool, carry,
     for i in range(cfg.n_layers):
         layer_adapters = jax.tree.map(lambda a, i=i: a[i], adapters)
         layer_cache = None if cache is None else (cache[0][i], cache[1][i], cache[2])
-        carry, (out, entries) = Block(cfg, deterministic, collect, name=f"layers_{i}")(
+        carry, (out, entries) = block_class(cfg, in_scan=False)(cfg, deterministic, collect, name=f"layers_{i}")(
             carry, mask, positions, layer_adapters, layer_cache)
         outputs.append(out)
         if entries is not None:

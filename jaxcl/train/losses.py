@@ -13,12 +13,18 @@ def causal_lm_nll(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.A
 
     logits [batch, seq, vocab], input_ids/attention_mask [batch, seq] -> (nll_sum, n_tokens), and the
     per-token NLL [batch, seq-1] with zeros where not scored.
+
+    The cross-entropy runs over all `seq` positions with the last one weighted 0 (its target is a wrapped-around
+    token) instead of over `logits[:, :-1]`: slicing would copy the `[batch, seq, vocab]` logits and its
+    gradient would pad and scatter them back; each position's value is the same either way.
     """
-    targets = input_ids[:, 1:]
-    weights = jnp.ones(targets.shape, jnp.float32) if attention_mask is None else \
-        (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets) * weights
-    return jnp.sum(nll), jnp.sum(weights), nll
+    targets = jnp.roll(input_ids, -1, axis=1)                  # position t predicts token t+1
+    last = jnp.arange(input_ids.shape[1]) < input_ids.shape[1] - 1
+    weights = jnp.broadcast_to(last, input_ids.shape).astype(jnp.float32)
+    if attention_mask is not None:
+        weights = weights * (attention_mask * jnp.roll(attention_mask, -1, axis=1)).astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets) * weights
+    return jnp.sum(nll), jnp.sum(weights), nll[:, :-1]
 
 
 def masked_lm_nll(logits: jax.Array, labels: jax.Array, label_mask: jax.Array):
