@@ -234,6 +234,8 @@ class SlmConfig:
                                           # (0 = embeddings), each mean-pooled and L2-normalised, concatenated
     train_examples: int | None = None     # cap per task (None = all)
     eval_examples: int | None = None      # cap per task and split (None = all)
+    valid_from_train: int = 0             # a task without a validation split gets this many of its training
+                                          # texts as one (a fixed random choice per task; 0 = none)
     steps: int = 60                       # optimizer steps per task
     batch_size: int = 16
     lr: float = 2e-3
@@ -283,6 +285,8 @@ class SlmConfig:
             raise ConfigError(f"slm.tasks must hold 1..slm.max_tasks={self.max_tasks} tasks, got {len(self.tasks)}")
         if not 1 <= self.top_k <= self.slots_per_task:
             raise ConfigError(f"slm.top_k={self.top_k} must be in 1..slm.slots_per_task={self.slots_per_task}")
+        if self.valid_from_train < 0:
+            raise ConfigError(f"slm.valid_from_train must be >= 0, got {self.valid_from_train}")
         if self.steps < 1 or self.batch_size < 1 or self.rank < 1 or self.groups < 1:
             raise ConfigError("slm.steps, slm.batch_size, slm.rank and slm.groups must be at least 1")
         if any(layer < 0 for layer in self.query_layers) or len(set(self.query_layers)) != len(self.query_layers):

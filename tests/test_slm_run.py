@@ -252,13 +252,22 @@ def test_standard_config_runs_on_benchmark_format_csvs(tmp_path, tiny_encoder):
             (tmp_path / "csv" / folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
     overrides = [f"run.dir={tmp_path / 'run'}", f"slm.task_root={tmp_path / 'csv'}", f"slm.encoder={tiny_encoder}",
                  "slm.steps=2", "slm.batch_size=4", "slm.max_len=24", "slm.key_epochs=1", "slm.rank=2",
-                 "slm.groups=4", "slm.query_layers=[1,2]", "slm.cache_dir=null", "slm.train_examples=12"]
+                 "slm.groups=4", "slm.query_layers=[1,2]", "slm.cache_dir=null", "slm.valid_from_train=4"]
     cfg = load_config(root / "configs" / "slm" / "standard.yaml", overrides)
     report = run_config(cfg)
     assert report["stages"] == ["yelp", "ag_news", "dbpedia", "amazon", "yahoo"]
     assert set(report["baselines"]) == {"sequential", "replay", "multitask"}
     assert len(report["matrix"][-1]) == 5 and all(v is not None for v in report["matrix"][-1])
-    assert report["valid_matrix"][-1] == [None] * 5                 # the original CSVs have no validation split
+    # the original CSVs have no validation split: 4 of each task's 12 training texts are held out as one
+    assert all(v is not None for v in report["valid_matrix"][-1])
+    from jaxcl.slm.run import held_out
+    from jaxcl.data.classification import load_task
+    train = load_task("yelp", "train", tmp_path / "csv")
+    kept, valid = held_out(train, 4)
+    assert len(kept) == 8 and len(valid) == 4 and not set(kept.texts) & set(valid.texts)
+    assert held_out(train, 4)[1].texts == valid.texts                 # the same texts in every run
+    with pytest.raises(ConfigError, match="slm.valid_from_train=12 leaves no training text"):
+        held_out(train, 12)
     confusion = report["retrieval_confusion"]
     assert [sum(row) for row in confusion["counts"]] == [6] * 5 and confusion["tasks"] == report["stages"]
     cells = report["intervals"]["matrix"]

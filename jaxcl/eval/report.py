@@ -73,7 +73,8 @@ def plot_matrix(report: dict[str, Any], path: str | Path) -> Path:
                 label = f"{m[i, j]:.1f}"
                 if cells and cells[i][j] is not None:
                     label += f"\n[{cells[i][j][0]:.1f}, {cells[i][j][1]:.1f}]"
-                ax.text(j, i, label, ha="center", va="center", color="w" if i != j else "black",
+                bright = im.norm(shown[i, j]) > 0.6 if cmap == "viridis" else im.norm(shown[i, j]) < 0.4
+                ax.text(j, i, label, ha="center", va="center", color="black" if bright else "white",
                         fontweight="bold" if i == j else "normal", fontsize=8 if cells else 9)
     ax.set_xticks(range(m.shape[1]), report["eval_on"], rotation=30, ha="right")
     ax.set_yticks(range(m.shape[0]), [f"after {s}" for s in report["stages"]])

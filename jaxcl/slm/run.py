@@ -16,6 +16,8 @@ and its report accounts for the invocation that did the work.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -59,6 +61,24 @@ class _Data:
         return len(self.labels)
 
 
+def held_out(train: TaskSplit, n: int) -> tuple[TaskSplit, TaskSplit]:
+    """(train without n texts, those n texts as the validation split): a fixed random choice per task (seeded by
+    the task's name, the same in every run), for sources without a validation split, e.g. the original
+    AG News / Yelp / Amazon / DBpedia / Yahoo CSVs. Raises when the task has no more than n training texts."""
+    if n >= len(train):
+        raise ConfigError(f"slm.valid_from_train={n} leaves no training text of task {train.task!r} "
+                          f"({len(train)} texts)")
+    seed = int.from_bytes(hashlib.sha256(train.task.encode()).digest()[:8], "little")
+    order = np.random.default_rng(seed).permutation(len(train))
+    keep, held = np.sort(order[n:]), np.sort(order[:n])
+
+    def pick(rows, split):
+        return dataclasses.replace(train, split=split, texts=tuple(train.texts[i] for i in rows),
+                                   labels=train.labels[rows])
+
+    return pick(keep, "train"), pick(held, "valid")
+
+
 class SlmRun:
     """The `slm` method runner (see the module docstring)."""
 
@@ -82,15 +102,18 @@ class SlmRun:
         if self.scfg.mode == "lm":
             return                        # the domain stream is read by jaxcl.slm.lm
         for name in self.tasks:
-            splits = {}
-            for split, cap in (("train", self.scfg.train_examples), ("valid", self.scfg.eval_examples),
-                               ("test", self.scfg.eval_examples)):
+            raw = {}
+            for split in ("train", "valid", "test"):
                 try:
-                    splits[split] = _Data(load_task(name, split, self.scfg.task_root).subset(cap), self.encoder)
+                    raw[split] = load_task(name, split, self.scfg.task_root)
                 except FileNotFoundError:
                     if split != "valid":
                         raise
-            self.data[name] = splits
+            if "valid" not in raw and self.scfg.valid_from_train:
+                raw["train"], raw["valid"] = held_out(raw["train"], self.scfg.valid_from_train)
+            caps = {"train": self.scfg.train_examples, "valid": self.scfg.eval_examples,
+                    "test": self.scfg.eval_examples}
+            self.data[name] = {split: _Data(data.subset(caps[split]), self.encoder) for split, data in raw.items()}
 
     def _encoder_name(self) -> str:
         """Classification mode's backbone (and DTKR query encoder): `model.init_from` when given (a Hugging Face
