@@ -179,6 +179,8 @@ def _plot(runs: dict[str, dict], stats: dict[str, dict], path: Path) -> None:
 def main() -> None:
     parser = run_comparison_parser(__doc__, "configs/slm/demo.yaml", "runs/slm-orders", "0")
     parser.add_argument("--orders", type=int, default=0, help="how many balanced orders (default: all)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="summarise the runs that have finished in --out and start none (a partial benchmark)")
     parser.add_argument("--baseline-seeds", default=None,
                         help="comma list of the seeds whose runs also run slm.baselines (default: the first seed)")
     args = parser.parse_args()
@@ -204,7 +206,11 @@ def main() -> None:
                 base, run=dataclasses.replace(base.run, seed=seed, name=f"{base.run.name}-{key}", dir=str(run_dir)),
                 slm=dataclasses.replace(base.slm, tasks=tuple(order),
                                         baselines=base.slm.baselines if seed in baseline_seeds else ()))
+            if args.finished_only and not (run_dir / "report.json").is_file():
+                continue
             runs[key] = finished_or_run(cfg, run_dir, rerun=args.rerun, banner=f"=== {key}: {' > '.join(order)}")
+    if not runs:
+        parser.error(f"no finished run in {out}")
 
     stats = summary(runs)
     checks = acceptance(stats)
