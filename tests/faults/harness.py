@@ -92,6 +92,8 @@ def run_victim(case: str, directory: Path, seed: int, delay: float, timeout: flo
 
     def take(line: str) -> None:
         nonlocal ready, kill_at
+        if not line.endswith("\n"):
+            return       # a line the kill cut short (unbuffered stdout writes it piece by piece): not an ack
         word, _, value = line.strip().partition(" ")
         if word == "READY":
             ready, kill_at = int(value), time.time() + delay

@@ -26,3 +26,15 @@ def test_kills_under_contention_lose_nothing(case, tmp_path):
     assert summary["failures"] == 0, summary["errors"]
     # the kills hit the store while it was working: every trial's victim had reopened it (READY)
     assert all(t.state >= 0 for t in trials)
+
+
+def test_an_acknowledgement_cut_by_the_kill_is_not_counted(tmp_path):
+    """With unbuffered stdout a victim's line can be cut between its words by the SIGKILL; only whole lines
+    (ending in a newline) count as acknowledgements (a CI failure of session 12: int('') from "COMMIT")."""
+    import sys
+
+    from tests.faults.harness import run_victim
+
+    script = ("import os, time; os.write(1, b'COMMIT 5\\n'); os.write(1, b'COMMIT 7\\nCOMMIT'); time.sleep(30)")
+    ready, acked = run_victim("cut-line", tmp_path, 0, delay=1.5, command=[sys.executable, "-c", script])
+    assert ready == 0 and acked == [5, 7]

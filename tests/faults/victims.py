@@ -78,7 +78,10 @@ def hf_version(params: dict) -> int:
 
 # ----------------------------------------------------------------------------- victims
 def say(*words) -> None:
-    print(*words, flush=True)
+    """One acknowledgement line, written with one write (with PYTHONUNBUFFERED, print() would write each word
+    separately, and a kill between them would leave "COMMIT" without its number)."""
+    sys.stdout.write(" ".join(map(str, words)) + "\n")
+    sys.stdout.flush()
 
 
 def datastore(directory: str, seed: int, backend: str) -> None:
