@@ -186,7 +186,7 @@ class SlmRun:
     def _evaluate(self, learner, task: int, data: _Data, slm: bool, reuse: dict | None = None) -> dict[str, float]:
         """Accuracy (prediction = the right task's right column) and retrieval accuracy, text inputs only.
 
-        `reuse` ({(row, chosen task): (column, slots)} for this split, SLM only, when
+        `reuse` ({(row, chosen task): (column, owners of the retrieved slots)} for this split, SLM only, when
         `learner.predictions_reusable`): a text whose chosen task was already scored with it is not run
         through the encoder again; its prediction is the same by construction (that task's keys, slots and
         columns are frozen), so the matrix is unchanged and each stage encodes only newly routed texts.
