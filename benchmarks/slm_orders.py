@@ -1,7 +1,8 @@
 """SLM and its baselines over balanced task orders and seeds (the paper averages over task orders).
 
     python benchmarks/slm_orders.py [--config configs/slm/demo.yaml] [--orders 4] [--seeds 0,1,2]
-                                    [--baseline-seeds 0] [--out runs/slm-orders] [key=value ...]
+                                    [--baseline-seeds 0] [--baselines-from DIR] [--out runs/slm-orders]
+                                    [key=value ...]
 
 A single task order measures forgetting for one pairing of tasks: an old task forgets only when a
 later task resembles it. The orders are the config's `slm.orders` (configs/slm/standard.yaml: the
@@ -18,6 +19,12 @@ retrieval accuracy, each with a 95 % percentile-bootstrap interval over runs
 checks; then one row per run with SLM's forgetting and its 95 % interval over test texts (from the
 run's report, `bootstrap_matrix`). Writes orders.json and orders.png into --out. Finished runs (a
 report.json whose saved config matches) are not repeated; --rerun forces them.
+
+--baselines-from DIR: the baselines are taken from DIR's finished runs of the same (order, seed) instead of
+being run again, when those runs' configs equal this benchmark's in every key but `slm.baselines` and the
+keys only SLM's evaluation-time task choice reads (`BASELINE_NEUTRAL`: the baselines never retrieve a task,
+tested in tests/test_slm_run.py). Comparing SLM task-choice settings thus costs SLM's runs only; a config
+that differs in anything else is an error naming the key.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import finished_or_run, machine_summary, parse_seeds, print_table, \
     run_comparison_parser  # noqa: E402
 
+BASELINE_NEUTRAL = ("task_choice", "gaussian_shrinkage")    # slm keys no baseline reads
 SHORT = {"bible_books": "bible", "wordnet_pos": "wordnet", "manpage_section": "man", "pydoc_package": "pydoc",
          "debian_section": "debian"}
 
@@ -50,6 +58,30 @@ def _methods(report: dict) -> dict[str, dict]:
     for name, base in report.get("baselines", {}).items():
         out[name] = entry(base["stages"], base["matrix"], intervals=base.get("intervals"))
     return out
+
+
+def borrowed_baselines(cfg, source: Path) -> dict:
+    """The `baselines` of the finished run in `source` whose config equals `cfg` up to `slm.baselines`, the run's
+    name/dir and `BASELINE_NEUTRAL`; SystemExit naming the first differing key otherwise."""
+    from jaxcl.config import config_to_dict, load_config
+
+    report_path = source / "report.json"
+    if not report_path.is_file():
+        sys.exit(f"--baselines-from: {source} has no finished run (report.json)")
+    old = load_config(source / "config.yaml")
+    neutral = {k: getattr(cfg.slm, k) for k in BASELINE_NEUTRAL}
+    aligned = dataclasses.replace(old, run=cfg.run, slm=dataclasses.replace(old.slm, baselines=cfg.slm.baselines,
+                                                                             **neutral))
+    if aligned != cfg:
+        a, b = config_to_dict(aligned), config_to_dict(cfg)
+        diff = [f"{sec}.{k}" for sec in b for k in (b[sec] if isinstance(b[sec], dict) else {})
+                if a.get(sec, {}).get(k) != b[sec][k]] or ["(a top-level key)"]
+        sys.exit(f"--baselines-from: {source} ran a different config ({', '.join(diff)}); its baselines would not "
+                 "be comparable")
+    baselines = json.loads(report_path.read_text()).get("baselines") or {}
+    if not baselines:
+        sys.exit(f"--baselines-from: {source} ran no baselines")
+    return baselines
 
 
 def summary(runs: dict[str, dict]) -> dict[str, dict]:
@@ -183,6 +215,9 @@ def main() -> None:
                         help="summarise the runs that have finished in --out and start none (a partial benchmark)")
     parser.add_argument("--baseline-seeds", default=None,
                         help="comma list of the seeds whose runs also run slm.baselines (default: the first seed)")
+    parser.add_argument("--baselines-from", default=None, type=Path,
+                        help="take the baselines from this directory's finished runs (same config up to the SLM "
+                             "task-choice keys) instead of running them")
     args = parser.parse_args()
 
     from jaxcl.config import load_config
@@ -202,13 +237,21 @@ def main() -> None:
         for o, order in enumerate(orders):
             key = f"order{o}-seed{seed}"
             run_dir = out / key
+            with_baselines = seed in baseline_seeds and base.slm.baselines
             cfg = dataclasses.replace(
                 base, run=dataclasses.replace(base.run, seed=seed, name=f"{base.run.name}-{key}", dir=str(run_dir)),
                 slm=dataclasses.replace(base.slm, tasks=tuple(order),
-                                        baselines=base.slm.baselines if seed in baseline_seeds else ()))
+                                        baselines=base.slm.baselines if with_baselines and not args.baselines_from
+                                        else ()))
             if args.finished_only and not (run_dir / "report.json").is_file():
                 continue
+            borrowed = None
+            if with_baselines and args.baselines_from:   # checked before the (long) SLM run starts
+                borrowed = borrowed_baselines(dataclasses.replace(
+                    cfg, slm=dataclasses.replace(cfg.slm, baselines=base.slm.baselines)), args.baselines_from / key)
             runs[key] = finished_or_run(cfg, run_dir, rerun=args.rerun, banner=f"=== {key}: {' > '.join(order)}")
+            if borrowed is not None:
+                runs[key] = {**runs[key], "baselines": borrowed, "baselines_from": str(args.baselines_from / key)}
     if not runs:
         parser.error(f"no finished run in {out}")
 
@@ -227,6 +270,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "orders.json").write_text(json.dumps(
         {"config": args.config, "overrides": args.overrides, "seeds": seeds, "baseline_seeds": baseline_seeds,
+         "baselines_from": str(args.baselines_from) if args.baselines_from else None,
          "orders": orders, "summary": stats, "acceptance": checks, "runs": run_rows(runs), "reports": runs},
         indent=2))
     _plot(runs, stats, out / "orders.png")

@@ -43,7 +43,7 @@ def route(run, split: str, seed: int) -> dict[str, np.ndarray]:
             run.data[name]["train"].queries, jax.random.key(seed * 7919 + stage), groups=s.groups,
             slots=s.slots_per_task, epochs=s.key_epochs, batch_size=s.key_batch_size, lr=s.key_lr,
             mask_prob=s.key_mask_prob, init=s.key_init)
-        learner.set_task_keys(stage, keys)
+        learner.set_task_keys(stage, keys, run.data[name]["train"].queries)
     return {name: learner.choose_tasks(run.data[name][split].queries) for name in run.tasks}
 
 

@@ -255,8 +255,11 @@ class SlmConfig:
     key_mask_prob: float = 0.2
     retrieval: Literal["example", "batch"] = "example"
     mix: Literal["global", "task"] = "global"   # eval: top-K over all slots (paper), or over the chosen task's
-    task_choice: Literal["vote", "best_keys"] = "vote"   # eval: the task by weight vote of the global top-K
-                                          # (paper), or the task whose own top-K keys match best on average
+    task_choice: Literal["vote", "best_keys", "gaussian"] = "vote"   # eval: the task by weight vote of the
+                                          # global top-K (paper), the task whose own top-K keys match best on
+                                          # average, or the most likely task under per-task query Gaussians
+                                          # (own mean, pooled shrunk covariance; jaxcl.slm.dtkr.gaussian_task)
+    gaussian_shrinkage: float = 0.01      # task_choice=gaussian: covariance shrinkage towards a scaled identity
     head: Literal["retrieved", "union"] = "retrieved"
     baselines: tuple[str, ...] = ("sequential", "replay", "multitask")
     replay_per_task: int = 32             # examples kept per old task by the replay baseline
@@ -285,6 +288,8 @@ class SlmConfig:
             raise ConfigError(f"slm.tasks must hold 1..slm.max_tasks={self.max_tasks} tasks, got {len(self.tasks)}")
         if not 1 <= self.top_k <= self.slots_per_task:
             raise ConfigError(f"slm.top_k={self.top_k} must be in 1..slm.slots_per_task={self.slots_per_task}")
+        if not 0.0 < self.gaussian_shrinkage <= 1.0:
+            raise ConfigError(f"slm.gaussian_shrinkage={self.gaussian_shrinkage} must be in (0, 1]")
         if self.valid_from_train < 0:
             raise ConfigError(f"slm.valid_from_train must be >= 0, got {self.valid_from_train}")
         if self.steps < 1 or self.batch_size < 1 or self.rank < 1 or self.groups < 1:

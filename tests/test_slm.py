@@ -89,6 +89,77 @@ def test_best_keys_task_choice_judges_every_task_on_its_own_top_k():
         dtkr.retrieve_from_text(q, bank, top_k=2, per_example=True, n_tasks=3, task_choice="nearest")
 
 
+def _lda_reference(train, queries, shrinkage, per_example=True):
+    """Linear discriminant analysis in float64 from all the data at once: argmin Mahalanobis distance to each
+    task's mean under the pooled within-task covariance, shrunk towards (tr C / h) I."""
+    means = [x.mean(0) for x in train]
+    scatter = sum((x - m).T @ (x - m) for x, m in zip(train, means))
+    cov = scatter / (sum(len(x) for x in train) - len(train))
+    cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0])
+    prec = np.linalg.inv(cov)
+    dist = np.stack([np.einsum("nd,de,ne->n", queries - m, prec, queries - m) for m in means], 1)
+    if not per_example:
+        dist = dist.mean(0, keepdims=True)
+    return dist.argmin(1)
+
+
+def test_gaussian_task_choice_is_lda_over_the_tasks_added_so_far():
+    # Three tasks whose means differ along a low-variance direction the cosine to their keys cannot see:
+    # each task's queries spread widely along a shared axis, the tasks are separated only by small offsets.
+    rng = np.random.default_rng(3)
+    dim = 12
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    scale = np.r_[8.0, 6.0, np.full(dim - 2, 0.3)]
+    offsets = [np.zeros(dim), 1.5 * basis[:, 5], -1.5 * basis[:, 7]]
+    draw = lambda t, n: (rng.normal(size=(n, dim)) * scale) @ basis.T + offsets[t] + 1.0
+    train = [draw(t, 200) for t in range(3)]
+    test = np.concatenate([draw(t, 100) for t in range(3)])
+    truth = np.repeat(np.arange(3), 100)
+    bank = dtkr.new_key_bank(8, dim, groups=2, max_tasks=4)
+    for t in range(3):
+        bank, _ = dtkr.add_task_keys(bank, t, dtkr.data_mean_keys(jax.random.key(t), train[t], 2, 2))
+        bank = dtkr.add_task_statistics(bank, t, train[t], shrinkage=0.05)
+        # after each task: the same choice as LDA fitted on the tasks so far (never a task not yet added)
+        got = np.asarray(dtkr.gaussian_task(jnp.asarray(test, jnp.float32), bank, True, n_tasks=4))
+        assert got.max() <= t
+        np.testing.assert_array_equal(got, _lda_reference(train[:t + 1], test, 0.05))
+    # the pooled scatter is the sum of the per-task scatters (incremental == all at once)
+    np.testing.assert_allclose(np.asarray(bank.scatter), sum((x - x.mean(0)).T @ (x - x.mean(0)) for x in train),
+                               rtol=1e-5, atol=1e-3)
+    gaussian = np.asarray(dtkr.retrieve_from_text(jnp.asarray(test, jnp.float32), bank, 2, True, 4, "task",
+                                                  "gaussian")[2])
+    best_keys = np.asarray(dtkr.retrieve_from_text(jnp.asarray(test, jnp.float32), bank, 2, True, 4, "task",
+                                                   "best_keys")[2])
+    assert np.mean(gaussian == truth) >= 0.95 > np.mean(best_keys == truth) + 0.2
+    batch = jnp.asarray(test[100:110], jnp.float32)
+    assert dtkr.gaussian_task(batch, bank, False, 4).tolist() == _lda_reference(train, test[100:110], 0.05,
+                                                                               per_example=False).tolist() == [1]
+
+
+def test_task_statistics_reject_bad_input():
+    bank = dtkr.new_key_bank(4, 6, groups=2, max_tasks=2)
+    x = np.random.default_rng(0).normal(size=(5, 6))
+    bank = dtkr.add_task_statistics(bank, 0, x, 0.1)
+    with pytest.raises(ValueError, match="task 0 already has query statistics"):
+        dtkr.add_task_statistics(bank, 0, x, 0.1)
+    with pytest.raises(ValueError, match=r"shape \(0, 6\)"):
+        dtkr.add_task_statistics(bank, 1, np.zeros((0, 6)), 0.1)
+    with pytest.raises(ValueError, match=r"shape \(5, 4\)"):
+        dtkr.add_task_statistics(bank, 1, x[:, :4], 0.1)
+    with pytest.raises(ValueError, match="gaussian_shrinkage=0"):
+        dtkr.add_task_statistics(bank, 1, x, 0.0)
+    with pytest.raises(ValueError, match="outside the bank's 2 task statistics"):
+        dtkr.add_task_statistics(bank, 2, x, 0.1)
+    plain = dtkr.new_key_bank(4, 6, groups=2)
+    with pytest.raises(ValueError, match="keeps no task statistics"):
+        dtkr.add_task_statistics(plain, 0, x, 0.1)
+    with pytest.raises(ValueError, match="task_choice='gaussian' needs the task statistics"):
+        dtkr.retrieve_from_text(jnp.asarray(x, jnp.float32), plain, 1, True, 2, "task", "gaussian")
+    one = dtkr.add_task_statistics(dtkr.new_key_bank(4, 6, groups=2, max_tasks=2), 1, x[:1], 0.1)   # one query:
+    assert np.all(np.isfinite(np.asarray(one.precision)))                      # zero scatter stays invertible
+    assert dtkr.gaussian_task(jnp.asarray(x, jnp.float32), one, True, 2).tolist() == [1] * 5
+
+
 def test_key_training_separates_two_tasks_and_the_pool_rejects_a_task_twice():
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(2, 24)).astype(np.float32) * 3
@@ -126,7 +197,7 @@ def make_learner(per_example=True):
 def train_task(learner, task, rng, steps=3):
     learner.add_task(task, ("a", "b", "c"))
     queries = rng.normal(size=(6, 8)).astype(np.float32) + 5 * task
-    learner.set_task_keys(task, dtkr.data_mean_keys(jax.random.key(task), queries, 2, 2))
+    learner.set_task_keys(task, dtkr.data_mean_keys(jax.random.key(task), queries, 2, 2), queries)
     learner.reset_optimizer()
     ids = rng.integers(1, TINY.vocab_size, size=(6, 10)).astype(np.int32)
     mask = np.ones_like(ids)

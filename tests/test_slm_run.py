@@ -103,6 +103,37 @@ def test_reused_predictions_give_the_matrix_of_a_full_evaluation(tmp_path, csv_r
     assert encoded[False] == [12, 12, 9] and encoded[True][0] == 12 and encoded[True][1] < 12
 
 
+def test_the_task_choice_changes_only_slms_evaluation(tmp_path, csv_root, tiny_encoder):
+    """`slm.task_choice` / `slm.gaussian_shrinkage` are read by SLM's evaluation-time retrieval only: SLM's training
+    losses and every baseline's matrix are the same under "vote" and "gaussian" (why benchmarks/slm_orders.py
+    may borrow baselines across them), and a finished run with another training key is refused as a source."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    from jaxcl.runs import run_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.slm_orders import borrowed_baselines
+
+    reports, losses = {}, {}
+    for choice in ("vote", "gaussian"):
+        run = tmp_path / choice
+        cfg = make_config(tmp_path, csv_root, "slm.query_layers=[1,2]", "slm.mix=task", f"slm.task_choice={choice}",
+                          f"run.dir={run}", encoder=tiny_encoder)
+        reports[choice] = json.loads(json.dumps(run_config(cfg)))
+        losses[choice] = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                          if r["kind"] == "train"]
+    assert losses["vote"] == losses["gaussian"] and len(losses["vote"]) > 4
+    assert reports["vote"]["baselines"] == reports["gaussian"]["baselines"]
+    assert 0 <= reports["gaussian"]["retrieval_accuracy"] <= 100
+    assert borrowed_baselines(cfg, tmp_path / "vote") == reports["vote"]["baselines"]   # gaussian cfg, vote run
+    with pytest.raises(SystemExit, match="different config .*slm.steps"):
+        borrowed_baselines(dataclasses.replace(cfg, slm=dataclasses.replace(cfg.slm, steps=3)), tmp_path / "vote")
+    with pytest.raises(SystemExit, match="has no finished run"):
+        borrowed_baselines(cfg, tmp_path / "missing")
+
+
 def test_bad_slm_configs_are_named(tmp_path, csv_root):
     with pytest.raises(ConfigError, match="slm.tasks lists a task twice"):
         make_config(tmp_path, csv_root, "slm.tasks=[ag_news,ag_news]")
@@ -143,7 +174,7 @@ def test_lm_mode_keeps_the_frozen_backbone_domain_and_reports_perplexity(tmp_pat
         f"run.dir={tmp_path / 'lm'}", "data.domains=[wordnet,jargon]", "data.seq_len=32", "data.batch_size=8",
         "data.eval_batches=1", "train.pretrain_steps=3", "slm.mode=lm", "slm.steps=2", "slm.train_examples=8",
         "slm.max_len=16", "slm.rank=2", "slm.groups=4", "slm.max_tasks=2", "slm.key_epochs=1", "slm.replay_per_task=2",
-        "slm.baselines=[sequential,replay,multitask]",
+        "slm.baselines=[sequential,replay,multitask]", "slm.task_choice=gaussian",   # statistics saved, reloaded
         "slm.cache_dir=null", f"slm.encoder={tiny_encoder}"])
     report = run_config(cfg)
     assert report["metric"] == "perplexity" and report["stages"] == ["wordnet", "jargon"]

@@ -48,7 +48,8 @@ class LearnerShape:
     head: str = "retrieved"            # "retrieved": columns of the retrieved task; "union": all seen columns
     mix: str = "global"                # "global": mix the top-K of all slots (paper); "task": mix the top-K of
                                        # the chosen task's slots only
-    task_choice: str = "vote"          # "vote" (weight vote of the global top-K) or "best_keys" (see dtkr)
+    task_choice: str = "vote"          # "vote" (weight vote of the global top-K), "best_keys" or "gaussian" (see dtkr)
+    gaussian_shrinkage: float = 0.01   # task_choice="gaussian": covariance shrinkage (dtkr.add_task_statistics)
 
     @property
     def max_slots(self) -> int:
@@ -69,7 +70,7 @@ class ContinualClassifier:
         self.trainable = {"bank": jare.init_increment_bank(bank_rng, model_cfg, max_slots=shape.max_slots,
                                                            rank=shape.rank, targets=shape.targets, init_std=init_std),
                           "head": {"kernel": head_kernel, "bias": jnp.zeros((shape.max_classes,))}}
-        self.keys = dtkr.new_key_bank(shape.max_slots, query_dim, shape.groups)
+        self.keys = dtkr.new_key_bank(shape.max_slots, query_dim, shape.groups, max_tasks=shape.max_tasks)
         self.col_task = np.full((shape.max_classes,), FREE, np.int32)
         self.label_names: dict[int, tuple[str, ...]] = {}
         self.opt_state = tx.init(self.trainable)
@@ -105,9 +106,12 @@ class ContinualClassifier:
         """Task-local labels -> head columns (the union label space)."""
         return self.columns(task)[np.asarray(labels)]
 
-    def set_task_keys(self, task: int, task_keys: jax.Array) -> np.ndarray:
-        """Freeze a task's trained keys into the pool; its JARe slots are the same slot indices."""
+    def set_task_keys(self, task: int, task_keys: jax.Array, queries: np.ndarray) -> np.ndarray:
+        """Freeze a task's trained keys into the pool (its JARe slots are the same slot indices) and add the
+        statistics of its training `queries` [n, h] (`dtkr.add_task_statistics`; read by
+        `task_choice="gaussian"`); returns the slots."""
         self.keys, slots = dtkr.add_task_keys(self.keys, task, task_keys)
+        self.keys = dtkr.add_task_statistics(self.keys, task, queries, self.shape.gaussian_shrinkage)
         return slots
 
     def reset_optimizer(self) -> None:

@@ -7,6 +7,14 @@ the cosine between query group and sub-key, averaged over groups. Each task trai
 its own texts only (keys started at data means or orthogonal, random score mask, per-group top-2 loss),
 then they are frozen and written into the next free slots of the preallocated pool (`slot_task[p]`
 records the owner, -1 = free), so the pool's shape never changes and nothing jitted recompiles when a task is added.
+
+Which task a text belongs to (evaluation, no task id) is chosen from the keys (`chosen_task`, `best_keys_task`)
+or, with `task_choice="gaussian"`, from per-task query statistics kept next to the keys: each task's mean
+query and the pooled within-task covariance (shrunk towards a scaled identity), i.e. linear discriminant
+analysis over the frozen queries (`gaussian_task`). Only sums over a task's own training queries are kept
+(no text, no query is stored), so it needs no replay. Mahalanobis-distance task/class identification over
+frozen features: Lee et al. 2018 (NeurIPS, "A simple unified framework for detecting out-of-distribution
+samples"), and in exemplar-free continual learning Goswami et al. 2023 (NeurIPS, FeCAM).
 """
 
 from __future__ import annotations
@@ -25,10 +33,24 @@ FREE = -1
 
 @struct.dataclass
 class KeyBank:
-    """The shared key pool: `keys [g, P_max, c]` and `slot_task [P_max]` (task index, -1 = free)."""
+    """The shared key pool: `keys [g, P_max, c]` and `slot_task [P_max]` (task index, -1 = free).
+
+    Optional task statistics (all None, or all set by `new_key_bank(..., max_tasks=T)`): `task_mean [T, h]`
+    (each task's mean training query), `task_count [T]` (queries behind it; 0 = task not added), `scatter
+    [h, h]` (pooled within-task scatter Σ_t Σ_i (q_i − μ_t)(q_i − μ_t)ᵀ) and `precision [h, h]` (inverse of
+    the shrunk pooled covariance), read by `gaussian_task`.
+    """
 
     keys: jax.Array
     slot_task: jax.Array
+    task_mean: jax.Array | None = None
+    task_count: jax.Array | None = None
+    scatter: jax.Array | None = None
+    precision: jax.Array | None = None
+
+    @property
+    def has_statistics(self) -> bool:
+        return self.task_mean is not None
 
     @property
     def groups(self) -> int:
@@ -43,12 +65,17 @@ class KeyBank:
         return np.flatnonzero(np.asarray(self.slot_task) == task)
 
 
-def new_key_bank(max_slots: int, dim: int, groups: int) -> KeyBank:
-    """An empty pool for queries of width `dim` split into `groups` groups."""
+def new_key_bank(max_slots: int, dim: int, groups: int, max_tasks: int | None = None) -> KeyBank:
+    """An empty pool for queries of width `dim` split into `groups` groups; with `max_tasks`, also empty
+    task statistics for `task_choice="gaussian"` (`add_task_statistics`)."""
     if dim % groups:
         raise ValueError(f"query width {dim} is not divisible by slm.groups={groups}")
+    stats = {}
+    if max_tasks is not None:
+        stats = dict(task_mean=jnp.zeros((max_tasks, dim), jnp.float32), task_count=jnp.zeros((max_tasks,), jnp.float32),
+                     scatter=jnp.zeros((dim, dim), jnp.float32), precision=jnp.eye(dim, dtype=jnp.float32))
     return KeyBank(keys=jnp.zeros((groups, max_slots, dim // groups), jnp.float32),
-                   slot_task=jnp.full((max_slots,), FREE, jnp.int32))
+                   slot_task=jnp.full((max_slots,), FREE, jnp.int32), **stats)
 
 
 def grouped_cosine(queries: jax.Array, keys: jax.Array) -> jax.Array:
@@ -185,7 +212,63 @@ def add_task_keys(bank: KeyBank, task: int, task_keys: jax.Array) -> tuple[KeyBa
     keys, owners = np.array(bank.keys), np.array(bank.slot_task)       # host-side edit: no compiles per task
     keys[:, slots] = np.asarray(task_keys)
     owners[slots] = task
-    return KeyBank(keys=jnp.asarray(keys), slot_task=jnp.asarray(owners)), slots
+    return bank.replace(keys=jnp.asarray(keys), slot_task=jnp.asarray(owners)), slots
+
+
+def add_task_statistics(bank: KeyBank, task: int, queries: np.ndarray, shrinkage: float) -> KeyBank:
+    """Add task `task`'s query statistics (its mean, its scatter into the pooled one) and refresh the precision.
+
+    queries [n, h]: the task's own training queries (n >= 1). The pooled covariance is
+    `scatter / (N − T)` over the N queries of the T tasks added so far, shrunk as
+    `(1 − shrinkage) · C + shrinkage · (tr C / h) · I` (Ledoit-Wolf style towards a scaled identity, so it
+    stays invertible with fewer queries than dimensions); `precision` is its inverse, computed on the host in
+    float64. Raises on a bank without statistics, a task added twice, an empty task, a width mismatch or a
+    shrinkage outside (0, 1].
+    """
+    if not bank.has_statistics:
+        raise ValueError("this key bank keeps no task statistics: make it with new_key_bank(..., max_tasks=T)")
+    if not 0.0 < shrinkage <= 1.0:
+        raise ValueError(f"slm.gaussian_shrinkage={shrinkage} must be in (0, 1]")
+    queries = np.asarray(queries, np.float64)
+    counts = np.array(bank.task_count, np.float64)
+    if not 0 <= task < len(counts):
+        raise ValueError(f"task index {task} is outside the bank's {len(counts)} task statistics (slm.max_tasks)")
+    if counts[task] > 0:
+        raise ValueError(f"task {task} already has query statistics; a task can be added only once")
+    if queries.ndim != 2 or queries.shape[0] == 0 or queries.shape[1] != bank.scatter.shape[0]:
+        raise ValueError(f"task {task}'s queries have shape {queries.shape}; need [n >= 1, {bank.scatter.shape[0]}]")
+    mean = queries.mean(axis=0)
+    centred = queries - mean
+    scatter = np.asarray(bank.scatter, np.float64) + centred.T @ centred
+    counts[task] = len(queries)
+    dim = scatter.shape[0]
+    cov = scatter / max(counts.sum() - np.count_nonzero(counts), 1.0)
+    scale = np.trace(cov) / dim
+    cov = (1.0 - shrinkage) * cov + shrinkage * (scale if scale > 0 else 1.0) * np.eye(dim)
+    means = np.array(bank.task_mean)
+    means[task] = mean
+    return bank.replace(task_mean=jnp.asarray(means, jnp.float32), task_count=jnp.asarray(counts, jnp.float32),
+                        scatter=jnp.asarray(scatter, jnp.float32),
+                        precision=jnp.asarray(np.linalg.inv(cov), jnp.float32))
+
+
+def gaussian_task(queries: jax.Array, bank: KeyBank, per_example: bool, n_tasks: int) -> jax.Array:
+    """The task whose query Gaussian (own mean, pooled covariance) is most likely -> task int32 [G].
+
+    queries [n, h]. Score of task t: `qᵀ P μ_t − ½ μ_tᵀ P μ_t` (−½ the Mahalanobis distance up to a term
+    that is the same for every task; equal priors). G = n, or 1 with the scores averaged over the batch.
+    Tasks without statistics are never chosen. Raises when the bank keeps no statistics.
+    """
+    if not bank.has_statistics:
+        raise ValueError("slm.task_choice='gaussian' needs the task statistics (new_key_bank(..., max_tasks=T) and "
+                         "add_task_statistics per task)")
+    means = bank.task_mean[:n_tasks]                                                    # [T, h]
+    projected = means @ bank.precision                                                  # [T, h]
+    scores = queries.astype(jnp.float32) @ projected.T - 0.5 * jnp.sum(projected * means, axis=-1)   # [n, T]
+    if not per_example:
+        scores = scores.mean(axis=0, keepdims=True)
+    scores = jnp.where(bank.task_count[:n_tasks][None, :] > 0, scores, -jnp.inf)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
 def chosen_task(slots: jax.Array, weights: jax.Array, slot_task: jax.Array, n_tasks: int) -> jax.Array:
@@ -215,7 +298,7 @@ def best_keys_task(queries: jax.Array, bank: KeyBank, top_k: int, per_example: b
     return jnp.argmax(mean, axis=-1).astype(jnp.int32)
 
 
-TASK_CHOICES = ("vote", "best_keys")
+TASK_CHOICES = ("vote", "best_keys", "gaussian")
 
 
 def retrieve_from_text(queries: jax.Array, bank: KeyBank, top_k: int, per_example: bool, n_tasks: int,
@@ -223,7 +306,8 @@ def retrieve_from_text(queries: jax.Array, bank: KeyBank, top_k: int, per_exampl
     """Evaluation-time retrieval from the query alone: (slots [G, K], weights [G, K], chosen task [G]).
 
     The task: `task_choice="vote"`, the weight vote of the global top-K (`chosen_task`); `"best_keys"`,
-    the task whose own top-K keys score highest on average (`best_keys_task`). `mix="global"`: the
+    the task whose own top-K keys score highest on average (`best_keys_task`); `"gaussian"`, the most likely
+    task under the per-task query Gaussians (`gaussian_task`). `mix="global"`: the
     top-K of every learned slot (the paper). `mix="task"`: the top-K among the chosen task's slots
     only, so a text whose task is right gets exactly the kind of mixture its task was trained with (no
     other task's increment in it).
@@ -236,13 +320,16 @@ def retrieve_from_text(queries: jax.Array, bank: KeyBank, top_k: int, per_exampl
         slots, weights = retrieve(queries, bank.keys, bank.slot_task != FREE, top_k, per_example)
     if task_choice == "vote":
         task = chosen_task(slots, weights, bank.slot_task, n_tasks)
-    else:
+    elif task_choice == "best_keys":
         task = best_keys_task(queries, bank, top_k, per_example, n_tasks)
+    else:
+        task = gaussian_task(queries, bank, per_example, n_tasks)
     if mix == "task":
         slots, weights = retrieve(queries, bank.keys, bank.slot_task[None, :] == task[:, None], top_k, per_example)
     return slots, weights, task
 
 
 __all__ = ["KeyBank", "KEY_AXES", "FREE", "new_key_bank", "grouped_cosine", "retrieve", "key_loss",
-           "orthogonal_keys", "data_mean_keys", "train_task_keys", "add_task_keys", "chosen_task", "best_keys_task",
+           "orthogonal_keys", "data_mean_keys", "train_task_keys", "add_task_keys", "add_task_statistics", "chosen_task",
+           "best_keys_task", "gaussian_task",
            "TASK_CHOICES", "retrieve_from_text"]

@@ -189,7 +189,7 @@ def _run_slm(cfg, s, stream: LmStream, query_dim: int, backbone, steps: _JareSte
     from tqdm.auto import tqdm
 
     bank = steps.new_bank(cfg)
-    keys = dtkr.new_key_bank(s.max_tasks * s.slots_per_task, query_dim, s.groups)
+    keys = dtkr.new_key_bank(s.max_tasks * s.slots_per_task, query_dim, s.groups, max_tasks=s.max_tasks)
 
     def score(ids, queries, j):
         t, c, task = steps.retrieved_nll(backbone, bank, keys, ids, queries)
@@ -203,6 +203,7 @@ def _run_slm(cfg, s, stream: LmStream, query_dim: int, backbone, steps: _JareSte
             queries, jax.random.key(cfg.run.seed * 7919 + stage), groups=s.groups, slots=s.slots_per_task,
             epochs=s.key_epochs, batch_size=s.key_batch_size, lr=s.key_lr, mask_prob=s.key_mask_prob, init=s.key_init)
         keys, slots_owned = dtkr.add_task_keys(keys, stage, task_keys)
+        keys = dtkr.add_task_statistics(keys, stage, queries, s.gaussian_shrinkage)
         metrics.write(kind="keys", method="slm", stage=domain, loss_per_epoch=history)
         flags = np.zeros(keys.max_slots, bool)
         flags[slots_owned] = True

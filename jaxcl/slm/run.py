@@ -138,7 +138,7 @@ class SlmRun:
         shape = LearnerShape(max_tasks=s.max_tasks, slots_per_task=s.slots_per_task, top_k=s.top_k, rank=s.rank,
                              max_classes=s.max_classes, groups=s.groups, targets=tuple(s.targets),
                              per_example=s.retrieval == "example", head=s.head, mix=s.mix,
-                             task_choice=s.task_choice)
+                             task_choice=s.task_choice, gaussian_shrinkage=s.gaussian_shrinkage)
         if not hasattr(self, "_tx"):          # one optimizer object: learners share compiled steps
             self._tx = optax.adamw(s.lr, weight_decay=s.weight_decay)
         return ContinualClassifier(self.encoder.cfg, self.encoder.params, shape, self.encoder.dim,
@@ -264,7 +264,7 @@ class SlmRun:
                     self.data[name]["train"].queries, jax.random.key(self.cfg.run.seed * 7919 + stage),
                     groups=s.groups, slots=s.slots_per_task, epochs=s.key_epochs, batch_size=s.key_batch_size,
                     lr=s.key_lr, mask_prob=s.key_mask_prob, init=s.key_init)
-                learner.set_task_keys(stage, keys)
+                learner.set_task_keys(stage, keys, self.data[name]["train"].queries)
                 key_losses[name] = history
                 metrics.write(kind="keys", method=method, stage=name, loss_per_epoch=history)
             if method == "multitask":
