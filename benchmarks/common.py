@@ -43,6 +43,19 @@ def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int, step
     return times
 
 
+def minor_faults_per_call(fn: Callable[[], object], calls: int = 5) -> float:
+    """Minor page faults of this process per call of `fn` (getrusage ru_minflt over `calls` calls, after one
+    warm call). A count, not a time, so it is valid on a busy machine: each fault is a page of freshly mapped
+    memory touched for the first time, i.e. the allocator handing a call memory it had returned to the OS."""
+    import resource
+
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
     """(first quartile, median, third quartile)."""
     q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
@@ -51,16 +64,27 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
 
 def machine_details() -> dict[str, object]:
     """What a timing depends on besides the code: CPU model, cores, the allocator settings both sides share
-    (MALLOC_* and LD_PRELOAD in the environment) and the 1-minute load average."""
+    (MALLOC_*, GLIBC_TUNABLES and LD_PRELOAD in the environment), transparent huge pages and the 1-minute
+    load average."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    allocator = {k: v for k, v in os.environ.items()
+                 if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read().strip()
+    except OSError:
+        thp = "unknown"
+    from jaxcl import hostmem
+
+    if hostmem.applied:
+        allocator = {**allocator, "jaxcl.hostmem": "retained (main arena only, no mmap, no trim)"}
     return {"cpu": model, "cores": os.cpu_count(), "allocator": allocator or "glibc malloc defaults",
-            "load_average": os.getloadavg()[0]}
+            "transparent_hugepages": thp, "load_average": os.getloadavg()[0]}
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -105,7 +129,14 @@ def gpt2_benchmark_args(doc: str, default_sizes: str) -> argparse.Namespace:
                         help="comma list of jaxcl compute options REMAT/ATTENTION[/BLOCK] timed side by side "
                              "(model.remat / model.attention / model.attention_block); the first is the baseline")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--host-malloc", choices=("auto", "retain", "system"), default="auto",
+                        help="glibc allocator options for the whole process, both sides alike (jaxcl.hostmem): "
+                             "auto = what `jaxcl` does (retain on CPU-only hosts; JAXCL_HOST_MALLOC decides)")
     args = parser.parse_args()
+    if args.host_malloc != "auto":
+        os.environ["JAXCL_HOST_MALLOC"] = args.host_malloc
+    from jaxcl import hostmem                      # before anything starts JAX's CPU backend
+    hostmem.apply_from_environment()
     args.options = []
     for spec in args.jaxcl_options.split(","):
         remat, attention, *block = spec.split("/")

@@ -31,7 +31,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from common import interleaved_times, machine_details, machine_summary, print_table, quartiles, write_json
+    from common import interleaved_times, machine_details, machine_summary, minor_faults_per_call, print_table, \
+        quartiles, write_json
     from jaxcl.hf import load_pretrained
     from jaxcl.models import build
 
@@ -55,7 +56,7 @@ def main() -> None:
 
     print(f"# forward pass, GPT-2 d={args.d_model} L={args.layers} H={args.heads} V={args.vocab} "
           f"({cfg.num_params() / 1e6:.1f} M params), float32; {machine_summary()}; CPU {machine['cpu']} "
-          f"({machine['cores']} cores); allocator {machine['allocator']}; torch threads={args.threads}; "
+          f"({machine['cores']} cores); allocator {machine['allocator']}, THP {machine['transparent_hugepages']}; torch threads={args.threads}; "
           f"{args.rounds} interleaved rounds x {args.repeats} calls; load average {machine['load_average']:.2f}")
     rows, records = [], []
     for batch, seq in sizes:
@@ -74,20 +75,21 @@ def main() -> None:
 
         fns["torch"] = run_torch
         times = interleaved_times(fns, rounds=args.rounds, steps=args.repeats)
+        faults = {name: minor_faults_per_call(fn, calls=2) for name, fn in fns.items()}
         q = {name: quartiles(t) for name, t in times.items()}
         tokens = batch * seq
-        record = {"batch": batch, "seq": seq, "seconds_per_call": times}
+        record = {"batch": batch, "seq": seq, "seconds_per_call": times, "minor_faults_per_call": faults}
         for name in fns:
             q1, med, q3 = q[name]
             rows.append([f"{batch}x{seq}", name, tokens / med, f"{tokens / q3:,.0f}-{tokens / q1:,.0f}",
                          "-" if name == "torch" else f"{q['torch'][1] / med:.3f}",
                          "-" if name == "torch" else f"{q[baseline][1] / med:.3f}",
-                         "-" if name == "torch" else f"{diffs[name]:.1e}"])
+                         "-" if name == "torch" else f"{diffs[name]:.1e}", f"{faults[name]:,.0f}"])
             record[name] = {"tokens_per_s_median": tokens / med, "vs_torch": q["torch"][1] / med,
                             "max_abs_logit_diff": diffs.get(name)}
         records.append(record)
     print_table(["batch x seq", "side (attention)", "tok/s (median)", "tok/s (IQR)", "jaxcl / torch",
-                 f"vs {baseline}", "max |Δlogit|"], rows)
+                 f"vs {baseline}", "max |Δlogit|", "page faults / call"], rows)
     write_json(args.json, {"benchmark": "forward", "machine": machine, "rounds": args.rounds, "results": records})
 
 

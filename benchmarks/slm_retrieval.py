@@ -82,23 +82,17 @@ def main() -> None:
         parser.error(f"{args.config}: needs run.method slm and slm.mode classification")
     run = SlmRun(cfg)
     tasks = list(run.tasks)
-    confusion = np.zeros((len(tasks), len(tasks)), np.int64)
+    from jaxcl.eval.metrics import retrieval_confusion
+
+    confusion = np.zeros((len(tasks), len(tasks)), np.int64)      # summed over seeds
     per_seed = {}
     examples: dict[str, list[str]] = {}
+    texts = {i: run.data[name][args.split].split.texts for i, name in enumerate(tasks)}
     for seed in seeds:
         chosen = route(run, args.split, seed)
-        per_seed[seed] = {}
-        for i, name in enumerate(tasks):
-            picks = chosen[name]
-            confusion[i] += np.bincount(picks, minlength=len(tasks))[:len(tasks)]
-            per_seed[seed][name] = 100.0 * float(np.mean(picks == i))
-            for j in np.unique(picks[picks != i]):
-                pair = f"{name} -> {tasks[j]}"
-                texts = run.data[name][args.split].split.texts
-                rows = np.flatnonzero(picks == j)
-                for r in rows:
-                    if len(examples.setdefault(pair, [])) < args.examples and texts[r] not in examples[pair]:
-                        examples[pair].append(texts[r])
+        retrieval_confusion({i: chosen[name] for i, name in enumerate(tasks)}, tasks, texts, args.examples,
+                            counts=confusion, pairs=examples)
+        per_seed[seed] = {name: 100.0 * float(np.mean(chosen[name] == i)) for i, name in enumerate(tasks)}
         per_seed[seed]["mean"] = float(np.mean([per_seed[seed][n] for n in tasks]))
     rows = []
     for name in [*tasks, "mean"]:

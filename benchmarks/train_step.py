@@ -9,7 +9,8 @@ fixed batch. Every jaxcl variant (`--jaxcl-options`: model.remat / model.attenti
 is the baseline, jaxcl's defaults) and PyTorch are timed in `--rounds` interleaved rounds of `--repeats`
 steps each, the order rotated every round, after warmup (jaxcl's includes compilation); the table
 gives medians and quartiles over rounds, the ratios of medians, each side's MFU, the CPU model and the
-allocator setting both sides ran with (MALLOC_* / LD_PRELOAD, from the environment). Both sides are
+allocator setting both sides ran with (MALLOC_* / GLIBC_TUNABLES / LD_PRELOAD, from the environment) and
+each side's minor page faults per step (a count, `common.minor_faults_per_call`). Both sides are
 synchronous per step: jaxcl's jitted `make_train_step` is blocked on its returned state and metrics
 (the state is donated, so each step's new state is threaded into the next); PyTorch eager execution
 is synchronous.
@@ -127,7 +128,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from common import interleaved_times, machine_details, machine_summary, print_table, quartiles, write_json
+    from common import interleaved_times, machine_details, machine_summary, minor_faults_per_call, print_table, \
+        quartiles, write_json
 
     from jaxcl.config import MeshConfig, OptimConfig
     from jaxcl.hf import load_pretrained
@@ -162,7 +164,7 @@ def main() -> None:
     print(f"# train step (fwd + bwd + clip {optim.clip_norm} + AdamW), GPT-2 d={args.d_model} L={args.layers} "
           f"H={args.heads} V={args.vocab} ({cfg.num_params() / 1e6:.1f} M params, N={n_matmul / 1e6:.1f} M), "
           f"float32; {machine_summary()}; CPU {machine['cpu']} ({machine['cores']} cores); allocator "
-          f"{machine['allocator']}; torch {torch.__version__} threads={args.threads}")
+          f"{machine['allocator']}, THP {machine['transparent_hugepages']}; torch {torch.__version__} threads={args.threads}")
     print(f"# fp32 matmul peak ({MATMUL_N}^3): jnp.dot {peak_jax / 1e9:.1f} GFLOP/s, torch.mm "
           f"{peak_torch / 1e9:.1f} GFLOP/s; MFU uses {peak / 1e9:.1f} GFLOP/s and 6*N + 12*L*S*d FLOPs per token; "
           f"{args.rounds} interleaved rounds x {args.repeats} steps; 1-min load average at start "
@@ -175,10 +177,12 @@ def main() -> None:
             losses[name], fns[name] = jaxcl_stepper(steps[name], tx, c, params, mesh, ids)
         losses["torch"], fns["torch"] = torch_stepper(torch_model, optim, ids)
         times = interleaved_times(fns, rounds=args.rounds, steps=args.repeats)
+        faults = {name: minor_faults_per_call(fn, calls=2) for name, fn in fns.items()}
         tokens = batch * seq
         step_flops = tokens * (6 * n_matmul + 12 * cfg.n_layers * seq * cfg.d_model)
         q = {name: quartiles(t) for name, t in times.items()}
-        record = {"batch": batch, "seq": seq, "step_flops": step_flops, "losses": losses, "seconds_per_step": times}
+        record = {"batch": batch, "seq": seq, "step_flops": step_flops, "losses": losses, "seconds_per_step": times,
+                  "minor_faults_per_step": faults}
         for name in fns:
             q1, med, q3 = q[name]
             diffs = [abs(a - b) for a, b in zip(losses[name], losses["torch"])]
@@ -186,12 +190,14 @@ def main() -> None:
                          f"{step_flops / med / peak:.1%}",
                          "-" if name == "torch" else f"{q['torch'][1] / med:.3f}",
                          "-" if name == "torch" else f"{q[baseline][1] / med:.3f}",
-                         f"{diffs[0]:.1e} / {diffs[1]:.1e}" if name != "torch" else f"{losses[name][0]:.4f}"])
+                         f"{diffs[0]:.1e} / {diffs[1]:.1e}" if name != "torch" else f"{losses[name][0]:.4f}",
+                         f"{faults[name]:,.0f}"])
             record[name] = {"tokens_per_s_median": tokens / med, "mfu": step_flops / med / peak,
                             "vs_torch": q["torch"][1] / med, "vs_baseline": q[baseline][1] / med}
         records.append(record)
     print_table(["batch x seq", "side (remat/attention)", "tok/s (median)", "tok/s (IQR)", "MFU",
-                 "jaxcl / torch", f"vs {baseline}", "|Δloss| steps 1 / 2 (torch: loss)"], rows)
+                 "jaxcl / torch", f"vs {baseline}", "|Δloss| steps 1 / 2 (torch: loss)", "page faults / step"],
+                rows)
     write_json(args.json, {"benchmark": "train_step", "machine": machine,
                            "matmul_peak_flops": {"jax": peak_jax, "torch": peak_torch}, "rounds": args.rounds,
                            "steps_per_round": args.repeats, "results": records})

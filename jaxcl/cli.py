@@ -221,6 +221,13 @@ def cmd_grow(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from jaxcl import hostmem
+
+    try:      # first: it must run before anything starts JAX's CPU backend (jaxcl.hostmem says why)
+        hostmem.apply_from_environment()
+    except ValueError as e:
+        print(f"jaxcl: error: {e}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="jaxcl", description="Continual learning of language models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "run the continual-learning job of run.method"),

@@ -240,3 +240,19 @@ def test_bootstrap_intervals_resample_texts_once_per_column():
     m = mean_interval([1.0, 2.0, 3.0, 4.0])
     assert m["mean"] == 2.5 and 1.0 <= m["low"] < 2.5 < m["high"] <= 4.0 and m["n"] == 4
     assert mean_interval([0.7]) == {"mean": 0.7, "low": 0.7, "high": 0.7, "std": 0.0, "n": 1}
+
+
+def test_retrieval_confusion_counts_routes_and_accumulates_over_seeds():
+    from jaxcl.eval import retrieval_confusion
+
+    tasks = ["a", "b", "c"]
+    texts = {0: ["a0", "a1", "a2", "a3"], 1: ["b0", "b1", "b2"], 2: ["c0", "c1"]}
+    first = retrieval_confusion({0: np.array([0, 1, 1, 0]), 1: np.array([1, 1, 7]), 2: np.array([2, 0])}, tasks,
+                                texts, examples=1)
+    assert first["counts"] == [[2, 2, 0], [0, 2, 1], [1, 0, 1]]      # a choice past the last task counts as "c"
+    assert first["examples"] == {"a -> b": ["a1"], "b -> c": ["b2"], "c -> a": ["c1"]}
+    counts = np.zeros((3, 3), np.int64)
+    pairs: dict = {}
+    for _ in range(2):                                                  # two seeds routing alike: counts double,
+        retrieval_confusion({0: np.array([0, 1, 1, 0])}, tasks, texts, 3, counts=counts, pairs=pairs)
+    assert counts[0].tolist() == [4, 4, 0] and pairs == {"a -> b": ["a1", "a2"]}   # examples stay distinct

@@ -2,7 +2,7 @@
 reports (JSON + PNG)."""
 
 from jaxcl.eval.metrics import accuracy_forgetting, average_seen, backward_transfer, bootstrap_matrix, \
-    learned_rows, mean_interval, perplexity_forgetting, seen_domains, summarize
+    learned_rows, mean_interval, perplexity_forgetting, retrieval_confusion, seen_domains, summarize
 from jaxcl.eval.orders import balanced_orders
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_memory_growth, plot_series, \
     plot_training_curves, write_report
@@ -10,4 +10,4 @@ from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_mem
 __all__ = ["average_seen", "perplexity_forgetting", "accuracy_forgetting", "backward_transfer", "summarize",
            "seen_domains", "learned_rows", "build_report", "write_report", "format_matrix", "plot_matrix",
            "plot_training_curves", "plot_memory_growth", "plot_series", "balanced_orders", "bootstrap_matrix",
-           "mean_interval"]
+           "mean_interval", "retrieval_confusion"]

@@ -10,7 +10,7 @@ the diagonal under the usual protocol, shifted for SeMem whose first stage strea
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 Matrix = Sequence[Sequence[float | None]]
 
@@ -167,3 +167,29 @@ def mean_interval(values: Sequence[float], *, resamples: int = 10000, level: flo
     lo, hi = np.percentile(means, [tail, 100.0 - tail]) if v.size > 1 else (v[0], v[0])
     return {"mean": float(v.mean()), "low": float(lo), "high": float(hi),
             "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def retrieval_confusion(chosen: Mapping[int, Any], tasks: Sequence[str], texts: Mapping[int, Sequence[str]],
+                        examples: int = 3, counts: Any = None, pairs: dict[str, list[str]] | None = None) -> dict:
+    """Where task retrieval routes each task's texts: a confusion matrix over tasks with example texts.
+
+    `chosen`: {task index t: chosen task index per text of t} (int arrays; a choice outside 0..n-1 counts as
+    the last task); `texts`: {t: the texts, in the same order}. Returns {"tasks", "counts" [n, n] (rows: the
+    text's task, columns: the chosen one), "examples" {"a -> b": up to `examples` distinct texts}}. Pass the
+    `counts` array and `pairs` dict of an earlier call to accumulate over several routings (seeds). Why: SLM
+    forgets only through retrieval, so a missed forgetting target is explained by which pairs are confused
+    (SLM's report, `benchmarks/slm_retrieval.py`).
+    """
+    import numpy as np
+
+    n = len(tasks)
+    counts = np.zeros((n, n), np.int64) if counts is None else counts
+    pairs = {} if pairs is None else pairs
+    for t, picks in chosen.items():
+        picks = np.clip(np.asarray(picks, np.int64), 0, n - 1)
+        counts[t] += np.bincount(picks, minlength=n)[:n]
+        for row in np.flatnonzero(picks != t):
+            pair = pairs.setdefault(f"{tasks[t]} -> {tasks[int(picks[row])]}", [])
+            if len(pair) < examples and texts[t][row] not in pair:
+                pair.append(texts[t][row])
+    return {"tasks": list(tasks), "counts": counts.tolist(), "examples": pairs}

@@ -30,7 +30,7 @@ import optax
 from jaxcl import rundir
 from jaxcl.config import Config, ConfigError
 from jaxcl.data.classification import TaskSplit, load_task
-from jaxcl.eval.metrics import bootstrap_matrix, summarize
+from jaxcl.eval.metrics import bootstrap_matrix, retrieval_confusion, summarize
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, write_report
 from jaxcl.slm import dtkr
 from jaxcl.slm.classifier import ContinualClassifier, LearnerShape
@@ -230,21 +230,6 @@ class SlmRun:
                 "slot_precision": 100.0 * np.sum(owners == task) / max(owners.size, 1),
                 "encoded": int(len(todo)), "correct": cols_all == truth, "chosen": chosen_all}
 
-    def _confusion(self, chosen: dict[int, np.ndarray], examples: int = 3) -> dict[str, Any]:
-        """Where DTKR routes each task's test texts after the last task: counts [text's task, chosen task] and,
-        per confused pair, the first few texts (what `docs/slm.md` shows when retrieval misses)."""
-        n = len(self.tasks)
-        counts = np.zeros((n, n), np.int64)
-        pairs: dict[str, list[str]] = {}
-        for t, picks in chosen.items():
-            counts[t] = np.bincount(np.clip(picks, 0, n - 1), minlength=n)[:n]
-            texts = self.data[self.tasks[t]]["test"].split.texts
-            for row in np.flatnonzero(picks != t):
-                pair = pairs.setdefault(f"{self.tasks[t]} -> {self.tasks[min(int(picks[row]), n - 1)]}", [])
-                if len(pair) < examples:
-                    pair.append(texts[row])
-        return {"tasks": list(self.tasks), "counts": counts.tolist(), "examples": pairs}
-
     def _run_method(self, method: str, metrics) -> dict[str, Any]:
         s = self.scfg
         slm = method == "slm"
@@ -307,7 +292,8 @@ class SlmRun:
                "summary": summarize(matrix, "accuracy", list(range(seen))),
                "intervals": bootstrap_matrix(correct, list(range(seen)), seed=self.cfg.run.seed)}
         if slm:
-            out["confusion"] = self._confusion(chosen)
+            out["confusion"] = retrieval_confusion(   # after the last task, on test (docs/slm.md)
+                chosen, self.tasks, {t: self.data[n]["test"].split.texts for t, n in enumerate(self.tasks)})
             out["retrieval"] = retrieval
             out["key_loss"] = key_losses
             out["learner"] = learner
