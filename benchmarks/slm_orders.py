@@ -61,27 +61,28 @@ def _methods(report: dict) -> dict[str, dict]:
 
 
 def borrowed_baselines(cfg, source: Path) -> dict:
-    """The `baselines` of the finished run in `source` whose config equals `cfg` up to `slm.baselines`, the run's
-    name/dir and `BASELINE_NEUTRAL`; SystemExit naming the first differing key otherwise."""
+    """The baselines `cfg.slm.baselines` of the finished run in `source`, whose config must equal `cfg` in
+    everything that changes what is trained (`jaxcl.rundir.incompatible_keys`, the run-directory rule) apart
+    from `BASELINE_NEUTRAL` and the list `slm.baselines`; SystemExit naming the differing keys otherwise, or
+    the baselines the source did not run."""
     from jaxcl.config import config_to_dict, load_config
+    from jaxcl.rundir import incompatible_keys
 
     report_path = source / "report.json"
     if not report_path.is_file():
         sys.exit(f"--baselines-from: {source} has no finished run (report.json)")
     old = load_config(source / "config.yaml")
     neutral = {k: getattr(cfg.slm, k) for k in BASELINE_NEUTRAL}
-    aligned = dataclasses.replace(old, run=cfg.run, slm=dataclasses.replace(old.slm, baselines=cfg.slm.baselines,
-                                                                             **neutral))
-    if aligned != cfg:
-        a, b = config_to_dict(aligned), config_to_dict(cfg)
-        diff = [f"{sec}.{k}" for sec in b for k in (b[sec] if isinstance(b[sec], dict) else {})
-                if a.get(sec, {}).get(k) != b[sec][k]] or ["(a top-level key)"]
-        sys.exit(f"--baselines-from: {source} ran a different config ({', '.join(diff)}); its baselines would not "
-                 "be comparable")
-    baselines = json.loads(report_path.read_text()).get("baselines") or {}
-    if not baselines:
-        sys.exit(f"--baselines-from: {source} ran no baselines")
-    return baselines
+    aligned = dataclasses.replace(old, slm=dataclasses.replace(old.slm, baselines=cfg.slm.baselines, **neutral))
+    changed = incompatible_keys(config_to_dict(aligned), cfg, "slm")
+    if changed:
+        sys.exit(f"--baselines-from: {source} ran a different config ({', '.join(changed)}); its baselines would "
+                 "not be comparable")
+    ran = json.loads(report_path.read_text()).get("baselines") or {}
+    missing = [b for b in cfg.slm.baselines if b not in ran]
+    if missing:
+        sys.exit(f"--baselines-from: {source} did not run the baselines {missing}")
+    return {b: ran[b] for b in cfg.slm.baselines}
 
 
 def summary(runs: dict[str, dict]) -> dict[str, dict]:

@@ -26,7 +26,10 @@ import json
 import logging
 import math
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from jaxcl.config import Config
 
 
 def _setup_logging() -> None:
@@ -36,7 +39,7 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _load(args) -> "Config":  # noqa: F821
+def _load(args) -> Config:
     from jaxcl.config import load_config
 
     overrides = list(args.overrides)

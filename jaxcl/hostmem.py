@@ -58,8 +58,9 @@ def retain_host_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     global applied
-    applied = all(mallopt(param, value) == 1 for param, value in
-                  ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+    results = [mallopt(param, value) for param, value in
+               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1))]
+    applied = all(r == 1 for r in results)
     return applied
 
 

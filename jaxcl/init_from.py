@@ -23,7 +23,6 @@ Three steps, each usable on its own:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from pathlib import Path

@@ -332,7 +332,6 @@ def test_semem_freezes_the_loaded_model(checkpoints, hf_eval, tmp_path):
     assert report["initial_perplexity"] == pytest.approx([evaluated[d]["perplexity"] for d in report["eval_on"]],
                                                          rel=1e-5)
     assert report["memory"][-1]["memory_size"] > 0
-    from jaxcl.memory import Datastore
     stores = [p for p in run_dir.rglob("manifest.json")]
     assert stores and all(json.loads(p.read_text())["dim"] == 32 for p in stores)
 

@@ -100,7 +100,8 @@ def _lda_reference(train, queries, shrinkage, per_example=True):
     dist = np.stack([np.einsum("nd,de,ne->n", queries - m, prec, queries - m) for m in means], 1)
     if not per_example:
         dist = dist.mean(0, keepdims=True)
-    return dist.argmin(1)
+    gap = np.diff(np.sort(dist, axis=1)[:, :2], axis=1)[:, 0] if dist.shape[1] > 1 else np.full(len(dist), np.inf)
+    return dist.argmin(1), gap > 1e-3 * np.abs(dist).max()      # (choice, the choices float32 must reproduce)
 
 
 def test_gaussian_task_choice_is_lda_over_the_tasks_added_so_far():
@@ -122,7 +123,9 @@ def test_gaussian_task_choice_is_lda_over_the_tasks_added_so_far():
         # after each task: the same choice as LDA fitted on the tasks so far (never a task not yet added)
         got = np.asarray(dtkr.gaussian_task(jnp.asarray(test, jnp.float32), bank, True, n_tasks=4))
         assert got.max() <= t
-        np.testing.assert_array_equal(got, _lda_reference(train[:t + 1], test, 0.05))
+        ref, clear = _lda_reference(train[:t + 1], test, 0.05)
+        assert clear.mean() > 0.95                      # near-ties (a float64 gap below 1e-3 of the scale) aside
+        np.testing.assert_array_equal(got[clear], ref[clear])
     # the pooled scatter is the sum of the per-task scatters (incremental == all at once)
     np.testing.assert_allclose(np.asarray(bank.scatter), sum((x - x.mean(0)).T @ (x - x.mean(0)) for x in train),
                                rtol=1e-5, atol=1e-3)
@@ -133,7 +136,7 @@ def test_gaussian_task_choice_is_lda_over_the_tasks_added_so_far():
     assert np.mean(gaussian == truth) >= 0.95 > np.mean(best_keys == truth) + 0.2
     batch = jnp.asarray(test[100:110], jnp.float32)
     assert dtkr.gaussian_task(batch, bank, False, 4).tolist() == _lda_reference(train, test[100:110], 0.05,
-                                                                               per_example=False).tolist() == [1]
+                                                                               per_example=False)[0].tolist() == [1]
 
 
 def test_task_statistics_reject_bad_input():

@@ -130,6 +130,14 @@ def test_the_task_choice_changes_only_slms_evaluation(tmp_path, csv_root, tiny_e
     assert borrowed_baselines(cfg, tmp_path / "vote") == reports["vote"]["baselines"]   # gaussian cfg, vote run
     with pytest.raises(SystemExit, match="different config .*slm.steps"):
         borrowed_baselines(dataclasses.replace(cfg, slm=dataclasses.replace(cfg.slm, steps=3)), tmp_path / "vote")
+    with pytest.raises(SystemExit, match="different config .*run.seed"):
+        borrowed_baselines(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=1)), tmp_path / "vote")
+    with pytest.raises(SystemExit, match=r"did not run the baselines \['multitask'\]"):
+        borrowed_baselines(dataclasses.replace(cfg, slm=dataclasses.replace(cfg.slm, baselines=("sequential",
+                                                                                               "multitask"))),
+                           tmp_path / "vote")
+    moved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=7))   # harmless for a run
+    assert borrowed_baselines(moved, tmp_path / "vote") == reports["vote"]["baselines"]
     with pytest.raises(SystemExit, match="has no finished run"):
         borrowed_baselines(cfg, tmp_path / "missing")
 

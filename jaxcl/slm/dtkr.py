@@ -255,19 +255,27 @@ def add_task_statistics(bank: KeyBank, task: int, queries: np.ndarray, shrinkage
 def gaussian_task(queries: jax.Array, bank: KeyBank, per_example: bool, n_tasks: int) -> jax.Array:
     """The task whose query Gaussian (own mean, pooled covariance) is most likely -> task int32 [G].
 
-    queries [n, h]. Score of task t: `qᵀ P μ_t − ½ μ_tᵀ P μ_t` (−½ the Mahalanobis distance up to a term
-    that is the same for every task; equal priors). G = n, or 1 with the scores averaged over the batch.
+    queries [n, h]. Score of task t: `(q − c)ᵀ P (μ_t − c) − ½ (μ_t − c)ᵀ P (μ_t − c)` with c the mean of the
+    task means (−½ the Mahalanobis distance up to a term that is the same for every task; equal priors). G = n, or 1 with the scores averaged over the batch.
     Tasks without statistics are never chosen. Raises when the bank keeps no statistics.
     """
     if not bank.has_statistics:
         raise ValueError("slm.task_choice='gaussian' needs the task statistics (new_key_bank(..., max_tasks=T) and "
                          "add_task_statistics per task)")
+    present = bank.task_count[:n_tasks] > 0                                             # [T]
     means = bank.task_mean[:n_tasks]                                                    # [T, h]
-    projected = means @ bank.precision                                                  # [T, h]
-    scores = queries.astype(jnp.float32) @ projected.T - 0.5 * jnp.sum(projected * means, axis=-1)   # [n, T]
+    # Centred on the mean of the present tasks' means (scores shift by a per-query constant only), and full
+    # float32 matmuls (not TF32 / one bf16 pass on accelerators): the precision entries are large (~1/shrinkage)
+    # and the score is a difference of two such products.
+    centre = jnp.sum(jnp.where(present[:, None], means, 0.0), axis=0) / jnp.maximum(present.sum(), 1)
+    means = means - centre
+    highest = jax.lax.Precision.HIGHEST
+    projected = jnp.matmul(means, bank.precision, precision=highest)                   # [T, h]
+    scores = (jnp.matmul(queries.astype(jnp.float32) - centre, projected.T, precision=highest)
+              - 0.5 * jnp.sum(projected * means, axis=-1))                             # [n, T]
     if not per_example:
         scores = scores.mean(axis=0, keepdims=True)
-    scores = jnp.where(bank.task_count[:n_tasks][None, :] > 0, scores, -jnp.inf)
+    scores = jnp.where(present[None, :], scores, -jnp.inf)
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
