@@ -11,6 +11,9 @@ import time
 from typing import Callable, Sequence
 
 
+DEFAULT_BLOCK = 64        # jaxcl.models.ModelConfig.attention_block's default (not imported: jax comes later)
+
+
 def time_call(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7, min_seconds: float = 0.0) -> float:
     """Median wall time of `fn()` in seconds (fn must block until its work is done)."""
     for _ in range(warmup):
@@ -125,9 +128,11 @@ def gpt2_benchmark_args(doc: str, default_sizes: str) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (medians, quartiles)")
-    parser.add_argument("--jaxcl-options", default="none/xla,dots_saveable/blocked",
+    parser.add_argument("--jaxcl-options", default="none/xla,dots_saveable/auto",
                         help="comma list of jaxcl compute options REMAT/ATTENTION[/BLOCK] timed side by side "
-                             "(model.remat / model.attention / model.attention_block); the first is the baseline")
+                             "(model.remat / model.attention / model.attention_block, default block "
+                             f"{DEFAULT_BLOCK}); the first is the baseline: none/xla is jaxcl before issue 18, "
+                             "dots_saveable/auto its defaults now")
     parser.add_argument("--json", default=None)
     parser.add_argument("--host-malloc", choices=("auto", "retain", "system"), default="auto",
                         help="glibc allocator options for the whole process, both sides alike (jaxcl.hostmem): "
@@ -141,7 +146,7 @@ def gpt2_benchmark_args(doc: str, default_sizes: str) -> argparse.Namespace:
     for spec in args.jaxcl_options.split(","):
         remat, attention, *block = spec.split("/")
         args.options.append({"remat": remat, "attention": attention,
-                             "attention_block": int(block[0]) if block else 128})
+                             "attention_block": int(block[0]) if block else DEFAULT_BLOCK})
     args.sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     return args
 

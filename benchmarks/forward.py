@@ -1,7 +1,7 @@
 """Forward-pass throughput: jaxcl GPT-2 vs `transformers` PyTorch GPT-2, same config, same run, CPU.
 
     python benchmarks/forward.py [--sizes 1x128,8x128,4x512,16x256] [--threads N] [--rounds 10] [--repeats 3]
-                                 [--jaxcl-options none/xla,none/blocked] [--json out.json]
+                                 [--jaxcl-options none/xla,dots_saveable/auto] [--json out.json]
 
 Both models get identical weights (jaxcl loads the PyTorch model's checkpoint), the same token
 batch and the same number of CPU threads. jaxcl's forward is one jitted call per variant
@@ -49,7 +49,7 @@ def main() -> None:
         cfg, params = load_pretrained(tmp)
     forwards = {}
     for o in args.options:
-        name = f"{o['attention']}" + (f"/{o['attention_block']}" if o["attention"] == "blocked" else "")
+        name = f"{o['attention']}" + (f"/{o['attention_block']}" if o["attention"] in ("blocked", "auto") else "")
         model = build(cfg.replace(**o))
         forwards[name] = jax.jit(lambda p, ids, model=model: model.apply({"params": p}, ids).logits)
     baseline = next(iter(forwards))

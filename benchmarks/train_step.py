@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--sizes 4x128,8x128,8x256] [--d-model 256 --layers 4 --heads 4]
                                     [--vocab 8192] [--threads N] [--rounds 10] [--repeats 3]
-                                    [--jaxcl-options none/xla,dots_saveable/blocked] [--json out.json]
+                                    [--jaxcl-options none/xla,dots_saveable/auto] [--host-malloc auto] [--json out.json]
 
 One timed iteration is one full optimizer step (forward + backward + clipping + AdamW update) on a
 fixed batch. Every jaxcl variant (`--jaxcl-options`: model.remat / model.attention / block; the first
@@ -115,7 +115,7 @@ def torch_stepper(base_model, optim, ids) -> tuple[list[float], object]:
 
 def option_name(option: dict) -> str:
     return f"{option['remat']}/{option['attention']}" + \
-        (f"/{option['attention_block']}" if option["attention"] == "blocked" else "")
+        (f"/{option['attention_block']}" if option["attention"] in ("blocked", "auto") else "")
 
 
 def main() -> None:

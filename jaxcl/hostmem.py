@@ -9,8 +9,10 @@ re-zeroed by the kernel each time (measured with `benchmarks/train_step.py`, col
 PyTorch's many smaller tensors suffer the same in part (47,696 per step).
 
 `retain_host_memory()` makes every thread allocate from glibc's main arena (`M_ARENA_MAX` 1), never by
-`mmap` (`M_MMAP_MAX` 0), and keeps freed memory in the process (`M_TRIM_THRESHOLD` 2 GiB): the buffer is
-reused step after step and the faults drop to 0. The cost: the process keeps its peak heap (what a caching
+`mmap` (`M_MMAP_MAX` 0), and never gives freed heap memory back (`M_TRIM_THRESHOLD` -1, "disables trimming
+completely", mallopt(3)): the buffer is reused step after step and the faults drop to 0. (A finite threshold
+is not enough: at the GPT-2-small shape, with PyTorch's model in the same process, the free top of the heap
+passed 2 GiB and was trimmed every step, 183,906 faults per step.) The cost: the process keeps its peak heap (what a caching
 allocator does); one arena serialises concurrent `malloc` calls (XLA's CPU threads allocate a few buffers
 per call). It works only before JAX starts its CPU backend (the worker threads pick their arena at their
 first allocation), so `jaxcl`'s command line calls it first thing on hosts without an accelerator plugin.
@@ -29,7 +31,7 @@ import sys
 
 __all__ = ["ENVIRONMENT", "SETTING_ENV", "applied", "retain_host_memory", "should_retain", "apply_from_environment"]
 
-ENVIRONMENT = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+ENVIRONMENT = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 62)}
 SETTING_ENV = "JAXCL_HOST_MALLOC"            # "retain" | "system" | unset (= retain on CPU-only hosts)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8      # glibc <malloc.h>
 applied = False                              # set once retain_host_memory() has changed this process
@@ -59,7 +61,7 @@ def retain_host_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     global applied
     results = [mallopt(param, value) for param, value in
-               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1))]
+               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))]
     applied = all(r == 1 for r in results)
     return applied
 

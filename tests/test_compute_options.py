@@ -12,16 +12,17 @@ from jaxcl.models import ConfigError, ModelConfig, build, init_params
 from jaxcl.models.lowrank import gather_mix
 from jaxcl.train import causal_lm_nll
 
+REFERENCE = dict(remat="none", attention="xla")      # every residual saved, the full masked score matrix
 BASE = {
     "gpt2": ModelConfig(family="gpt2", vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
-                        num_prompts=2, prompt_length=3),
+                        num_prompts=2, prompt_length=3, **REFERENCE),
     "llama": ModelConfig(family="llama", vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-                         num_prompts=2, prompt_length=3),
+                         num_prompts=2, prompt_length=3, **REFERENCE),
 }
 # every remat policy with full attention, every attention with no remat, and the likely CPU choice combined
 OPTIONS = [dict(remat=r, attention=a, attention_block=16) for r, a in (
     ("full", "xla"), ("dots_saveable", "xla"), ("dots_with_no_batch_dims_saveable", "xla"),
-    ("none", "blocked"), ("none", "dot_product_attention"), ("dots_saveable", "blocked"))]
+    ("none", "blocked"), ("none", "dot_product_attention"), ("dots_saveable", "blocked"), ("dots_saveable", "auto"))]
 
 
 def batch(cfg, seq=37):
@@ -70,6 +71,16 @@ def test_every_remat_policy_and_attention_gives_the_reference_loss_and_gradients
                                        err_msg=f"{option} {jax.tree_util.keystr(path)}")
     # the blocks were really used: 37 prompt-free text positions + 3 prompt slots > the 16-query block
     assert 37 + cfg.prompt_length > 16
+
+
+def test_auto_attention_picks_per_backend_and_the_defaults_are_the_measured_cpu_choice():
+    from jaxcl.models.layers import attention_impl
+
+    cfg = ModelConfig(family="gpt2", vocab_size=61, d_model=32, n_layers=2, n_heads=4)
+    assert (cfg.remat, cfg.attention, cfg.attention_block) == ("dots_saveable", "auto", 64)   # docs/benchmarks.md
+    assert [attention_impl(cfg, b) for b in ("cpu", "gpu", "tpu")] == ["blocked", "dot_product_attention", "xla"]
+    assert attention_impl(cfg) == "blocked"                      # the test suite runs on CPU
+    assert attention_impl(cfg.replace(attention="xla"), "cpu") == "xla"
 
 
 def test_blocked_attention_forward_equals_full_with_a_ragged_last_block():

@@ -20,7 +20,11 @@ ROPE_TYPES = ("default", "linear", "llama3")
 # backward pass; "full" saves only the block's inputs and recomputes the rest; the dots policies keep the matmul
 # outputs and recompute the cheap elementwise work between them (MaxText's common choices).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-ATTENTION_IMPLS = ("xla", "blocked", "dot_product_attention")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "dot_product_attention")
+# What attention="auto" runs on each JAX backend (`jaxcl.models.layers.attention_impl`): blocked causal query
+# blocks on CPU (the fastest measured there, docs/benchmarks.md), jax.nn.dot_product_attention on GPU (cuDNN's
+# fused kernel where it supports the inputs, else XLA), the full masked matrix elsewhere (TPU: XLA fuses it).
+AUTO_ATTENTION = {"cpu": "blocked", "gpu": "dot_product_attention"}
 
 # Family defaults for fields left as None.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -69,10 +73,12 @@ class ModelConfig:
     prompt_length: int = 1             # prompt vectors per table, prepended when `prompt_ids` is given
     dtype: str = "float32"             # compute dtype; parameters are always float32
     # How the same function is computed (never what): exact alternatives, chosen per machine.
-    remat: str = "none"                # rematerialisation of the layer block under differentiation (REMAT_POLICIES)
-    attention: str = "xla"             # xla (full scores, masked) | blocked (causal query blocks read only the keys
-                                       # up to the block's end) | dot_product_attention (jax.nn's; cuDNN on GPU)
-    attention_block: int = 128         # query block of attention="blocked"
+    remat: str = "dots_saveable"       # rematerialisation of the layer block under differentiation (REMAT_POLICIES;
+                                       # "none" = save every residual)
+    attention: str = "auto"            # auto (per backend: AUTO_ATTENTION) | xla (full scores, masked) | blocked
+                                       # (causal query blocks read only the keys up to the block's end) |
+                                       # dot_product_attention (jax.nn's; cuDNN on GPU)
+    attention_block: int = 64          # query block of blocked attention
     initializer_range: float = 0.02
     pad_token_id: int | tuple[int, ...] | None = None   # one id, or several (Llama-3 lists several eos ids)
     bos_token_id: int | tuple[int, ...] | None = None

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxcl.models.config import ModelConfig
+from jaxcl.models.config import AUTO_ATTENTION, ModelConfig
 from jaxcl.models.lowrank import LowRankMix, lowrank_delta
 
 # Logical axis of the learned position table (not sharded by the default rules).
@@ -205,10 +205,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv: str, c
     return jnp.einsum(f"bkgqs,{kv}->bqkgd", probs, v).reshape(b, sq, cfg.n_heads, cfg.head_dim)
 
 
+def attention_impl(cfg: ModelConfig, backend: str | None = None) -> str:
+    """The attention implementation `cfg.attention` names on `backend` (default: JAX's default backend):
+    itself, or for "auto" the backend's entry of `AUTO_ATTENTION` ("xla" where it has none). All of them
+    compute the same function (tests/test_compute_options.py); only speed and memory differ."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    return AUTO_ATTENTION.get(backend or jax.default_backend(), "xla")
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention; q head h reads kv head h // (n_heads // n_kv_heads).
 
-    `cfg.attention` picks how (never what) is computed when there is no KV cache: "xla" (full score matrix,
+    `cfg.attention` picks how (never what) is computed when there is no KV cache (`attention_impl`; "auto"
+    picks per backend): "xla" (full score matrix,
     masked), "blocked" (decoders: causal query blocks of `cfg.attention_block` that read only the keys up to
     the block's end) or "dot_product_attention" (`jax.nn.dot_product_attention`, which uses cuDNN's fused
     kernel on GPU). Decoding with a cache always uses the full path over the cache."""
@@ -246,10 +256,11 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(k_cache, new_cache[0], (0, 0, index, 0)).astype(dtype)
             v = jax.lax.dynamic_update_slice(v_cache, new_cache[1], (0, 0, index, 0)).astype(dtype)
             kv = "bksd"
-        if cache is None and cfg.attention == "dot_product_attention":
+        impl = attention_impl(cfg)
+        if cache is None and impl == "dot_product_attention":
             out = jax.nn.dot_product_attention(q.reshape(b, s, cfg.n_heads, cfg.head_dim), k, v,
                                                mask=mask[:, None], scale=1.0 / math.sqrt(cfg.head_dim))
-        elif cache is None and cfg.attention == "blocked" and cfg.is_decoder and s > cfg.attention_block:
+        elif cache is None and impl == "blocked" and cfg.is_decoder and s > cfg.attention_block:
             # Causal query blocks: block [i, j) reads only keys [0, j); the keys after j are masked for every query
             # of the block, so this skips about half of the score matrix and computes the same function.
             step = cfg.attention_block
