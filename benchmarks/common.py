@@ -11,9 +11,6 @@ import time
 from typing import Callable, Sequence
 
 
-DEFAULT_BLOCK = 64        # jaxcl.models.ModelConfig.attention_block's default (not imported: jax comes later)
-
-
 def time_call(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7, min_seconds: float = 0.0) -> float:
     """Median wall time of `fn()` in seconds (fn must block until its work is done)."""
     for _ in range(warmup):
@@ -130,9 +127,9 @@ def gpt2_benchmark_args(doc: str, default_sizes: str) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (medians, quartiles)")
     parser.add_argument("--jaxcl-options", default="none/xla,dots_saveable/auto",
                         help="comma list of jaxcl compute options REMAT/ATTENTION[/BLOCK] timed side by side "
-                             "(model.remat / model.attention / model.attention_block, default block "
-                             f"{DEFAULT_BLOCK}); the first is the baseline: none/xla is jaxcl before issue 18, "
-                             "dots_saveable/auto its defaults now")
+                             "(model.remat / model.attention / model.attention_block, default block: ModelConfig's); "
+                             "the first is the baseline: none/xla is jaxcl before issue 18, dots_saveable/auto its "
+                             "defaults now")
     parser.add_argument("--json", default=None)
     parser.add_argument("--host-malloc", choices=("auto", "retain", "system"), default="auto",
                         help="glibc allocator options for the whole process, both sides alike (jaxcl.hostmem): "
@@ -142,13 +139,22 @@ def gpt2_benchmark_args(doc: str, default_sizes: str) -> argparse.Namespace:
         os.environ["JAXCL_HOST_MALLOC"] = args.host_malloc
     from jaxcl import hostmem                      # before anything starts JAX's CPU backend
     hostmem.apply_from_environment()
+    from jaxcl.models import ModelConfig          # (imports jax: after the allocator choice above)
+
+    default_block = ModelConfig.__dataclass_fields__["attention_block"].default
     args.options = []
     for spec in args.jaxcl_options.split(","):
         remat, attention, *block = spec.split("/")
         args.options.append({"remat": remat, "attention": attention,
-                             "attention_block": int(block[0]) if block else DEFAULT_BLOCK})
+                             "attention_block": int(block[0]) if block else default_block})
     args.sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     return args
+
+
+def option_label(option: dict, with_remat: bool = True) -> str:
+    """A compute-option dict as the tables name it: REMAT/ATTENTION[/BLOCK] (the block where it is used)."""
+    label = (f"{option['remat']}/" if with_remat else "") + option["attention"]
+    return label + (f"/{option['attention_block']}" if option["attention"] in ("blocked", "auto") else "")
 
 
 def run_comparison_parser(doc: str, config: str, out: str, seeds: str) -> argparse.ArgumentParser:

@@ -31,8 +31,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from common import interleaved_times, machine_details, machine_summary, minor_faults_per_call, print_table, \
-        quartiles, write_json
+    from common import interleaved_times, machine_details, machine_summary, minor_faults_per_call, option_label, \
+        print_table, quartiles, write_json
     from jaxcl.hf import load_pretrained
     from jaxcl.models import build
 
@@ -49,7 +49,7 @@ def main() -> None:
         cfg, params = load_pretrained(tmp)
     forwards = {}
     for o in args.options:
-        name = f"{o['attention']}" + (f"/{o['attention_block']}" if o["attention"] in ("blocked", "auto") else "")
+        name = option_label(o, with_remat=False)
         model = build(cfg.replace(**o))
         forwards[name] = jax.jit(lambda p, ids, model=model: model.apply({"params": p}, ids).logits)
     baseline = next(iter(forwards))

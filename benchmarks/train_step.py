@@ -113,11 +113,6 @@ def torch_stepper(base_model, optim, ids) -> tuple[list[float], object]:
     return [run().item() for _ in range(2)], run
 
 
-def option_name(option: dict) -> str:
-    return f"{option['remat']}/{option['attention']}" + \
-        (f"/{option['attention_block']}" if option["attention"] in ("blocked", "auto") else "")
-
-
 def main() -> None:
     from common import gpt2_benchmark_args
 
@@ -128,8 +123,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from common import interleaved_times, machine_details, machine_summary, minor_faults_per_call, print_table, \
-        quartiles, write_json
+    from common import interleaved_times, machine_details, machine_summary, minor_faults_per_call, option_label, \
+        print_table, quartiles, write_json
 
     from jaxcl.config import MeshConfig, OptimConfig
     from jaxcl.hf import load_pretrained
@@ -153,7 +148,7 @@ def main() -> None:
     optim = OptimConfig(warmup_steps=0, min_lr_ratio=1.0)   # constant lr, like plain torch AdamW
     tx = make_optimizer(optim, total_steps=TOTAL_STEPS)
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    variants = {option_name(o): cfg.replace(**o) for o in args.options}
+    variants = {option_label(o): cfg.replace(**o) for o in args.options}
     steps = {name: make_train_step(c, tx, mesh, state_shardings(c, tx, mesh)) for name, c in variants.items()}
 
     peak_jax, peak_torch = measure_matmul_peak(args.repeats)

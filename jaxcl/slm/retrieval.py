@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl.slm import dtkr, jare
-from jaxcl.slm.state import STAT_FIELDS
 
 __all__ = ["SlmAdapters"]
 
@@ -50,7 +49,7 @@ class SlmAdapters:
                      for t in info["targets"]}
         self.keys = dtkr.KeyBank(keys=jnp.asarray(tensors["keys/keys"]),
                                  slot_task=jnp.asarray(tensors["keys/slot_task"]),
-                                 **{f: jnp.asarray(tensors[f"keys/{f}"]) for f in STAT_FIELDS
+                                 **{f: jnp.asarray(tensors[f"keys/{f}"]) for f in dtkr.KeyBank.STATISTICS
                                     if f"keys/{f}" in tensors})
         s = self.settings
         self.encoder = SentenceEncoder(resolve_encoder_dir(s.encoder), s.max_len, None, query_layers=s.query_layers)

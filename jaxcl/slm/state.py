@@ -21,9 +21,8 @@ import numpy as np
 
 from jaxcl.slm import dtkr
 
-__all__ = ["STATE_JSON", "STATE_TENSORS", "STAT_FIELDS", "WEIGHTS_NOTE", "task_mixture", "save_state", "load_state"]
+__all__ = ["STATE_JSON", "STATE_TENSORS", "WEIGHTS_NOTE", "task_mixture", "save_state", "load_state"]
 
-STAT_FIELDS = ("task_mean", "task_count", "scatter", "precision")      # dtkr.KeyBank's task statistics
 STATE_TENSORS = "slm_state.safetensors"
 STATE_JSON = "slm_state.json"
 WEIGHTS_NOTE = ("mean DTKR retrieval weight per slot (top-K over the task's own keys, as in training) over the "
@@ -52,7 +51,7 @@ def save_state(run_dir: str | Path, *, bank: dict[str, Any], keys: dtkr.KeyBank,
     out = {f"bank/{t}/{f}": np.asarray(v) for t, factors in bank.items() for f, v in factors.items()}
     out |= {"keys/keys": np.asarray(keys.keys), "keys/slot_task": np.asarray(keys.slot_task)}
     if keys.has_statistics:       # task_choice="gaussian" reads them
-        out |= {f"keys/{f}": np.asarray(getattr(keys, f)) for f in STAT_FIELDS}
+        out |= {f"keys/{f}": np.asarray(getattr(keys, f)) for f in keys.STATISTICS}
     out |= {k: np.asarray(v) for k, v in (tensors or {}).items()}
     atomic_write(Path(run_dir) / STATE_TENSORS, save(out))
     atomic_write(Path(run_dir) / STATE_JSON, json.dumps({**info, "weights": WEIGHTS_NOTE}, indent=2))
