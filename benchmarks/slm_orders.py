@@ -22,9 +22,9 @@ report.json whose saved config matches) are not repeated; --rerun forces them.
 
 --baselines-from DIR: the baselines are taken from DIR's finished runs of the same (order, seed) instead of
 being run again, when those runs' configs equal this benchmark's in every key but `slm.baselines` and the
-keys only SLM's evaluation-time task choice reads (`BASELINE_NEUTRAL`: the baselines never retrieve a task,
-tested in tests/test_slm_run.py). Comparing SLM task-choice settings thus costs SLM's runs only; a config
-that differs in anything else is an error naming the key.
+keys only SLM reads (`BASELINE_NEUTRAL`: the task choice and the DTKR query layers; the baselines never
+retrieve a task, tested in tests/test_slm_run.py). Comparing SLM retrieval settings thus costs SLM's runs
+only; a config that differs in anything else is an error naming the key.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import finished_or_run, machine_summary, parse_seeds, print_table, \
     run_comparison_parser  # noqa: E402
 
-BASELINE_NEUTRAL = ("task_choice", "gaussian_shrinkage")    # slm keys no baseline reads
+BASELINE_NEUTRAL = ("task_choice", "gaussian_shrinkage", "query_layers")    # slm keys no baseline reads
 SHORT = {"bible_books": "bible", "wordnet_pos": "wordnet", "manpage_section": "man", "pydoc_package": "pydoc",
          "debian_section": "debian"}
 

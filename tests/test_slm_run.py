@@ -103,10 +103,12 @@ def test_reused_predictions_give_the_matrix_of_a_full_evaluation(tmp_path, csv_r
     assert encoded[False] == [12, 12, 9] and encoded[True][0] == 12 and encoded[True][1] < 12
 
 
-def test_the_task_choice_changes_only_slms_evaluation(tmp_path, csv_root, tiny_encoder):
-    """`slm.task_choice` / `slm.gaussian_shrinkage` are read by SLM's evaluation-time retrieval only: SLM's training
-    losses and every baseline's matrix are the same under "vote" and "gaussian" (why benchmarks/slm_orders.py
-    may borrow baselines across them), and a finished run with another training key is refused as a source."""
+def test_the_task_choice_and_query_change_only_slm(tmp_path, csv_root, tiny_encoder):
+    """`slm.task_choice` / `slm.gaussian_shrinkage` are read by SLM's evaluation-time retrieval only (SLM's
+    training losses are the same under "vote" and "gaussian"), and `slm.query_layers` by SLM alone (the
+    baselines never retrieve): every baseline's matrix is the same under all three, which is why
+    benchmarks/slm_orders.py may borrow baselines across them. A finished run with another training key is
+    refused as a source."""
     import dataclasses
     import sys
     from pathlib import Path
@@ -117,17 +119,19 @@ def test_the_task_choice_changes_only_slms_evaluation(tmp_path, csv_root, tiny_e
     from benchmarks.slm_orders import borrowed_baselines
 
     reports, losses = {}, {}
-    for choice in ("vote", "gaussian"):
-        run = tmp_path / choice
-        cfg = make_config(tmp_path, csv_root, "slm.query_layers=[1,2]", "slm.mix=task", f"slm.task_choice={choice}",
-                          f"run.dir={run}", encoder=tiny_encoder)
-        reports[choice] = json.loads(json.dumps(run_config(cfg)))
-        losses[choice] = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                          if r["kind"] == "train"]
-    assert losses["vote"] == losses["gaussian"] and len(losses["vote"]) > 4
-    assert reports["vote"]["baselines"] == reports["gaussian"]["baselines"]
+    for name, choice, layers in (("vote", "vote", "[1,2]"), ("gaussian", "gaussian", "[1,2]"),
+                                 ("query", "gaussian", "[2]")):
+        run = tmp_path / name
+        cfg = make_config(tmp_path, csv_root, f"slm.query_layers={layers}", "slm.mix=task",
+                          f"slm.task_choice={choice}", f"run.dir={run}", encoder=tiny_encoder)
+        reports[name] = json.loads(json.dumps(run_config(cfg)))
+        losses[name] = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                        if r["kind"] == "train" and r["method"] == "slm"]
+    assert losses["vote"] == losses["gaussian"] and len(losses["vote"]) >= 4
+    assert losses["query"] != losses["gaussian"]           # another query changes SLM's training ...
+    assert reports["vote"]["baselines"] == reports["gaussian"]["baselines"] == reports["query"]["baselines"]  # ... only
     assert 0 <= reports["gaussian"]["retrieval_accuracy"] <= 100
-    assert borrowed_baselines(cfg, tmp_path / "vote") == reports["vote"]["baselines"]   # gaussian cfg, vote run
+    assert borrowed_baselines(cfg, tmp_path / "vote") == reports["vote"]["baselines"]   # query cfg, vote run
     with pytest.raises(SystemExit, match="different config .*slm.steps"):
         borrowed_baselines(dataclasses.replace(cfg, slm=dataclasses.replace(cfg.slm, steps=3)), tmp_path / "vote")
     with pytest.raises(SystemExit, match="different config .*run.seed"):
