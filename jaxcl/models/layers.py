@@ -199,10 +199,35 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv: str, c
     -> `[b, q, n_heads, head_dim]`. Scores in float32; masked scores are float32's minimum, so they add exactly 0."""
     b, sq = q.shape[:2]
     scores = jnp.einsum(f"bqkgd,{kv}->bkgqs", q, k, preferred_element_type=jnp.float32)
+    probs = _masked_softmax(scores, mask, cfg, dtype)                      # [b, kv, group, q, k]
+    return jnp.einsum(f"bkgqs,{kv}->bqkgd", probs, v).reshape(b, sq, cfg.n_heads, cfg.head_dim)
+
+
+def _masked_softmax(scores: jax.Array, mask: jax.Array, cfg: ModelConfig, dtype) -> jax.Array:
+    """softmax(scores / sqrt(head_dim)) over keys, masked: scores `[b, kv, group, q, k]` float32, mask `[b, q, k]`."""
     scores = scores * (1.0 / math.sqrt(cfg.head_dim))
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)                  # [b, kv, group, q, k]
-    return jnp.einsum(f"bkgqs,{kv}->bqkgd", probs, v).reshape(b, sq, cfg.n_heads, cfg.head_dim)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig,
+                         dtype) -> jax.Array:
+    """`attend` for a decoder without a cache, in causal query blocks of `cfg.attention_block`: block [i, j)
+    reads only keys [0, j). Every key after j is masked for all of the block's queries (`mask` is causal), so
+    this skips about half of the score matrix and computes the same function. Shapes as `attend` with
+    `kv="bskd"`; q, k and v are put heads-major once (`[b, kv, (group,) s, head_dim]`), so the blocks' dots
+    slice contiguous memory instead of each transposing its own slice."""
+    b, s = q.shape[:2]
+    step = cfg.attention_block
+    qh, kh, vh = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    outs = []
+    for i in range(0, s, step):
+        scores = jnp.einsum("bkgqd,bksd->bkgqs", qh[:, :, :, i:i + step], kh[:, :, :i + step],
+                            preferred_element_type=jnp.float32)
+        probs = _masked_softmax(scores, mask[:, i:i + step, :i + step], cfg, dtype)
+        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", probs, vh[:, :, :i + step]))    # [b, kv, group, block, hd]
+    out = jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, cfg.n_heads, cfg.head_dim)
 
 
 def attention_impl(cfg: ModelConfig, backend: str | None = None) -> str:
@@ -261,12 +286,7 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(q.reshape(b, s, cfg.n_heads, cfg.head_dim), k, v,
                                                mask=mask[:, None], scale=1.0 / math.sqrt(cfg.head_dim))
         elif cache is None and impl == "blocked" and cfg.is_decoder and s > cfg.attention_block:
-            # Causal query blocks: block [i, j) reads only keys [0, j); the keys after j are masked for every query
-            # of the block, so this skips about half of the score matrix and computes the same function.
-            step = cfg.attention_block
-            out = jnp.concatenate([attend(q[:, i:i + step], k[:, :i + step], v[:, :i + step],
-                                          mask[:, i:i + step, :i + step], kv, cfg, dtype)
-                                   for i in range(0, s, step)], axis=1)
+            out = attend_causal_blocks(q, k, v, mask, cfg, dtype)
         else:
             out = attend(q, k, v, mask, kv, cfg, dtype)
         out = Dense((cfg.d_model,), in_axes=("heads", "head_dim"), out_axes=("embed",), use_bias=cfg.attn_bias,
