@@ -24,6 +24,69 @@ def time_call(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7, mi
     return statistics.median(times)
 
 
+MATMUL_N = 2048
+
+
+def matmul_peak(repeats: int) -> tuple[float, float]:
+    """float32 FLOP/s of a MATMUL_N^3 matmul, median of `repeats` calls: (jitted jnp.dot, torch.mm)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (MATMUL_N, MATMUL_N), jnp.float32)
+    b = jax.random.normal(kb, (MATMUL_N, MATMUL_N), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    t_jax = time_call(lambda: dot(a, b).block_until_ready(), repeats=repeats)
+    ta, tb = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    t_torch = time_call(lambda: torch.mm(ta, tb), repeats=repeats)
+    flops = 2 * MATMUL_N ** 3
+    return flops / t_jax, flops / t_torch
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) CPU time since boot from /proc/stat's `cpu` line, or None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+class Steadiness:
+    """Was the machine steady through a timing run? On a shared VM, another guest can halve the CPU for
+    minutes (session 14 measured a matmul peak of 106 GFLOP/s where the same box gave 192 ten minutes
+    before); timings from such a run are void, and nothing in their own table says so. This measures the
+    fp32 matmul rate (`matmul_peak`) when constructed and in `finish`, and the share of CPU time stolen by
+    the hypervisor over the run (/proc/stat `steal`); a change of the rate by more than `TOLERANCE` or a
+    steal share above `MAX_STEAL` marks the run as suspect."""
+
+    TOLERANCE = 0.15
+    MAX_STEAL = 0.02
+
+    def __init__(self, repeats: int):
+        self.repeats = repeats
+        self._jiffies = _cpu_jiffies()
+        self.start = matmul_peak(repeats)
+
+    def finish(self) -> dict[str, object]:
+        """{"matmul_start", "matmul_end" (FLOP/s, (jax, torch)), "rate_change" (end / start − 1 of the better
+        side), "steal_share" (None where /proc/stat is unreadable), "suspect", "line" (a `#` header line)}."""
+        end = matmul_peak(self.repeats)
+        jiffies = _cpu_jiffies()
+        steal = None
+        if self._jiffies is not None and jiffies is not None and jiffies[1] > self._jiffies[1]:
+            steal = (jiffies[0] - self._jiffies[0]) / (jiffies[1] - self._jiffies[1])
+        change = max(end) / max(self.start) - 1.0
+        suspect = abs(change) > self.TOLERANCE or (steal is not None and steal > self.MAX_STEAL)
+        line = (f"# steadiness: fp32 matmul {max(self.start) / 1e9:.1f} GFLOP/s at the start, {max(end) / 1e9:.1f} at "
+                f"the end ({change:+.0%}); CPU steal {'unknown' if steal is None else f'{steal:.1%}'} of the run"
+                + (" -- SUSPECT: the machine was not steady, rerun on an idle one" if suspect else ""))
+        return {"matmul_start": self.start, "matmul_end": end, "rate_change": change, "steal_share": steal,
+                "suspect": suspect, "line": line}
+
+
 def interleaved_times(fns: dict[str, Callable[[], object]], *, rounds: int, steps: int = 1,
                       warmup: int = 2) -> dict[str, list[float]]:
     """Seconds per call of every function, measured in `rounds` interleaved rounds (each round times `steps`

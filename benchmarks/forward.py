@@ -8,7 +8,9 @@ batch and the same number of CPU threads. jaxcl's forward is one jitted call per
 (`--jaxcl-options`: REMAT/ATTENTION[/BLOCK]; remat does not matter without a backward pass);
 PyTorch runs in `inference_mode` with its default attention (SDPA). All sides are timed in
 `--rounds` interleaved rounds of `--repeats` calls (order rotated every round); the table gives
-medians, quartiles and ratios of medians, with the CPU model and allocator setting.
+medians, quartiles and ratios of medians, with the CPU model and allocator setting, under a line
+saying whether the machine stayed steady (`common.Steadiness`: the fp32 matmul rate before and after,
+the CPU time stolen by the hypervisor; SUSPECT when they moved).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from common import interleaved_times, machine_details, machine_summary, minor_faults_per_call, option_label, \
-        print_table, quartiles, write_json
+    from common import Steadiness, interleaved_times, machine_details, machine_summary, minor_faults_per_call, \
+        option_label, print_table, quartiles, write_json
     from jaxcl.hf import load_pretrained
     from jaxcl.models import build
 
@@ -59,6 +61,7 @@ def main() -> None:
           f"({machine['cores']} cores); allocator {machine['allocator']}, THP {machine['transparent_hugepages']}; torch threads={args.threads}; "
           f"{args.rounds} interleaved rounds x {args.repeats} calls; load average {machine['load_average']:.2f}")
     rows, records = [], []
+    steadiness = Steadiness(args.repeats)
     for batch, seq in sizes:
         ids = np.random.RandomState(0).randint(0, args.vocab, (batch, seq))
         jids, tids = jnp.asarray(ids, jnp.int32), torch.tensor(ids)
@@ -88,9 +91,12 @@ def main() -> None:
             record[name] = {"tokens_per_s_median": tokens / med, "vs_torch": q["torch"][1] / med,
                             "max_abs_logit_diff": diffs.get(name)}
         records.append(record)
+    steady = steadiness.finish()
+    print(steady["line"])
     print_table(["batch x seq", "side (attention)", "tok/s (median)", "tok/s (IQR)", "jaxcl / torch",
                  f"vs {baseline}", "max |Δlogit|", "page faults / call"], rows)
-    write_json(args.json, {"benchmark": "forward", "machine": machine, "rounds": args.rounds, "results": records})
+    write_json(args.json, {"benchmark": "forward", "machine": machine, "rounds": args.rounds, "results": records,
+                           "steadiness": {k: v for k, v in steady.items() if k != "line"}})
 
 
 if __name__ == "__main__":

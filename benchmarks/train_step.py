@@ -32,8 +32,10 @@ MFU = model FLOPs per step / step time / peak, with model FLOPs per token = 6 * 
 score and value matmuls, counted over the full S x S square). N = all parameters except the
 position table, i.e. the non-embedding parameters plus the V x d LM-head matrix (tied to the token
 embedding, whose lookup is free but whose output projection is a matmul). The peak is measured in
-the same run as the best float32 matmul rate of a jitted `jnp.dot` and of `torch.mm` on 2048 x 2048
-matrices (2 * n^3 FLOPs per call, median time), and the higher one is used for both MFUs.
+the same run, before and after the timings, as the best float32 matmul rate of a jitted `jnp.dot` and
+of `torch.mm` on 2048 x 2048 matrices (2 * n^3 FLOPs per call, median time), and the highest is used
+for both MFUs. The two measurements and the CPU time stolen by the hypervisor over the run
+(`common.Steadiness`) are printed above the table; a run where they moved is marked SUSPECT.
 """
 
 from __future__ import annotations
@@ -45,26 +47,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-MATMUL_N = 2048
 TOTAL_STEPS = 10_000   # schedule length for `make_optimizer`; with no warmup and min_lr_ratio=1 the lr is constant
-
-
-def measure_matmul_peak(repeats: int) -> tuple[float, float]:
-    """float32 FLOP/s of a MATMUL_N^3 matmul: (jitted jnp.dot, torch.mm)."""
-    import jax
-    import jax.numpy as jnp
-    import torch
-    from common import time_call
-
-    ka, kb = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(ka, (MATMUL_N, MATMUL_N), jnp.float32)
-    b = jax.random.normal(kb, (MATMUL_N, MATMUL_N), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    t_jax = time_call(lambda: dot(a, b).block_until_ready(), repeats=repeats)
-    ta, tb = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
-    t_torch = time_call(lambda: torch.mm(ta, tb), repeats=repeats)
-    flops = 2 * MATMUL_N ** 3
-    return flops / t_jax, flops / t_torch
 
 
 def jaxcl_stepper(train_step, tx, cfg, params, mesh, ids) -> tuple[list[float], object]:
@@ -123,8 +106,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from common import interleaved_times, machine_details, machine_summary, minor_faults_per_call, option_label, \
-        print_table, quartiles, write_json
+    from common import MATMUL_N, Steadiness, interleaved_times, machine_details, machine_summary, \
+        minor_faults_per_call, option_label, print_table, quartiles, write_json
 
     from jaxcl.config import MeshConfig, OptimConfig
     from jaxcl.hf import load_pretrained
@@ -151,8 +134,8 @@ def main() -> None:
     variants = {option_label(o): cfg.replace(**o) for o in args.options}
     steps = {name: make_train_step(c, tx, mesh, state_shardings(c, tx, mesh)) for name, c in variants.items()}
 
-    peak_jax, peak_torch = measure_matmul_peak(args.repeats)
-    peak = max(peak_jax, peak_torch)
+    steadiness = Steadiness(args.repeats)
+    peak_jax, peak_torch = steadiness.start
     n_matmul = cfg.num_params() - cfg.max_seq_len * cfg.d_model
     baseline = next(iter(variants))
 
@@ -160,11 +143,11 @@ def main() -> None:
           f"H={args.heads} V={args.vocab} ({cfg.num_params() / 1e6:.1f} M params, N={n_matmul / 1e6:.1f} M), "
           f"float32; {machine_summary()}; CPU {machine['cpu']} ({machine['cores']} cores); allocator "
           f"{machine['allocator']}, THP {machine['transparent_hugepages']}; torch {torch.__version__} threads={args.threads}")
-    print(f"# fp32 matmul peak ({MATMUL_N}^3): jnp.dot {peak_jax / 1e9:.1f} GFLOP/s, torch.mm "
-          f"{peak_torch / 1e9:.1f} GFLOP/s; MFU uses {peak / 1e9:.1f} GFLOP/s and 6*N + 12*L*S*d FLOPs per token; "
-          f"{args.rounds} interleaved rounds x {args.repeats} steps; 1-min load average at start "
-          f"{machine['load_average']:.2f} (timings need an otherwise idle machine)")
-    rows, records = [], []
+    print(f"# fp32 matmul peak ({MATMUL_N}^3, at the start): jnp.dot {peak_jax / 1e9:.1f} GFLOP/s, torch.mm "
+          f"{peak_torch / 1e9:.1f} GFLOP/s; MFU uses the best rate measured at the start or the end and "
+          f"6*N + 12*L*S*d FLOPs per token; {args.rounds} interleaved rounds x {args.repeats} steps; 1-min load "
+          f"average at start {machine['load_average']:.2f} (timings need an otherwise idle machine)")
+    records = []
     for batch, seq in sizes:
         ids = np.random.RandomState(0).randint(0, args.vocab, (batch, seq)).astype(np.int64)
         fns, losses = {}, {}
@@ -175,10 +158,18 @@ def main() -> None:
         faults = {name: minor_faults_per_call(fn, calls=2) for name, fn in fns.items()}
         tokens = batch * seq
         step_flops = tokens * (6 * n_matmul + 12 * cfg.n_layers * seq * cfg.d_model)
-        q = {name: quartiles(t) for name, t in times.items()}
         record = {"batch": batch, "seq": seq, "step_flops": step_flops, "losses": losses, "seconds_per_step": times,
                   "minor_faults_per_step": faults}
-        for name in fns:
+        records.append(record)
+    steady = steadiness.finish()
+    peak = max(*steady["matmul_start"], *steady["matmul_end"])
+    rows = []
+    for record in records:
+        batch, seq, step_flops, losses = record["batch"], record["seq"], record["step_flops"], record["losses"]
+        tokens = batch * seq
+        q = {name: quartiles(t) for name, t in record["seconds_per_step"].items()}
+        faults = record["minor_faults_per_step"]
+        for name in q:
             q1, med, q3 = q[name]
             diffs = [abs(a - b) for a, b in zip(losses[name], losses["torch"])]
             rows.append([f"{batch}x{seq}", name, tokens / med, f"{tokens / q3:,.0f}-{tokens / q1:,.0f}",
@@ -189,12 +180,12 @@ def main() -> None:
                          f"{faults[name]:,.0f}"])
             record[name] = {"tokens_per_s_median": tokens / med, "mfu": step_flops / med / peak,
                             "vs_torch": q["torch"][1] / med, "vs_baseline": q[baseline][1] / med}
-        records.append(record)
+    print(steady["line"])
     print_table(["batch x seq", "side (remat/attention)", "tok/s (median)", "tok/s (IQR)", "MFU",
                  "jaxcl / torch", f"vs {baseline}", "|Δloss| steps 1 / 2 (torch: loss)", "page faults / step"],
                 rows)
-    write_json(args.json, {"benchmark": "train_step", "machine": machine,
-                           "matmul_peak_flops": {"jax": peak_jax, "torch": peak_torch}, "rounds": args.rounds,
+    write_json(args.json, {"benchmark": "train_step", "machine": machine, "matmul_peak_flops": peak,
+                           "steadiness": {k: v for k, v in steady.items() if k != "line"}, "rounds": args.rounds,
                            "steps_per_round": args.repeats, "results": records})
 
 

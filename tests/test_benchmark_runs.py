@@ -88,3 +88,30 @@ def test_slm_orders_summary_intervals_and_acceptance():
     rows = module.run_rows(runs)
     assert rows[0][4] == "[0.00, 1.00]" and rows[0][7:] == ["multitask 0.00", "sequential 70.00"]
     assert len(module.summary_rows(stats)) == 3
+
+
+def test_a_timing_run_on_an_unsteady_machine_is_marked_suspect(monkeypatch):
+    """`common.Steadiness` flags a run whose matmul rate moved by more than 15 % between its start and end, or
+    that lost more than 2 % of its CPU time to the hypervisor (steal); a steady run is not flagged."""
+    spec = importlib.util.spec_from_file_location("bench_common_steady", ROOT / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    real_jiffies = common._cpu_jiffies
+
+    def machine(rates, jiffies):
+        rates, jiffies = iter(rates), iter(jiffies)
+        monkeypatch.setattr(common, "matmul_peak", lambda repeats: next(rates))
+        monkeypatch.setattr(common, "_cpu_jiffies", lambda: next(jiffies))
+        return common.Steadiness(repeats=1).finish()
+
+    steady = machine([(190e9, 150e9), (180e9, 140e9)], [(0, 1000), (5, 2000)])      # -5 %, 0.5 % steal
+    assert not steady["suspect"] and "SUSPECT" not in steady["line"]
+    assert steady["rate_change"] == pytest.approx(180 / 190 - 1) and steady["steal_share"] == pytest.approx(0.005)
+    halved = machine([(106e9, 107e9), (192e9, 150e9)], [(0, 1000), (0, 2000)])       # the peak doubled: void
+    assert halved["suspect"] and "SUSPECT" in halved["line"]
+    stolen = machine([(190e9, 150e9), (190e9, 150e9)], [(0, 1000), (50, 2000)])      # 5 % stolen
+    assert stolen["suspect"] and stolen["steal_share"] == pytest.approx(0.05)
+    unknown = machine([(190e9, 150e9), (185e9, 150e9)], [None, None])                # no /proc/stat
+    assert not unknown["suspect"] and unknown["steal_share"] is None and "unknown" in unknown["line"]
+    counters = real_jiffies()                                                       # this machine's own counters
+    assert counters is None or 0 <= counters[0] < counters[1]

@@ -123,22 +123,27 @@ def test_the_task_choice_and_query_change_only_slm(tmp_path, csv_root, tiny_enco
                                  ("query", "gaussian", "[2]")):
         run = tmp_path / name
         cfg = make_config(tmp_path, csv_root, f"slm.query_layers={layers}", "slm.mix=task",
-                          f"slm.task_choice={choice}", f"run.dir={run}", encoder=tiny_encoder)
+                          f"slm.task_choice={choice}", f"run.dir={run}", "slm.baselines=[sequential,multitask]",
+                          encoder=tiny_encoder)
         reports[name] = json.loads(json.dumps(run_config(cfg)))
-        losses[name] = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                        if r["kind"] == "train" and r["method"] == "slm"]
-    assert losses["vote"] == losses["gaussian"] and len(losses["vote"]) >= 4
-    assert losses["query"] != losses["gaussian"]           # another query changes SLM's training ...
-    assert reports["vote"]["baselines"] == reports["gaussian"]["baselines"] == reports["query"]["baselines"]  # ... only
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = {m: [r["loss"] for r in records if r["kind"] == "train" and r["method"] == m]
+                        for m in ("slm", "sequential", "multitask")}
+    assert losses["vote"]["slm"] == losses["gaussian"]["slm"] and len(losses["vote"]["slm"]) >= 4
+    assert losses["query"]["slm"] != losses["gaussian"]["slm"]           # another query changes SLM's training ...
+    for baseline in ("sequential", "multitask"):                           # ... and no baseline's
+        assert losses["vote"][baseline] == losses["gaussian"][baseline] == losses["query"][baseline]
+        assert len(losses["vote"][baseline]) >= 2
+    assert reports["vote"]["baselines"] == reports["gaussian"]["baselines"] == reports["query"]["baselines"]
     assert 0 <= reports["gaussian"]["retrieval_accuracy"] <= 100
     assert borrowed_baselines(cfg, tmp_path / "vote") == reports["vote"]["baselines"]   # query cfg, vote run
     with pytest.raises(SystemExit, match="different config .*slm.steps"):
         borrowed_baselines(dataclasses.replace(cfg, slm=dataclasses.replace(cfg.slm, steps=3)), tmp_path / "vote")
     with pytest.raises(SystemExit, match="different config .*run.seed"):
         borrowed_baselines(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=1)), tmp_path / "vote")
-    with pytest.raises(SystemExit, match=r"did not run the baselines \['multitask'\]"):
+    with pytest.raises(SystemExit, match=r"did not run the baselines \['replay'\]"):
         borrowed_baselines(dataclasses.replace(cfg, slm=dataclasses.replace(cfg.slm, baselines=("sequential",
-                                                                                               "multitask"))),
+                                                                                               "replay"))),
                            tmp_path / "vote")
     moved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=7))   # harmless for a run
     assert borrowed_baselines(moved, tmp_path / "vote") == reports["vote"]["baselines"]

@@ -214,7 +214,9 @@ def attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
                          dtype) -> jax.Array:
     """`attend` for a decoder without a cache, in causal query blocks of `cfg.attention_block`: block [i, j)
     reads only keys [0, j). Every key after j is masked for all of the block's queries (`mask` is causal), so
-    this skips about half of the score matrix and computes the same function. Shapes as `attend` with
+    this skips about half of the score matrix and computes the same function, except for query rows whose
+    every key is masked (left-padding positions: their uniform average runs over [0, j) instead of [0, s);
+    no real token reads them). Shapes as `attend` with
     `kv="bskd"`; q, k and v are put heads-major once (`[b, kv, (group,) s, head_dim]`), so the blocks' dots
     slice contiguous memory instead of each transposing its own slice."""
     b, s = q.shape[:2]
