@@ -216,9 +216,9 @@ def attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     reads only keys [0, j). Every key after j is masked for all of the block's queries (`mask` is causal), so
     this skips about half of the score matrix and computes the same function, except for query rows whose
     every key is masked (left-padding positions: their uniform average runs over [0, j) instead of [0, s);
-    no real token reads them). Shapes as `attend` with
-    `kv="bskd"`; q, k and v are put heads-major once (`[b, kv, (group,) s, head_dim]`), so the blocks' dots
-    slice contiguous memory instead of each transposing its own slice."""
+    no real token reads them). Shapes as `attend` with `kv="bskd"`; q, k and v are put heads-major once
+    (`[b, kv, (group,) s, head_dim]`), so the blocks' dots slice contiguous memory instead of each
+    transposing its own slice."""
     b, s = q.shape[:2]
     step = cfg.attention_block
     qh, kh, vh = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -245,10 +245,10 @@ class Attention(nn.Module):
     """Multi-head / grouped-query self-attention; q head h reads kv head h // (n_heads // n_kv_heads).
 
     `cfg.attention` picks how (never what) is computed when there is no KV cache (`attention_impl`; "auto"
-    picks per backend): "xla" (full score matrix,
-    masked), "blocked" (decoders: causal query blocks of `cfg.attention_block` that read only the keys up to
-    the block's end) or "dot_product_attention" (`jax.nn.dot_product_attention`, which uses cuDNN's fused
-    kernel on GPU). Decoding with a cache always uses the full path over the cache."""
+    picks per backend): "xla" (full score matrix, masked), "blocked" (decoders, `attend_causal_blocks`:
+    causal query blocks of `cfg.attention_block` that read only the keys up to the block's end) or
+    "dot_product_attention" (`jax.nn.dot_product_attention`, which uses cuDNN's fused kernel on GPU).
+    Decoding with a cache always uses the full path over the cache."""
 
     cfg: ModelConfig
 

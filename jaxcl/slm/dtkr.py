@@ -259,7 +259,8 @@ def gaussian_task(queries: jax.Array, bank: KeyBank, per_example: bool, n_tasks:
 
     queries [n, h]. Score of task t: `(q − c)ᵀ P (μ_t − c) − ½ (μ_t − c)ᵀ P (μ_t − c)` with c the mean of the
     task means (−½ the Mahalanobis distance up to a term that is the same for every task; equal priors).
-    G = n, or 1 with the scores averaged over the batch. Tasks without statistics are never chosen. Raises when the bank keeps no statistics.
+    G = n, or 1 with the scores averaged over the batch. Tasks without statistics are never chosen. Raises
+    when the bank keeps no statistics.
     """
     if not bank.has_statistics:
         raise ValueError("slm.task_choice='gaussian' needs the task statistics (new_key_bank(..., max_tasks=T) and "
