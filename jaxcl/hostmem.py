@@ -14,8 +14,8 @@ completely", mallopt(3)): the buffer is reused step after step and the faults dr
 is not enough: at the GPT-2-small shape, with PyTorch's model in the same process, the free top of the heap
 passed 2 GiB and was trimmed every step, 183,906 faults per step.) The cost: the process keeps its peak heap
 (what a caching allocator does); one arena serialises concurrent `malloc` calls (XLA's CPU threads
-allocate a few buffers per call). It works only before JAX starts its CPU backend (the worker threads pick their arena at their
-first allocation), so `jaxcl`'s command line calls it first thing on hosts without an accelerator plugin.
+allocate a few buffers per call). It works only before JAX starts its CPU backend (the worker threads pick
+their arena at their first allocation), so `jaxcl`'s command line calls it first thing on hosts without an accelerator plugin.
 Programs that import jaxcl can call it before any JAX computation, or set the same options in the
 environment before Python starts (what `ENVIRONMENT` lists), which also covers PyTorch in the same process.
 Reference: glibc malloc tunables, https://www.gnu.org/software/libc/manual/html_node/Memory-Allocation-Tunables.html
