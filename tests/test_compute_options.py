@@ -114,3 +114,70 @@ def test_loss_over_full_length_logits_equals_the_sliced_reference():
 def test_bad_compute_options_name_the_key(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         BASE["gpt2"].replace(**kwargs)
+
+
+def _plain_blocked_attention(q, k, v, mask, cfg):
+    """The blocked attention as plain autodiff sees it (per-block masked softmax, no custom VJP)."""
+    from jaxcl.models.layers import attend
+
+    step, s = cfg.attention_block, q.shape[1]
+    return jnp.concatenate([attend(q[:, i:i + step], k[:, :i + step], v[:, :i + step],
+                                   mask[:, i:i + step, :i + step], "bskd", cfg, jnp.float32)
+                            for i in range(0, s, step)], axis=1)
+
+
+def test_blocked_attention_backward_equals_autodiff_including_fully_masked_rows():
+    """The FlashAttention-style VJP of `attend_causal_blocks` equals autodiff of the per-block softmax for q, k
+    and v: grouped queries, a ragged last block, and a cotangent on every row, left-padding rows (whose every
+    key is masked) included."""
+    from jaxcl.models.layers import attend_causal_blocks, build_attention_mask
+
+    cfg = ModelConfig(family="llama", vocab_size=61, d_model=48, n_layers=1, n_heads=6, n_kv_heads=2,
+                      attention_block=8)
+    b, s = 2, 21
+    keys = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(keys[0], (b, s, 2, 3, cfg.head_dim)) * 2
+    k = jax.random.normal(keys[1], (b, s, 2, cfg.head_dim)) * 2
+    v = jax.random.normal(keys[2], (b, s, 2, cfg.head_dim))
+    cotangent = jax.random.normal(keys[3], (b, s, cfg.n_heads, cfg.head_dim))
+    padding = jnp.ones((b, s), jnp.int32).at[1, :5].set(0)
+    mask = build_attention_mask(padding, b, s, causal=True)
+
+    def vjp(fn):
+        out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, mask, cfg), q, k, v)
+        return out, pullback(cotangent)
+
+    out, grads = vjp(lambda *a: attend_causal_blocks(*a, jnp.float32))
+    ref_out, ref_grads = vjp(_plain_blocked_attention)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=1e-5, rtol=0)
+    for name, a, r in zip("qkv", grads, ref_grads):
+        assert float(jnp.max(jnp.abs(r))) > 0.1, name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("remat", ["dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_keeps_the_attention_output_and_softmax_stats_not_the_score_matrix(remat, capsys):
+    """Under a saving remat policy the blocked attention's residuals are its inputs, output and per-row softmax
+    statistics: no `[query block, keys]` score or probability matrix is stored, and its forward is not re-run."""
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from jaxcl.models.layers import ATTENTION_RESIDUALS, attend_causal_blocks, remat_policy
+
+    cfg = ModelConfig(family="gpt2", vocab_size=61, d_model=32, n_layers=1, n_heads=4, remat=remat,
+                      attention_block=8)
+    s = 24
+    q = jnp.ones((2, s, 4, 1, cfg.head_dim))
+    k = v = jnp.ones((2, s, 4, cfg.head_dim))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (2, s, s))
+    fn = jax.checkpoint(lambda q, k, v: jnp.sum(attend_causal_blocks(q, k, v, mask, cfg, jnp.float32)),
+                        policy=remat_policy(cfg))
+    print_saved_residuals(fn, q, k, v)
+    saved = capsys.readouterr().out.strip().splitlines()
+    assert {name for name in ATTENTION_RESIDUALS if any(f"'{name}'" in line for line in saved)} == \
+        set(ATTENTION_RESIDUALS), saved
+    shapes = [tuple(int(n) for n in re.match(r"\w+\[([\d,]*)\]", line).group(1).split(",") if n) for line in saved]
+    assert (2, 4, 1, s, 2) in shapes and (2, 4, 1, s, cfg.head_dim) in shapes, saved
+    assert not [shape for shape in shapes if len(shape) >= 2 and shape[-2] == 8 and shape[-1] in (8, 16, 24)], saved
+    assert remat_policy(cfg.replace(remat="full")) is None

@@ -9,6 +9,7 @@ and per-head adapters never need reshapes of flattened matrices.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxcl.models.config import AUTO_ATTENTION, ModelConfig
 from jaxcl.models.lowrank import LowRankMix, lowrank_delta
@@ -210,6 +212,12 @@ def _masked_softmax(scores: jax.Array, mask: jax.Array, cfg: ModelConfig, dtype)
     return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
+# Names of the blocked attention's saved residuals (its output, and per row the max score and the log of the
+# exponentials' sum, whose sum is the log-sum-exp): `remat_policy` adds them to every saving policy, so a
+# rematerialised block keeps them instead of re-running the attention forward.
+ATTENTION_RESIDUALS = ("attention_out", "attention_softmax_stats")
+
+
 def attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: ModelConfig,
                          dtype) -> jax.Array:
     """`attend` for a decoder without a cache, in causal query blocks of `cfg.attention_block`: block [i, j)
@@ -218,18 +226,79 @@ def attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     every key is masked (left-padding positions: their uniform average runs over [0, j) instead of [0, s);
     no real token reads them). Shapes as `attend` with `kv="bskd"`; q, k and v are put heads-major once
     (`[b, kv, (group,) s, head_dim]`), so the blocks' dots slice contiguous memory instead of each
-    transposing its own slice."""
+    transposing its own slice.
+
+    The backward pass is FlashAttention's (Dao et al. 2022, arXiv:2205.14135, Algorithm 2 without tiling the
+    keys): it keeps only the output and each row's max score and log-sum of exponentials (kept apart, not
+    summed into the log-sum-exp, so a fully masked row recomputes its exact 1 / j weights), recomputes a
+    block's probabilities from them, and forms the softmax gradient with rowsum(dO * O) instead of a pass over the probabilities, so
+    it needs no `[q, k]` residual. Gradients equal plain autodiff's to float32 rounding
+    (tests/test_compute_options.py)."""
     b, s = q.shape[:2]
-    step = cfg.attention_block
     qh, kh, vh = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    outs = []
-    for i in range(0, s, step):
-        scores = jnp.einsum("bkgqd,bksd->bkgqs", qh[:, :, :, i:i + step], kh[:, :, :i + step],
-                            preferred_element_type=jnp.float32)
-        probs = _masked_softmax(scores, mask[:, i:i + step, :i + step], cfg, dtype)
-        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", probs, vh[:, :, :i + step]))    # [b, kv, group, block, hd]
-    out = jnp.concatenate(outs, axis=3)
+    out = _causal_blocks(qh, kh, vh, mask, cfg.attention_block, 1.0 / math.sqrt(cfg.head_dim), jnp.dtype(dtype))
     return out.transpose(0, 3, 1, 2, 4).reshape(b, s, cfg.n_heads, cfg.head_dim)
+
+
+def _block_bounds(s: int, step: int):
+    return [(i, min(i + step, s)) for i in range(0, s, step)]
+
+
+def _block_scores(qs: jax.Array, kh: jax.Array, mask: jax.Array, i: int, j: int) -> jax.Array:
+    """Scaled, masked float32 scores `[b, kv, group, j - i, j]` of query block [i, j) over keys [0, j)."""
+    scores = jnp.einsum("bkgqd,bksd->bkgqs", qs[:, :, :, i:j], kh[:, :, :j], preferred_element_type=jnp.float32)
+    return jnp.where(mask[:, None, None, i:j, :j], scores, jnp.finfo(jnp.float32).min)
+
+
+def _causal_blocks_forward(qh, kh, vh, mask, step, scale, dtype):
+    """(output `[b, kv, group, s, head_dim]` in `dtype`, softmax statistics `[b, kv, group, s, 2]` float32:
+    each row's max score and the log of its exponentials' sum)."""
+    qs = qh * jnp.asarray(scale, qh.dtype)
+    outs, stats = [], []
+    for i, j in _block_bounds(qh.shape[3], step):
+        scores = _block_scores(qs, kh, mask, i, j)
+        top = jnp.max(scores, axis=-1, keepdims=True)
+        unnorm = jnp.exp(scores - top)
+        total = jnp.sum(unnorm, axis=-1, keepdims=True)
+        pv = jnp.einsum("bkgqs,bksd->bkgqd", unnorm.astype(dtype), vh[:, :, :j], preferred_element_type=jnp.float32)
+        outs.append((pv / total).astype(dtype))
+        stats.append(jnp.concatenate([top, jnp.log(total)], axis=-1))
+    return jnp.concatenate(outs, axis=3), jnp.concatenate(stats, axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _causal_blocks(qh, kh, vh, mask, step, scale, dtype):
+    return _causal_blocks_forward(qh, kh, vh, mask, step, scale, dtype)[0]
+
+
+def _causal_blocks_fwd(qh, kh, vh, mask, step, scale, dtype):
+    out, stats = _causal_blocks_forward(qh, kh, vh, mask, step, scale, dtype)
+    out, stats = checkpoint_name(out, ATTENTION_RESIDUALS[0]), checkpoint_name(stats, ATTENTION_RESIDUALS[1])
+    return out, (qh, kh, vh, mask, out, stats)
+
+
+def _causal_blocks_bwd(step, scale, dtype, residuals, d_out):
+    qh, kh, vh, mask, out, stats = residuals
+    qs = qh * jnp.asarray(scale, qh.dtype)
+    # rowsum(dP * P) = rowsum(dO * O) (FlashAttention's D): one pass over [s, head_dim] instead of [s, s]
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_q, d_k, d_v = [], jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32)
+    for i, j in _block_bounds(qh.shape[3], step):
+        mask_ij = mask[:, None, None, i:j, :j]
+        top, log_total = stats[:, :, :, i:j, :1], stats[:, :, :, i:j, 1:]
+        probs = jnp.exp(_block_scores(qs, kh, mask, i, j) - top - log_total)   # fully masked rows: 1 / j, as forward
+        d_probs = jnp.einsum("bkgqd,bksd->bkgqs", d_out[:, :, :, i:j], vh[:, :, :j], preferred_element_type=jnp.float32)
+        d_scores = jnp.where(mask_ij, probs * (d_probs - delta[:, :, :, i:j]), 0.0).astype(dtype)
+        d_q.append(jnp.einsum("bkgqs,bksd->bkgqd", d_scores, kh[:, :, :j], preferred_element_type=jnp.float32))
+        d_k = d_k.at[:, :, :j].add(jnp.einsum("bkgqs,bkgqd->bksd", d_scores, qs[:, :, :, i:j],
+                                              preferred_element_type=jnp.float32))
+        d_v = d_v.at[:, :, :j].add(jnp.einsum("bkgqs,bkgqd->bksd", probs.astype(dtype), d_out[:, :, :, i:j],
+                                              preferred_element_type=jnp.float32))
+    d_q = jnp.concatenate(d_q, axis=3) * scale
+    return d_q.astype(qh.dtype), d_k.astype(kh.dtype), d_v.astype(vh.dtype), None
+
+
+_causal_blocks.defvjp(_causal_blocks_fwd, _causal_blocks_bwd)
 
 
 def attention_impl(cfg: ModelConfig, backend: str | None = None) -> str:
@@ -364,15 +433,25 @@ class Block(nn.Module):
         return (x, ffn_in), ((x if self.collect else None), new_cache)
 
 
+def remat_policy(cfg: ModelConfig):
+    """The `jax.checkpoint` policy `cfg.remat` names (None for "full": save nothing). The saving policies also
+    keep `ATTENTION_RESIDUALS` (the blocked attention's output and log-sum-exp, `[b, s, heads]`-sized), so a
+    rematerialised block does not re-run the attention forward in its backward pass."""
+    policies = jax.checkpoint_policies
+    policy = {"full": None, "dots_saveable": policies.dots_saveable,
+              "dots_with_no_batch_dims_saveable": policies.dots_with_no_batch_dims_saveable}[cfg.remat]
+    if policy is None:
+        return None
+    return policies.save_from_both_policies(policy, policies.save_only_these_names(*ATTENTION_RESIDUALS))
+
+
 def block_class(cfg: ModelConfig, in_scan: bool = True) -> type[nn.Module]:
-    """`Block`, or `Block` under `nn.remat` with `cfg.remat`'s policy (the backward pass then recomputes what the
+    """`Block`, or `Block` under `nn.remat` with `remat_policy(cfg)` (the backward pass then recomputes what the
     policy does not save instead of reading stored residuals: less memory, often less time on CPU where the
     stored buffers are written and re-read). Same values and gradients either way."""
     if cfg.remat == "none":
         return Block
-    policy = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable,
-              "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
-    return nn.remat(Block, policy=policy, prevent_cse=not in_scan)
+    return nn.remat(Block, policy=remat_policy(cfg), prevent_cse=not in_scan)
 
 
 def stacked_layers(cfg: ModelConfig, deterministic: bool, name: str = "layers", collect: bool = False) -> nn.Module:
