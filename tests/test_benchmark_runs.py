@@ -115,3 +115,22 @@ def test_a_timing_run_on_an_unsteady_machine_is_marked_suspect(monkeypatch):
     assert not unknown["suspect"] and unknown["steal_share"] is None and "unknown" in unknown["line"]
     counters = real_jiffies()                                                       # this machine's own counters
     assert counters is None or 0 <= counters[0] < counters[1]
+
+
+def test_attention_benchmark_sides_agree_with_torch_sdpa(tmp_path):
+    """`benchmarks/attention.py` at a tiny size: every jaxcl side (full xla, blocked under autodiff, blocked with
+    its FlashAttention-style VJP, a ragged last block) gives torch SDPA's value and q/k/v gradients."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    out = tmp_path / "attention.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--sizes", "2x40", "--heads", "2",
+                    "--head-dim", "8", "--block", "16", "--rounds", "2", "--repeats", "1", "--threads", "1",
+                    "--json", str(out)], check=True, cwd=tmp_path, capture_output=True, timeout=600)
+    (record,) = json.loads(out.read_text())["results"]
+    assert (record["batch"], record["seq"]) == (2, 40)
+    for side in ("xla", "blocked (autodiff)", "blocked"):
+        value_diff, grad_diff = record[side]["diff_to_torch"]
+        assert value_diff < 1e-5 and grad_diff < 1e-4, (side, value_diff, grad_diff)
+        assert len(record["seconds_per_call"][side]) == 2
