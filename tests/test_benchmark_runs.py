@@ -119,7 +119,7 @@ def test_a_timing_run_on_an_unsteady_machine_is_marked_suspect(monkeypatch):
 
 def test_attention_benchmark_sides_agree_with_torch_sdpa(tmp_path):
     """`benchmarks/attention.py` at a tiny size: every jaxcl side (full xla, blocked under autodiff, blocked with
-    its FlashAttention-style VJP, a ragged last block) gives torch SDPA's value and q/k/v gradients."""
+    its FlashAttention-style VJP, a ragged last block) gives torch SDPA's output and q/k/v gradients."""
     import subprocess
     import sys
 
@@ -131,6 +131,6 @@ def test_attention_benchmark_sides_agree_with_torch_sdpa(tmp_path):
     (record,) = json.loads(out.read_text())["results"]
     assert (record["batch"], record["seq"]) == (2, 40)
     for side in ("xla", "blocked (autodiff)", "blocked"):
-        value_diff, grad_diff = record[side]["diff_to_torch"]
-        assert value_diff < 1e-5 and grad_diff < 1e-4, (side, value_diff, grad_diff)
+        out_diff, grad_diff = record[side]["diff_to_torch"]
+        assert out_diff < 1e-5 and grad_diff < 1e-4, (side, out_diff, grad_diff)
         assert len(record["seconds_per_call"][side]) == 2

@@ -228,12 +228,13 @@ def attend_causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     (`[b, kv, (group,) s, head_dim]`), so the blocks' dots slice contiguous memory instead of each
     transposing its own slice.
 
-    The backward pass is FlashAttention's (Dao et al. 2022, arXiv:2205.14135, Algorithm 2 without tiling the
-    keys): it keeps only the output and each row's max score and log-sum of exponentials (kept apart, not
+    The backward pass is FlashAttention's (Dao et al. 2022, arXiv:2205.14135, Appendix B, Algorithm 4; keys
+    not tiled): it keeps only the output and each row's max score and log-sum of exponentials (kept apart, not
     summed into the log-sum-exp, so a fully masked row recomputes its exact 1 / j weights), recomputes a
-    block's probabilities from them, and forms the softmax gradient with rowsum(dO * O) instead of a pass over the probabilities, so
-    it needs no `[q, k]` residual. Gradients equal plain autodiff's to float32 rounding
-    (tests/test_compute_options.py)."""
+    block's probabilities from them, and forms the softmax gradient with rowsum(dO * O) instead of a pass over
+    the probabilities, so it needs no `[q, k]` residual. Gradients equal plain autodiff's to float32 rounding
+    (tests/test_compute_options.py). The price is one more q·k dot per block in the backward pass, paid back
+    by not writing and re-reading the probabilities (`benchmarks/attention.py`)."""
     b, s = q.shape[:2]
     qh, kh, vh = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     out = _causal_blocks(qh, kh, vh, mask, cfg.attention_block, 1.0 / math.sqrt(cfg.head_dim), jnp.dtype(dtype))
@@ -244,19 +245,19 @@ def _block_bounds(s: int, step: int):
     return [(i, min(i + step, s)) for i in range(0, s, step)]
 
 
-def _block_scores(qs: jax.Array, kh: jax.Array, mask: jax.Array, i: int, j: int) -> jax.Array:
-    """Scaled, masked float32 scores `[b, kv, group, j - i, j]` of query block [i, j) over keys [0, j)."""
-    scores = jnp.einsum("bkgqd,bksd->bkgqs", qs[:, :, :, i:j], kh[:, :, :j], preferred_element_type=jnp.float32)
-    return jnp.where(mask[:, None, None, i:j, :j], scores, jnp.finfo(jnp.float32).min)
+def _block_scores(qh: jax.Array, kh: jax.Array, mask: jax.Array, i: int, j: int, scale: float) -> jax.Array:
+    """Scaled, masked float32 scores `[b, kv, group, j - i, j]` of query block [i, j) over keys [0, j) (scaled in
+    float32, as `attend` does, so a bfloat16 q is not rounded again)."""
+    scores = jnp.einsum("bkgqd,bksd->bkgqs", qh[:, :, :, i:j], kh[:, :, :j], preferred_element_type=jnp.float32)
+    return jnp.where(mask[:, None, None, i:j, :j], scores * scale, jnp.finfo(jnp.float32).min)
 
 
 def _causal_blocks_forward(qh, kh, vh, mask, step, scale, dtype):
     """(output `[b, kv, group, s, head_dim]` in `dtype`, softmax statistics `[b, kv, group, s, 2]` float32:
     each row's max score and the log of its exponentials' sum)."""
-    qs = qh * jnp.asarray(scale, qh.dtype)
     outs, stats = [], []
     for i, j in _block_bounds(qh.shape[3], step):
-        scores = _block_scores(qs, kh, mask, i, j)
+        scores = _block_scores(qh, kh, mask, i, j, scale)
         top = jnp.max(scores, axis=-1, keepdims=True)
         unnorm = jnp.exp(scores - top)
         total = jnp.sum(unnorm, axis=-1, keepdims=True)
@@ -279,22 +280,22 @@ def _causal_blocks_fwd(qh, kh, vh, mask, step, scale, dtype):
 
 def _causal_blocks_bwd(step, scale, dtype, residuals, d_out):
     qh, kh, vh, mask, out, stats = residuals
-    qs = qh * jnp.asarray(scale, qh.dtype)
     # rowsum(dP * P) = rowsum(dO * O) (FlashAttention's D): one pass over [s, head_dim] instead of [s, s]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_q, d_k, d_v = [], jnp.zeros(kh.shape, jnp.float32), jnp.zeros(vh.shape, jnp.float32)
     for i, j in _block_bounds(qh.shape[3], step):
         mask_ij = mask[:, None, None, i:j, :j]
         top, log_total = stats[:, :, :, i:j, :1], stats[:, :, :, i:j, 1:]
-        probs = jnp.exp(_block_scores(qs, kh, mask, i, j) - top - log_total)   # fully masked rows: 1 / j, as forward
+        probs = jnp.exp(_block_scores(qh, kh, mask, i, j, scale) - top - log_total)   # fully masked rows: 1 / j
         d_probs = jnp.einsum("bkgqd,bksd->bkgqs", d_out[:, :, :, i:j], vh[:, :, :j], preferred_element_type=jnp.float32)
-        d_scores = jnp.where(mask_ij, probs * (d_probs - delta[:, :, :, i:j]), 0.0).astype(dtype)
+        # gradient of the unscaled q·k dot: the softmax gradient times the scale
+        d_scores = (jnp.where(mask_ij, probs * (d_probs - delta[:, :, :, i:j]), 0.0) * scale).astype(dtype)
         d_q.append(jnp.einsum("bkgqs,bksd->bkgqd", d_scores, kh[:, :, :j], preferred_element_type=jnp.float32))
-        d_k = d_k.at[:, :, :j].add(jnp.einsum("bkgqs,bkgqd->bksd", d_scores, qs[:, :, :, i:j],
+        d_k = d_k.at[:, :, :j].add(jnp.einsum("bkgqs,bkgqd->bksd", d_scores, qh[:, :, :, i:j],
                                               preferred_element_type=jnp.float32))
         d_v = d_v.at[:, :, :j].add(jnp.einsum("bkgqs,bkgqd->bksd", probs.astype(dtype), d_out[:, :, :, i:j],
                                               preferred_element_type=jnp.float32))
-    d_q = jnp.concatenate(d_q, axis=3) * scale
+    d_q = jnp.concatenate(d_q, axis=3)
     return d_q.astype(qh.dtype), d_k.astype(kh.dtype), d_v.astype(vh.dtype), None
 
 
@@ -435,8 +436,9 @@ class Block(nn.Module):
 
 def remat_policy(cfg: ModelConfig):
     """The `jax.checkpoint` policy `cfg.remat` names (None for "full": save nothing). The saving policies also
-    keep `ATTENTION_RESIDUALS` (the blocked attention's output and log-sum-exp, `[b, s, heads]`-sized), so a
-    rematerialised block does not re-run the attention forward in its backward pass."""
+    keep `ATTENTION_RESIDUALS`: the blocked attention's output `[b, kv, group, s, head_dim]` (d_model values per
+    token) and its softmax statistics `[b, kv, group, s, 2]` (each row's max score and log-sum of
+    exponentials), so a rematerialised block does not re-run the attention forward in its backward pass."""
     policies = jax.checkpoint_policies
     policy = {"full": None, "dots_saveable": policies.dots_saveable,
               "dots_with_no_batch_dims_saveable": policies.dots_with_no_batch_dims_saveable}[cfg.remat]
