@@ -207,9 +207,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, kv: str, c
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array, cfg: ModelConfig, dtype) -> jax.Array:
     """softmax(scores / sqrt(head_dim)) over keys, masked: scores `[b, kv, group, q, k]` float32, mask `[b, q, k]`."""
-    scores = scores * (1.0 / math.sqrt(cfg.head_dim))
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jax.nn.softmax(_scale_and_mask(scores, mask, 1.0 / math.sqrt(cfg.head_dim)), axis=-1).astype(dtype)
+
+
+def _scale_and_mask(scores: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """float32 scores `[b, kv, group, q, k]` times `scale`, masked keys (mask `[b, q, k]` False) set to float32's
+    minimum, so they add exactly 0 after the softmax's exp."""
+    return jnp.where(mask[:, None, None, :, :], scores * scale, jnp.finfo(jnp.float32).min)
 
 
 # Names of the blocked attention's saved residuals (its output, and per row the max score and the log of the
@@ -249,7 +253,7 @@ def _block_scores(qh: jax.Array, kh: jax.Array, mask: jax.Array, i: int, j: int,
     """Scaled, masked float32 scores `[b, kv, group, j - i, j]` of query block [i, j) over keys [0, j) (scaled in
     float32, as `attend` does, so a bfloat16 q is not rounded again)."""
     scores = jnp.einsum("bkgqd,bksd->bkgqs", qh[:, :, :, i:j], kh[:, :, :j], preferred_element_type=jnp.float32)
-    return jnp.where(mask[:, None, None, i:j, :j], scores * scale, jnp.finfo(jnp.float32).min)
+    return _scale_and_mask(scores, mask[:, i:j, :j], scale)
 
 
 def _causal_blocks_forward(qh, kh, vh, mask, step, scale, dtype):
