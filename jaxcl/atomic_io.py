@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 __all__ = ["atomic_write_file", "replace_directory", "recover_directory", "temporary_sibling", "writer_alive",
-           "TMP_MARK"]
+           "check_replaceable", "TMP_MARK"]
 
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
@@ -129,8 +129,33 @@ def _renameat2_exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def replace_directory(staged: Path, directory: Path) -> None:
+def check_replaceable(directory: str | os.PathLike, markers: tuple[str, ...], what: str = "OUT_DIR") -> None:
+    """Refuse (`jaxcl.errors.OutputError`, nothing touched) to replace `directory` unless the user's files are
+    safe: it may be missing, an empty directory, or a directory holding one of `markers` (the file by which
+    jaxcl recognises what it wrote there before, e.g. `jaxcl_export.json`). A path that is a file (or a link
+    to one), or a non-empty directory without a marker, is refused: replacing it would move the user's
+    files aside and delete them. `what` names the argument in the message."""
+    from jaxcl.errors import OutputError
+
+    directory = Path(directory)
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        kind = "a symbolic link" if directory.is_symlink() else "a file"
+        raise OutputError(f"{what} {str(directory)!r} is {kind}, not a directory jaxcl wrote: choose a new or empty "
+                          "directory (nothing was touched)")
+    if not directory.is_dir():
+        return
+    held = sorted(p.name for p in directory.iterdir() if not p.name.startswith(f".{directory.name}."))
+    if held and not any((directory / m).is_file() for m in markers):
+        shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
+        raise OutputError(f"{what} {str(directory)!r} holds files jaxcl did not write there ({shown}; it looks for "
+                          f"{' or '.join(markers)}): choose a new or empty directory (nothing was touched)")
+
+
+def replace_directory(staged: Path, directory: Path, markers: tuple[str, ...], what: str = "OUT_DIR") -> None:
     """Publish the complete directory `staged` as `directory`, replacing any old one atomically.
+
+    Only what the caller may replace is replaced (`check_replaceable(directory, markers)`, checked again
+    here right before the swap): a file, or a directory of the user's, is never moved or deleted.
 
     Linux: one `renameat2(RENAME_EXCHANGE)` swaps them, then the old tree (now at the staged name) is
     deleted. Elsewhere: the old directory is renamed aside to `.<name>.old-<pid>-<hex>` and the new one
@@ -139,6 +164,7 @@ def replace_directory(staged: Path, directory: Path) -> None:
     reader finds the old directory or the new one, never a mixture.
     """
     staged, directory = Path(staged), Path(directory)
+    check_replaceable(directory, markers, what)
     fsync_tree(staged)
     if not directory.exists():
         os.rename(staged, directory)

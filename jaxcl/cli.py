@@ -69,8 +69,11 @@ def cmd_eval(args) -> int:
     from jaxcl.train.checkpoint import complete_steps, read_meta, restore_params
     from jaxcl.train.loop import ContinualRun
 
+    from jaxcl import rundir
+
     initialize_distributed()
     cfg = _load(args)
+    rundir.check_run_directory(cfg.run_dir())      # eval.json goes into it: never into a user's directory
     runner = ContinualRun(cfg)
     if args.hf:
         from jaxcl.hf import load_pretrained, read_pretrained_config
@@ -84,7 +87,9 @@ def cmd_eval(args) -> int:
         directory = runner.run_dir / "checkpoints"
         steps = complete_steps(directory)
         if not steps:
-            raise SystemExit(f"jaxcl eval: no checkpoint in {directory}")
+            from jaxcl.errors import RunDirError
+            raise RunDirError(f"no checkpoint in {directory}: train the run first (jaxcl run CONFIG), or evaluate an "
+                              "HF checkpoint with --hf DIR")
         step = steps[-1]
         model_cfg = ModelConfig.from_dict(read_meta(directory, step)["model"])
         shapes = abstract_params(model_cfg)
@@ -98,8 +103,7 @@ def cmd_eval(args) -> int:
     mean = math.exp(sum(v["nll"] for v in results.values()) / len(results))
     print(f"  {'geo-mean':>16}: {mean:.3f}")
     if jax.process_index() == 0:
-        runner.run_dir.mkdir(parents=True, exist_ok=True)
-        (runner.run_dir / "eval.json").write_text(json.dumps({"source": source, "domains": results}, indent=2))
+        rundir.atomic_write(runner.run_dir / "eval.json", json.dumps({"source": source, "domains": results}, indent=2))
     return 0
 
 
@@ -122,8 +126,7 @@ def cmd_generate(args) -> int:
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        text = sys.stdin.read() if args.prompts_file == "-" else open(args.prompts_file).read()
-        prompts += [line for line in text.splitlines() if line.strip()]
+        prompts += _read_prompts(args.prompts_file)
     if not prompts:
         raise ConfigError("no prompt: give --prompt TEXT or --prompts-file FILE (one prompt per line, - for stdin)")
     if any(not p.strip() for p in prompts):
@@ -168,6 +171,35 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _read_prompts(name: str) -> list[str]:
+    """The non-blank lines of `--prompts-file` (`-`: standard input); ConfigError naming the file when it is
+    missing, a directory, not UTF-8 (with the line) or holds no prompt."""
+    from jaxcl.config import ConfigError
+
+    if name == "-":
+        data, where = sys.stdin.buffer.read(), "--prompts-file - (standard input)"
+    else:
+        where = f"--prompts-file {name!r}"
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except IsADirectoryError:
+            raise ConfigError(f"{where} is a directory: give a text file with one prompt per line") from None
+        except FileNotFoundError:
+            raise ConfigError(f"{where} not found") from None
+        except OSError as e:
+            raise ConfigError(f"{where} cannot be read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{where}: line {line} is not UTF-8 text (byte {e.start})") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"{where} holds no prompt (one prompt per non-blank line)")
+    return prompts
+
+
 class _StreamPrinter:
     """Prints one prompt's continuation as tokens arrive (`generate(stream=...)`): each step decodes the
     tokens so far and writes what the text gained (so multi-token characters appear whole)."""
@@ -201,6 +233,10 @@ class _StreamPrinter:
         sys.stdout.flush()
 
 
+GROW_MARKER = "jaxcl_grow.json"     # marks a directory `jaxcl grow` wrote (it may replace it); provenance
+SIZE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff")
+
+
 def cmd_grow(args) -> int:
     from pathlib import Path
 
@@ -209,14 +245,22 @@ def cmd_grow(args) -> int:
     from jaxcl.hf import load_pretrained, save_pretrained
     from jaxcl.transforms import grow
 
+    from jaxcl.atomic_io import check_replaceable
+    from jaxcl.errors import OutputError
+
     if Path(args.out_dir).resolve() == Path(args.in_dir).resolve():
-        raise FileExistsError(f"OUT_DIR {args.out_dir!r} is IN_DIR: write the grown model somewhere else")
+        raise OutputError(f"OUT_DIR {args.out_dir!r} is IN_DIR: write the grown model somewhere else")
+    check_replaceable(args.out_dir, (GROW_MARKER,))       # before any work: a user's file or directory stays as is
     cfg, params = load_pretrained(args.in_dir)
     new_params, new_cfg = grow(params, cfg, d_model=args.d_model, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                                d_ff=args.d_ff, n_layers=args.n_layers, rng=jax.random.key(args.seed),
                                method=args.method, noise_std=args.noise_std,
                                allow_inexact=args.allow_inexact)
-    save_pretrained(args.out_dir, new_cfg, new_params)
+    record = {"source": str(Path(args.in_dir).resolve()), "method": args.method, "seed": args.seed,
+              "noise_std": args.noise_std, "from": {k: getattr(cfg, k) for k in SIZE_KEYS},
+              "to": {k: getattr(new_cfg, k) for k in SIZE_KEYS}}
+    save_pretrained(args.out_dir, new_cfg, new_params, markers=(GROW_MARKER,),
+                    extra_files={GROW_MARKER: json.dumps(record, indent=2).encode()})
     print(f"grew {cfg.family} L{cfg.n_layers}/D{cfg.d_model}/H{cfg.n_heads}/F{cfg.d_ff} "
           f"({cfg.num_params() / 1e6:.2f} M) -> L{new_cfg.n_layers}/D{new_cfg.d_model}/H{new_cfg.n_heads}/"
           f"F{new_cfg.d_ff} ({new_cfg.num_params() / 1e6:.2f} M), method={args.method}: {args.out_dir}")
@@ -231,14 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"jaxcl: error: {e}", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog="jaxcl", description="Continual learning of language models in JAX.")
+    parser = _Parser(prog="jaxcl", description="Continual learning of language models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "run the continual-learning job of run.method"),
                             ("train", "joint training on all domains (multitask reference)"),
                             ("eval", "evaluate the latest checkpoint (or --hf DIR) on every domain")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML config file (see configs/)")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+        p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.steps=200")
         if name == "eval":
             p.add_argument("--hf", default=None, help="evaluate this Hugging Face checkpoint directory instead")
     x = sub.add_parser("export", help="export a run's model as a Hugging Face checkpoint with its tokenizer")
@@ -274,12 +318,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--noise-std", type=float, default=0.0, help="ELLE copy noise (method=elle)")
     g.add_argument("--allow-inexact", action="store_true",
                    help="method=exact on a post-LN BERT at a non-multiple width or with added layers (not exact)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in sub.choices:      # options may stand anywhere among positionals and key=value overrides
+        args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+    else:
+        args = parser.parse_args(argv)
     _setup_logging()
-    from jaxcl.config import ConfigError
-    from jaxcl.export import ExportError
-    from jaxcl.hf.config import CheckpointError
-    from jaxcl.init_from import InitFromError
+    from jaxcl.errors import InputError, one_line
 
     try:
         if args.command == "run":
@@ -293,9 +339,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         return cmd_eval(args)
-    except (ConfigError, CheckpointError, ExportError, InitFromError, FileNotFoundError, FileExistsError) as e:
-        print(f"jaxcl {args.command}: error: {e}", file=sys.stderr)
+    except (InputError, OSError) as e:      # bad input, or a file the system refused: one line, no traceback
+        _close_progress_bars()
+        message = str(e) if isinstance(e, InputError) or not e.filename else \
+            f"{e.filename}: {e.strerror or e}"
+        print(f"jaxcl {args.command}: error: {one_line(message, 2000)}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print(f"jaxcl {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`jaxcl run: error: ...`), like every other jaxcl error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _close_progress_bars() -> None:
+    """Close every live tqdm bar, so an error printed next is the last line (not drawn over, or redrawn
+    under, by a bar that a failing step left open)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:       # a half-built bar: nothing more to clean
+            pass
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ a plain tree (`config_to_dict`) saved with every run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -26,6 +27,13 @@ __all__ = ["ConfigError", "Config", "RunConfig", "DataConfig", "OptimConfig", "T
            "config_to_dict", "parse_overrides", "save_config"]
 
 
+def _at_least(section: Any, name: str, **minimum: int) -> None:
+    """ConfigError naming `name.key` for the first field of `section` below its minimum."""
+    for key, low in minimum.items():
+        if getattr(section, key) < low:
+            raise ConfigError(f"{name}.{key} must be at least {low}, got {getattr(section, key)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Where a run writes and how it is seeded."""
@@ -34,6 +42,16 @@ class RunConfig:
     dir: str | None = None            # default: runs/<name>
     seed: int = 0
     method: str = "sequential"        # sequential | elle | semem | slm
+
+    def __post_init__(self):
+        name = self.name.strip()
+        if not name or name in (".", "..") or name.startswith("/") or ".." in Path(name).parts:
+            raise ConfigError(f"run.name={self.name!r} must name a directory under runs/ (e.g. run.name=demo2); "
+                              "to write elsewhere set run.dir")
+        if self.dir is not None and not self.dir.strip():
+            raise ConfigError("run.dir is empty: give a directory path (or leave it out for runs/<run.name>)")
+        if not 0 <= self.seed < 2 ** 63:
+            raise ConfigError(f"run.seed must be in 0..2**63-1, got {self.seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +70,12 @@ class DataConfig:
                                       # document order, that the run reads (fractions; [0, 0.5] = the first half)
 
     def __post_init__(self):
+        _at_least(self, "data", seq_len=2, batch_size=1, eval_batches=1)
+        for key in ("source", "tokenizer", "text_field"):
+            if not getattr(self, key).strip():
+                raise ConfigError(f"data.{key} is empty")
+        if len(set(self.domains)) != len(self.domains):
+            raise ConfigError(f"data.domains lists a domain twice: {list(self.domains)}")
         lo, hi = (float(x) for x in self.train_documents) if len(self.train_documents) == 2 else (1.0, 0.0)
         if not 0.0 <= lo < hi <= 1.0:
             raise ConfigError(f"data.train_documents must be [start, end] fractions with 0 <= start < end <= 1, "
@@ -70,6 +94,21 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     clip_norm: float = 1.0
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        _at_least(self, "optim", warmup_steps=0)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for key in ("b1", "b2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        for key in ("eps", "clip_norm"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"optim.{key} must be > 0, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +132,8 @@ class TrainConfig:
             raise ConfigError(f"train.log_every must be at least 1, got {self.log_every}")
         if self.eval_every < 0:
             raise ConfigError(f"train.eval_every must be >= 0 (0 = only at stage ends), got {self.eval_every}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"train.mlm_probability must be in (0, 1), got {self.mlm_probability}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +144,9 @@ class CheckpointConfig:
     keep: int = 2
     resume: bool = True
     async_save: bool = True
+
+    def __post_init__(self):
+        _at_least(self, "checkpoint", every=0, keep=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +165,15 @@ class MeshConfig:
     dcn_tensor: int = 1
     rules: tuple[tuple[str, tuple[str, ...]], ...] | None = None   # None = jaxcl.parallel.DEFAULT_RULES
 
+    def __post_init__(self):
+        for key in ("data", "fsdp", "tensor"):
+            if getattr(self, key) == 0 or getattr(self, key) < -1:
+                raise ConfigError(f"mesh.{key} must be >= 1 or -1 (fill with the remaining devices), got "
+                                  f"{getattr(self, key)}")
+        _at_least(self, "mesh", dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
+        if [getattr(self, k) for k in ("data", "fsdp", "tensor")].count(-1) > 1:
+            raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+
 
 @dataclasses.dataclass(frozen=True)
 class GrowthTarget:
@@ -131,6 +184,11 @@ class GrowthTarget:
     n_heads: int | None = None
     n_kv_heads: int | None = None
     d_ff: int | None = None
+
+    def __post_init__(self):
+        for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"elle.schedule: {key} must be at least 1, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +275,9 @@ class SememConfig:
         if self.calibrator_batch < 1 or self.calibrator_steps < 0:
             raise ConfigError(f"semem.calibrator_batch must be >= 1 and semem.calibrator_steps >= 0, got "
                               f"{self.calibrator_batch}, {self.calibrator_steps}")
+        _at_least(self, "semem", heldout_tokens=1, calibrator_hidden=1)
+        if not self.calibrator_lr > 0:
+            raise ConfigError(f"semem.calibrator_lr must be > 0, got {self.calibrator_lr}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +355,17 @@ class SlmConfig:
             raise ConfigError(f"slm.valid_from_train must be >= 0, got {self.valid_from_train}")
         if self.steps < 1 or self.batch_size < 1 or self.rank < 1 or self.groups < 1:
             raise ConfigError("slm.steps, slm.batch_size, slm.rank and slm.groups must be at least 1")
+        _at_least(self, "slm", max_len=2, max_tasks=1, slots_per_task=1, max_classes=1, key_epochs=1,
+                  key_batch_size=1, replay_per_task=0)
+        for key in ("lr", "key_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"slm.{key} must be > 0, got {getattr(self, key)}")
+        if self.weight_decay < 0 or not 0.0 <= self.key_mask_prob < 1.0:
+            raise ConfigError(f"slm.weight_decay must be >= 0 and slm.key_mask_prob in [0, 1), got "
+                              f"{self.weight_decay}, {self.key_mask_prob}")
+        for key in ("train_examples", "eval_examples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"slm.{key} must be at least 1 (or null for all), got {getattr(self, key)}")
         if any(layer < 0 for layer in self.query_layers) or len(set(self.query_layers)) != len(self.query_layers):
             raise ConfigError(f"slm.query_layers={list(self.query_layers)} must be distinct encoder layers >= 0 "
                               "(0 = the embeddings)")
@@ -385,6 +457,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -458,12 +532,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config {str(path)!r} includes itself through 'base:'")
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory: give a YAML file (see configs/)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    data = _parse_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     bases = data.pop("base", None) or []
@@ -471,6 +544,26 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     for base in [bases] if isinstance(bases, str) else bases:
         merged = _merge(merged, _read_yaml(path.parent / base, seen + (path,)))
     return _merge(merged, data)
+
+
+def _parse_yaml(path: Path) -> Any:
+    """The YAML document in `path`; ConfigError as `path:line:col: reason` for a syntax error (what editors
+    jump to), naming the file for bytes that are not UTF-8 or a file that cannot be read."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: byte {e.start} is not UTF-8: a config file is UTF-8 YAML text") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        reason = " ".join(part for part in (e.problem, e.context) if part) or "invalid YAML"
+        raise ConfigError(f"{where}: {' '.join(reason.split())} (not valid YAML)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from jaxcl.errors import InputError  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ExportError", "export_run", "save_tokenizer"]
@@ -37,7 +39,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The run directory or the requested stage / task cannot be exported (the message says which)."""
 
 
@@ -89,9 +91,13 @@ def _choose_step(run_dir: Path, stage: int | None) -> tuple[int, dict[str, Any]]
                       f"(stage ends kept in {str(directory)!r}: {kept})")
 
 
+EXPORT_MARKER = "jaxcl_export.json"     # what marks a directory as an earlier export (it may be replaced)
+
+
 def _publish(out_dir: Path, write) -> None:
     """Run `write(staged)` into a staged sibling of `out_dir` and publish it with one directory swap: after a
-    kill OUT_DIR is the previous export or this one, never a model without its tokenizer or adapters."""
+    kill OUT_DIR is the previous export or this one, never a model without its tokenizer or adapters. Only
+    a missing or empty OUT_DIR, or an earlier export, is replaced (`atomic_io.check_replaceable`)."""
     from jaxcl.atomic_io import recover_directory, replace_directory, temporary_sibling
 
     recover_directory(out_dir)
@@ -99,7 +105,7 @@ def _publish(out_dir: Path, write) -> None:
     staged = temporary_sibling(out_dir)
     try:
         write(staged)
-        replace_directory(staged, out_dir)
+        replace_directory(staged, out_dir, (EXPORT_MARKER,))
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -227,7 +233,7 @@ def _export_slm(cfg, run_dir: Path, out_dir: Path, stage: int | None, task: str 
                     "labels": info["labels"], "pooling": state["pooling"], "logits": "pooled @ kernel + bias",
                     "load": "peft.PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(OUT_DIR), "
                             "OUT_DIR/adapters/<task>)"}, indent=2))
-        (staged / "jaxcl_export.json").write_text(json.dumps({
+        (staged / EXPORT_MARKER).write_text(json.dumps({
             "run_dir": str(run_dir.resolve()), "method": "slm", "mode": state.get("mode", "lm"),
             "backbone": state["backbone"], "tasks": {n: state["tasks"][n] for n in chosen},
             "weights": state["weights"], "tokenizer": spec}, indent=2))
@@ -271,6 +277,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, stage: int | None = 
     """
     import numpy as np
 
+    from jaxcl.atomic_io import check_replaceable
     from jaxcl.hf import save_pretrained
     from jaxcl.init_from import load_params, tokenizer_spec
     from jaxcl.models import ModelConfig, without_prompts
@@ -285,9 +292,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, stage: int | None = 
                           "(their model is the run's checkpoint)")
     if out_dir.resolve() == run_dir.resolve() or run_dir.resolve() in out_dir.resolve().parents:
         raise ExportError(f"OUT_DIR {str(out_dir)!r} is inside the run directory: export somewhere else")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "jaxcl_export.json").is_file():
-        raise ExportError(f"OUT_DIR {str(out_dir)!r} exists and is not an earlier jaxcl export: choose a new or "
-                          "empty directory (nothing was written)")
+    check_replaceable(out_dir, (EXPORT_MARKER,))      # before any work: a user's file or directory stays as it is
     if method == "slm":
         return _export_slm(cfg, run_dir, out_dir, stage, task)
     step, meta = _choose_step(run_dir, stage)
@@ -313,7 +318,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, stage: int | None = 
                 "rows": {d: [i * length, (i + 1) * length] for i, d in enumerate(meta.get("domains", [])[:count])},
                 "note": "ELLE domain prompts: rows [start, end) of prompt_embed, prepended to the token embeddings "
                         "of that domain's text"}, indent=2))
-        (staged / "jaxcl_export.json").write_text(json.dumps({
+        (staged / EXPORT_MARKER).write_text(json.dumps({
             "run_dir": str(run_dir.resolve()), "method": method, "step": step, "stage": meta.get("stage"),
             "stage_name": (meta.get("stages") or [None])[meta.get("stage", 0)], "completed": meta.get("completed"),
             "tokenizer": spec, "init_from": cfg.init_from}, indent=2))

@@ -28,6 +28,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from jaxcl.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["InitSource", "NON_ARCHITECTURE_KEYS", "check_tokenizer_fits", "parse_init_from", "pinned_spec",
@@ -40,7 +42,7 @@ NON_ARCHITECTURE_KEYS = frozenset({"dtype", "dropout", "num_prompts", "prompt_le
                                    "attention_block"})
 
 
-class InitFromError(ValueError):
+class InitFromError(CheckpointError):
     """`model.init_from` names something that is not a usable checkpoint (the message names the path)."""
 
 
@@ -72,6 +74,15 @@ def parse_init_from(spec: str) -> InitSource:
         else:
             step = int(match.group(3))
     directory = Path(path).expanduser()
+    if not directory.is_dir() and "@" in spec and not match:
+        base, suffix = spec.rsplit("@", 1)
+        if Path(base).expanduser().is_dir():
+            raise InitFromError(f"model.init_from={spec!r}: '@{suffix}' selects no checkpoint: write RUN@STEP (a "
+                                "global step, e.g. @400), RUN@stageN (the end of stage N, e.g. @stage0) or RUN alone "
+                                "(the latest checkpoint)")
+    if directory.exists() and not directory.is_dir():
+        raise InitFromError(f"model.init_from={spec!r}: {str(directory)!r} is a file, not a checkpoint directory (give "
+                            "the Hugging Face checkpoint directory that holds config.json, or a jaxcl run directory)")
     if not directory.is_dir():
         raise InitFromError(f"model.init_from={spec!r}: directory {str(directory)!r} does not exist")
     if (directory / "config.json").is_file():

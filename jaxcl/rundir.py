@@ -36,11 +36,13 @@ import yaml
 
 from jaxcl.atomic_io import atomic_write_file
 from jaxcl.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+from jaxcl.errors import OutputError, RunDirError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["HARMLESS_KEYS", "UNUSED_SECTIONS", "CONFIG_FILE", "REPORT_FILE", "atomic_write", "begin",
-           "changed_keys", "incompatible_keys", "check_compatible", "recorded_config", "Invocations", "MetricsFile"]
+           "changed_keys", "incompatible_keys", "check_compatible", "recorded_config", "check_run_directory",
+           "read_report", "Invocations", "MetricsFile", "RUN_FILES"]
 
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.json"
@@ -129,11 +131,50 @@ def recorded_config(run_dir: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not readable YAML ({e}): this run directory cannot be checked; "
+        tree = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = " ".join(str(e).split())
+        raise RunDirError(f"{path} is not readable YAML ({reason[:200]}): this run directory cannot be checked; "
                           "use another run.name / run.dir") from None
-    return tree if isinstance(tree, dict) else None
+    if not isinstance(tree, dict):
+        raise RunDirError(f"{path} does not hold a jaxcl run config (a YAML mapping): this run directory cannot "
+                          "be checked; use another run.name / run.dir")
+    return tree
+
+
+# Names a jaxcl run directory holds (any one marks a directory that jaxcl wrote).
+RUN_FILES = (CONFIG_FILE, REPORT_FILE, "checkpoints", "metrics.jsonl", "eval.json")
+
+
+def check_run_directory(run_dir: str | Path, key: str = "run.dir") -> None:
+    """Refuse (OutputError, nothing touched) a run directory that jaxcl must not write into: a path that is
+    a file, or a non-empty directory that holds none of a run's files (`RUN_FILES`), e.g. a home directory
+    given as run.dir by mistake. A missing or empty directory, or an earlier run's, is fine."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputError(f"{key}={str(run_dir)!r} is a file, not a run directory: choose another run.name / "
+                          "run.dir (the file was not touched)")
+    if not run_dir.is_dir():
+        return
+    held = sorted(p.name for p in run_dir.iterdir())
+    if held and not any((run_dir / name).exists() for name in RUN_FILES):
+        raise OutputError(f"{key}={str(run_dir)!r} holds files that are not a jaxcl run's ({', '.join(held[:5])}"
+                          f"{' ...' if len(held) > 5 else ''}): give a new or empty directory (nothing was written)")
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """A run's report.json; RunDirError naming it when it is not a JSON object."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{path} cannot be read as a run report ({' '.join(str(e).split())}): the run "
+                          "directory is damaged; move report.json aside to resume the run, or use another "
+                          "run.name / run.dir") from None
+    if not isinstance(report, dict):
+        raise RunDirError(f"{path} is not a run report (a JSON object): move it aside to resume the run, or use "
+                          "another run.name / run.dir")
+    return report
 
 
 def _process_index() -> int:
@@ -151,6 +192,7 @@ def begin(run_dir: str | Path, cfg: Config, method: str, *,
     `recorded`: where else the run records its config when config.yaml is missing (e.g. checkpoint meta).
     """
     run_dir = Path(run_dir)
+    check_run_directory(run_dir)
     if not cfg.checkpoint.resume:
         held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
         if held:
@@ -164,7 +206,7 @@ def begin(run_dir: str | Path, cfg: Config, method: str, *,
         check_compatible(record, cfg, method, run_dir)
         report_path = run_dir / REPORT_FILE
         if report_path.is_file():
-            report = json.loads(report_path.read_text())
+            report = read_report(report_path)
             message = (f"{run_dir} holds a finished run: its report is {report_path} (nothing was changed; to "
                        "train again use a new run.name / run.dir)")
             if announce and _process_index() == 0:

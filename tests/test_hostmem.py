@@ -27,25 +27,53 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def faults_per_call(prelude: str, **env) -> int:
+BUFFER_PAGES = 4096 * 8192 * 4 // 4096     # the probe's scratch buffer in 4 KiB pages (32,768 = 128 MiB)
+RETAINED_LIMIT = 0.02 * BUFFER_PAGES         # retained: under 2 % of the buffer faulted in again per call
+
+
+def faults_per_call(prelude: str, **env) -> tuple[int, str]:
+    """(minor page faults per probe call, the prelude's last printed word) in a fresh interpreter."""
     environ = {k: v for k, v in os.environ.items()        # nothing else may pick the allocator's behaviour
                if not k.startswith("MALLOC_") and k not in (hostmem.SETTING_ENV, "LD_PRELOAD", "GLIBC_TUNABLES")}
     environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS="", **env)
     out = subprocess.run([sys.executable, "-c", prelude + PROBE], env=environ, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    return int(out.stdout.split()[-1])
+    words = out.stdout.split()
+    return int(words[-1]), (words[-2] if len(words) > 1 else "")
 
 
-def test_the_command_line_retains_host_memory_unless_told_not_to():
-    # main() applies it before anything starts JAX (a failing export returns 2 after that); the probe's
-    # 128 MiB scratch buffer is then reused call after call instead of mapped and faulted in again.
-    prelude = "from jaxcl import cli\nassert cli.main(['export', '/nonexistent/run', '/tmp/x']) == 2\n"
-    system = faults_per_call(prelude, JAXCL_HOST_MALLOC="system")
-    retained = faults_per_call(prelude)                               # unset on a CPU-only host: retain
-    assert system > 30000 and retained < 0.02 * system, (system, retained)   # 32,768 pages = 128 MiB
-    documented = faults_per_call("", **hostmem.ENVIRONMENT)            # the documented environment does the same
-    assert documented < 0.02 * system, (system, documented)
+# main() applies the setting before anything starts JAX (a failing export returns 2 after that) and says
+# whether it changed the allocator (hostmem.applied).
+CLI_PRELUDE = ("from jaxcl import cli, hostmem\nassert cli.main(['export', '/nonexistent/run', '/tmp/x']) == 2\n"
+               "print('applied' if hostmem.applied else 'system')\n")
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """Faults per call of the probe: through the command line unset (retain) and with JAXCL_HOST_MALLOC=system,
+    and under the documented environment alone."""
+    return {"retained": faults_per_call(CLI_PRELUDE), "system": faults_per_call(CLI_PRELUDE, JAXCL_HOST_MALLOC="system"),
+            "documented": faults_per_call("print('env')\n", **hostmem.ENVIRONMENT)}
+
+
+def test_the_command_line_retains_host_memory_unless_told_not_to(measured):
+    # What jaxcl controls: the command line applies the setting unless told not to, and once applied the
+    # probe's 128 MiB scratch buffer is reused call after call (the documented environment does the same).
+    (retained, retained_mode), (system, system_mode) = measured["retained"], measured["system"]
+    assert (retained_mode, system_mode) == ("applied", "system"), measured
+    assert retained < RETAINED_LIMIT, measured
+    assert measured["documented"][0] < RETAINED_LIMIT, measured
+
+
+def test_retaining_removes_the_faults_the_system_allocator_takes_here(measured):
+    # The saving depends on this machine's glibc (its mmap threshold, THP): a measured precondition.
+    system = measured["system"][0]
+    if system < 0.9 * BUFFER_PAGES:
+        pytest.skip(f"precondition not met on this machine: glibc's default malloc took {system} page faults per "
+                    f"call for the {BUFFER_PAGES}-page scratch buffer (it reused most of the buffer itself), so "
+                    "there is no per-call faulting here for retaining to remove")
+    assert measured["retained"][0] < 0.02 * system, measured
 
 
 def test_retaining_late_changes_nothing_and_the_setting_is_checked(capsys):

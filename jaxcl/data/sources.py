@@ -9,10 +9,12 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+import zlib
 from pathlib import Path
 from typing import Protocol
 
 from jaxcl.config import ConfigError
+from jaxcl.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 
@@ -46,13 +48,29 @@ class EmbeddedSource:
 
 
 def _read_text(path: Path) -> str:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    if path.suffix == ".xz":
-        with lzma.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8")
+    """A data file's text (plain, .gz or .xz); DataError naming the file for a file that is not what its name
+    says (not gzip / xz, truncated) or not UTF-8 (with the line and byte)."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        elif path.suffix == ".xz":
+            with lzma.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (gzip.BadGzipFile, lzma.LZMAError, EOFError, zlib.error) as e:
+        kind = "gzip" if path.suffix == ".gz" else "xz"
+        raise DataError(f"{path}: not a complete {kind} file ({' '.join(str(e).split()) or type(e).__name__}): "
+                        f"recompress it, or drop the .{path.suffix[1:]} suffix if it is plain text") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: byte {e.start} is not UTF-8 (data files are UTF-8 text; convert it, e.g. "
+                        "iconv -f latin1 -t utf-8)") from None
 
 
 class DirectorySource:
@@ -81,16 +99,34 @@ class DirectorySource:
             if path.is_file():
                 text = _read_text(path)
                 if ".jsonl" in suffix:
-                    return [self._field(json.loads(line), path, n)
-                            for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-                return split_documents(text)
+                    documents = [self._field(line, path, n)
+                                 for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+                else:
+                    documents = split_documents(text)
+                if not documents:
+                    raise DataError(f"{path}: holds no document (domain {domain!r}, split {split!r}): an empty "
+                                    "split cannot be trained or evaluated on")
+                return documents
         raise ConfigError(f"{self.key}={str(self.directory)!r}: no file for domain {domain!r} split {split!r} "
                           f"(looked for {domain}.{split}.txt / .jsonl)")
 
-    def _field(self, record: dict, path: Path, line: int) -> str:
+    def _field(self, line_text: str, path: Path, line: int) -> str:
+        """The text field of one jsonl line; DataError naming `path:line` otherwise."""
+        try:
+            record = json.loads(line_text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line}: not JSON ({e.msg} at column {e.colno}): a .jsonl file holds one JSON "
+                            "object per line") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line}: a {type(record).__name__}, not a JSON object with a "
+                            f"{self.text_field!r} field (data.text_field)")
         if self.text_field not in record:
-            raise ConfigError(f"{path}:{line}: record has no field {self.text_field!r} (data.text_field)")
-        return str(record[self.text_field])
+            raise DataError(f"{path}:{line}: record has no field {self.text_field!r} (data.text_field; it has "
+                            f"{', '.join(map(repr, list(record)[:5])) or 'no fields'})")
+        value = record[self.text_field]
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{line}: field {self.text_field!r} is a {type(value).__name__}, not a string")
+        return value
 
 
 class HFDatasetSource:

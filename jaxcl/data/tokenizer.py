@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxcl.config import ConfigError
+from jaxcl.errors import TokenizerError, one_line
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]", "<eos>")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
@@ -48,6 +49,21 @@ def _first_id(tok, candidates) -> int | None:
     return None
 
 
+def read_tokenizer_file(path: str | Path):
+    """`tokenizers.Tokenizer.from_file(path)`, with a damaged file (truncated JSON, a wrong schema, bytes that
+    are not UTF-8: tokenizers raises a bare Exception for each) as one TokenizerError naming the file."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"{str(path)!r} not found (a tokenizer.json is needed)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise TokenizerError(f"{str(path)!r} is not a tokenizers tokenizer.json ({one_line(str(e), 200)}): give a "
+                             "complete tokenizer.json") from None
+
+
 def describe_tokenizer(spec: str) -> str:
     """How error messages name a tokenizer spec."""
     return "shipped with jaxcl (data.tokenizer=default)" if spec in ("default", "auto") else repr(spec)
@@ -58,8 +74,6 @@ def load_tokenizer(spec: str = "default") -> TextTokenizer:
 
     `"auto"` means "default" here; runs resolve it against `model.init_from` first
     (`jaxcl.init_from.tokenizer_spec`)."""
-    from tokenizers import Tokenizer
-
     if spec in ("default", "auto"):
         from jaxcl.data.corpus import default_tokenizer_path
         path = Path(default_tokenizer_path())
@@ -69,10 +83,10 @@ def load_tokenizer(spec: str = "default") -> TextTokenizer:
             path = path / "tokenizer.json"
     if not path.is_file():
         raise ConfigError(f"data.tokenizer={spec!r}: {str(path)!r} not found")
-    tok = Tokenizer.from_file(str(path))
+    tok = read_tokenizer_file(path)
     eos = _first_id(tok, EOS_CANDIDATES)
     if eos is None:
-        raise ConfigError(f"data.tokenizer={spec!r} has none of the end-of-text tokens {EOS_CANDIDATES}")
+        raise TokenizerError(f"data.tokenizer={spec!r} has none of the end-of-text tokens {EOS_CANDIDATES}")
     pad = _first_id(tok, PAD_CANDIDATES)
     return TextTokenizer(tok, eos_id=eos, pad_id=eos if pad is None else pad,
                          mask_id=_first_id(tok, MASK_CANDIDATES))

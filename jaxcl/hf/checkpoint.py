@@ -9,6 +9,7 @@ directory holds the complete old checkpoint or the complete new one, never shard
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 
-from jaxcl.atomic_io import recover_directory, replace_directory, temporary_sibling
+from jaxcl.atomic_io import check_replaceable, recover_directory, replace_directory, temporary_sibling
 from jaxcl.hf.config import (CheckpointError, generation_config_json, hf_config_from_model, model_config_from_hf,
                              read_config_json)
 from jaxcl.hf.mapping import Entry, FamilyTable, legacy_names, table_for
@@ -37,6 +38,21 @@ ParamPath = tuple[str, ...]
 
 
 # ----------------------------------------------------------------------------- reading
+@contextlib.contextmanager
+def _reading(file: Path):
+    """A safetensors or index file that cannot be parsed (truncated, not safetensors, bad JSON) becomes one
+    CheckpointError naming it (safetensors raises its own SafetensorError, json a JSONDecodeError)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:      # SafetensorError, OSError, UnicodeDecodeError, JSONDecodeError, ...
+        from jaxcl.errors import root_message
+
+        raise CheckpointError(f"{str(file)!r} cannot be read ({root_message(e)}): the checkpoint file is damaged or "
+                              "incomplete; copy it again") from None
+
+
 class SafetensorsReader:
     """Lazy, per-tensor access to all safetensors files of a checkpoint directory."""
 
@@ -47,7 +63,9 @@ class SafetensorsReader:
         self.directory = directory
         index = directory / SAFETENSORS_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            with _reading(index):
+                weight_map = json.loads(index.read_text())
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{str(index)!r} has no 'weight_map'")
             self.locations = {name: directory / file for name, file in weight_map.items()}
@@ -59,7 +77,7 @@ class SafetensorsReader:
                 raise FileNotFoundError(f"no *.safetensors weights in {str(directory)!r}{hint}")
             self.locations = {}
             for file in files:
-                with safe_open(file, framework="numpy") as handle:
+                with _reading(file), safe_open(file, framework="numpy") as handle:
                     for name in handle.keys():
                         self.locations[name] = file
         for file in set(self.locations.values()):
@@ -75,7 +93,8 @@ class SafetensorsReader:
     def _handle(self, file: Path, framework: str):
         key = (file, framework)
         if key not in self._handles:
-            self._handles[key] = self._safe_open(file, framework=framework)
+            with _reading(file):
+                self._handles[key] = self._safe_open(file, framework=framework)
         return self._handles[key]
 
     def get(self, name: str) -> np.ndarray:
@@ -85,9 +104,10 @@ class SafetensorsReader:
         if name not in handle.keys():      # an index that disagrees with its shards
             raise CheckpointError(f"tensor {name!r} is not in {str(file)!r}, although {str(self._index)!r} says it "
                                   f"is there (the shard holds {len(handle.keys())} other tensors)")
-        if handle.get_slice(name).get_dtype() == "BF16":
-            return np.asarray(self._handle(file, "flax").get_tensor(name), dtype=np.float32)
-        return np.asarray(handle.get_tensor(name), dtype=np.float32)
+        with _reading(file):
+            if handle.get_slice(name).get_dtype() == "BF16":
+                return np.asarray(self._handle(file, "flax").get_tensor(name), dtype=np.float32)
+            return np.asarray(handle.get_tensor(name), dtype=np.float32)
 
 
 def _flatten(tree: dict[str, Any], prefix: ParamPath = ()) -> dict[ParamPath, Any]:
@@ -259,8 +279,14 @@ def _link_or_copy(src, dst) -> None:
 
 
 def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict[str, Any], *,
-                    max_shard_bytes: int = 5 * 2**30) -> Path:
+                    max_shard_bytes: int = 5 * 2**30, markers: tuple[str, ...] = ("config.json",),
+                    extra_files: dict[str, bytes] | None = None) -> Path:
     """Write `params` as an HF checkpoint (config.json + safetensors) loadable by `from_pretrained`.
+
+    `directory` may be missing, empty, or a directory holding one of `markers` (default: an HF checkpoint,
+    whose model is replaced); a file or any other non-empty directory is refused before anything is
+    written (`jaxcl.errors.OutputError`, `jaxcl.atomic_io.check_replaceable`). `extra_files` (name -> bytes)
+    are written into the checkpoint with it (e.g. a provenance record).
 
     Crash-atomic: everything is written into a staged sibling directory (other files already in
     `directory`, e.g. a tokenizer, are carried over by hard links) and published with one atomic swap,
@@ -290,6 +316,7 @@ def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict
     except Exception as e:   # transformers' config validators raise several error types
         reason = " ".join(str(e).split())
         raise CheckpointError(f"transformers cannot represent this {cfg.family} config: {reason[-300:]}") from None
+    check_replaceable(directory, markers, "directory")
     if jax.process_index() != 0:
         return directory
 
@@ -304,7 +331,10 @@ def save_pretrained(directory: str | os.PathLike, cfg: ModelConfig, params: dict
         generation = generation_config_json(cfg)
         if generation is not None:
             (staged / GENERATION_CONFIG).write_text(generation)
-        replace_directory(staged, directory)
+        for name, data in (extra_files or {}).items():
+            (staged / name).unlink(missing_ok=True)       # a hard link to the old directory's copy: never write through
+            (staged / name).write_bytes(data)
+        replace_directory(staged, directory, markers, "directory")
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise

@@ -22,22 +22,27 @@ JAXCL_TO_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu
 LLAMA_ACTIVATION = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 
 
-class CheckpointError(ValueError):
-    """A Hugging Face checkpoint directory cannot be used; the message names the file or key."""
+from jaxcl.errors import CheckpointError  # noqa: E402  (re-exported: jaxcl.hf.CheckpointError)
 
 
 def read_config_json(directory: str | Path) -> dict[str, Any]:
     """The raw `config.json` of a checkpoint directory, with errors naming the path."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{str(directory)!r} is a file, not a checkpoint directory (give the directory that "
+                              "holds config.json and the *.safetensors weights)")
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
     path = directory / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} not found: a Hugging Face checkpoint directory needs config.json")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from None
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {' '.join(str(e).split())}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{str(path)!r} must hold a JSON object (a transformers config), got "
+                              f"{type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in FAMILIES:
         raise CheckpointError(f"{str(path)!r}: model_type={model_type!r} is not supported by jaxcl "

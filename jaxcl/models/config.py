@@ -37,8 +37,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the offending key."""
+from jaxcl.errors import ConfigError  # noqa: E402  (re-exported: jaxcl.models.config.ConfigError)
 
 
 @dataclasses.dataclass(frozen=True)

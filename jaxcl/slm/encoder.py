@@ -56,8 +56,7 @@ class SentenceEncoder:
 
     def __init__(self, model_dir: str | Path, max_len: int, cache_dir: str | Path | None = None,
                  query_layers: Sequence[int] = ()):
-        from tokenizers import Tokenizer
-
+        from jaxcl.data.tokenizer import read_tokenizer_file
         from jaxcl.hf import load_pretrained
 
         self.model_dir = Path(model_dir)
@@ -73,7 +72,7 @@ class SentenceEncoder:
         if bad or len(set(self.query_layers)) != len(self.query_layers):
             raise ValueError(f"slm.query_layers={list(self.query_layers)}: each must be a distinct layer in "
                              f"0..{self.cfg.n_layers} (0 = embeddings, {self.cfg.n_layers} = the last layer)")
-        self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        self.tokenizer = read_tokenizer_file(self.model_dir / "tokenizer.json")
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.pad_id = (self.cfg.token_ids("pad_token_id") or (0,))[0]

@@ -13,8 +13,28 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxcl.config import CheckpointConfig
+from jaxcl.errors import CheckpointError, InputError, root_message
 
 log = logging.getLogger(__name__)
+
+
+class _Reading:
+    """Turns any failure while reading checkpoint `step` of `directory` (a truncated or deleted array file,
+    damaged metadata: orbax and tensorstore raise many types, their message naming the file several causes
+    deep) into one `CheckpointError` that names the checkpoint and that file."""
+
+    def __init__(self, directory: str | Path, step: int):
+        self.where = f"{str(Path(directory) / str(step))!r}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, (InputError, KeyboardInterrupt, SystemExit)) \
+                or not isinstance(exc, Exception):
+            return False
+        raise CheckpointError(f"checkpoint {self.where} cannot be read ({root_message(exc)}): the checkpoint is "
+                              "damaged; restore it from a copy, or resume/start from another step or run") from exc
 
 
 def abstract_like(shapes: Any, shardings: Any) -> Any:
@@ -47,9 +67,12 @@ def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
     """The JSON metadata of checkpoint `step` (what `Checkpointer.save` stored beside the state)."""
     path = Path(directory) / str(step) / "meta" / ITEM_MARKERS["meta"]
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FileNotFoundError(f"checkpoint metadata {str(path)!r} cannot be read: {e}") from None
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint metadata {str(path)!r} cannot be read: {root_message(e)}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint metadata {str(path)!r} is not a JSON object")
+    return meta
 
 
 def restore_params(directory: str | Path, step: int, shapes: Any, shardings: Any) -> Any:
@@ -60,8 +83,9 @@ def restore_params(directory: str | Path, step: int, shapes: Any, shardings: Any
     manager = ocp.CheckpointManager(Path(directory).absolute(),
                                     options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
-        out = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+        with _Reading(directory, step):
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
     finally:
         manager.close()
     return out["state"]["params"]
@@ -126,12 +150,19 @@ class Checkpointer:
         return saved
 
     def restore_meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        """The JSON metadata saved with `step` (CheckpointError naming the file if it cannot be read)."""
+        with _Reading(self.directory, step):
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"checkpoint metadata {str(self.directory / str(step) / 'meta')!r} is not a JSON "
+                                  "object")
+        return meta
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """State placed on the shardings in `abstract_state` (may differ from the saving mesh), and meta."""
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                  meta=ocp.args.JsonRestore()))
+        with _Reading(self.directory, step):
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
     def reached_preemption(self, step: int) -> bool:
