@@ -37,15 +37,30 @@ def _setup_logging() -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "Task exception was never retrieved": reads orbax abandoned after one failed (the failure itself is
+    # reported as one error line); see _quiet_abandoned_reads
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 def _load(args) -> Config:
     from jaxcl.config import load_config
 
+    from jaxcl.errors import InputError
+
     overrides = list(args.overrides)
     if getattr(args, "hf", None):      # evaluate the checkpoint as a run from it would: its architecture and tokenizer
         overrides.append(f"model.init_from={args.hf}")
+        try:
+            return load_config(args.config, overrides)
+        except InputError as e:
+            raise _named_as(e, args.hf, "--hf ") from None
     return load_config(args.config, overrides)
+
+
+def _named_as(error: Exception, spec: str, name: str) -> Exception:
+    """`error` with `model.init_from='SPEC'` in its message said as the user gave SPEC (`--hf 'SPEC'`, or the
+    positional directory of `jaxcl generate`): the same type, one line."""
+    return type(error)(str(error).replace(f"model.init_from={spec!r}", f"{name}{spec!r}"))
 
 
 def cmd_run(args, method: str | None = None) -> int:
@@ -124,6 +139,13 @@ def cmd_generate(args) -> int:
     from jaxcl.generate import generate
     from jaxcl.inference import open_decoder
 
+    for bad, flag in ((args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: must be at least 1"),
+                      (not math.isfinite(args.temperature) or args.temperature < 0,
+                       f"--temperature {args.temperature}: must be >= 0 (0 = greedy)"),
+                      (not 0.0 < args.top_p <= 1.0, f"--top-p {args.top_p}: must be in (0, 1]"),
+                      (args.top_k < 0, f"--top-k {args.top_k}: must be >= 0 (0 = all tokens)")):
+        if bad:               # before the model is loaded
+            raise ConfigError(flag)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += _read_prompts(args.prompts_file)
@@ -135,7 +157,7 @@ def cmd_generate(args) -> int:
     try:
         dec = open_decoder(args.source, memory=memory, policy=args.memory_policy)
     except ValueError as e:            # DatastoreError, InitFromError: one line naming the path
-        raise ConfigError(str(e)) from None
+        raise ConfigError(str(_named_as(e, args.source, ""))) from None
     tok = load_tokenizer(dec.tokenizer)
     encoded = [tok.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
     if any(not ids for ids in encoded):
@@ -318,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--noise-std", type=float, default=0.0, help="ELLE copy noise (method=elle)")
     g.add_argument("--allow-inexact", action="store_true",
                    help="method=exact on a post-LN BERT at a non-multiple width or with added layers (not exact)")
+    _quiet_abandoned_reads()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in sub.choices:      # options may stand anywhere among positionals and key=value overrides
         args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
@@ -356,6 +379,29 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _quiet_abandoned_reads() -> None:
+    """Keep an error the last thing printed: when one read of a checkpoint fails, orbax stops waiting for the
+    others, and tensorstore's callbacks for those (finished later, on its threads) find the asyncio loop
+    closed; each `RuntimeError('Event loop is closed')` would be printed as an unraisable traceback around
+    the error line. Only that exception from asyncio's own check is dropped; everything else reaches the
+    previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_jaxcl", False):
+        return
+
+    def hook(unraisable):
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"):
+            return
+        previous(unraisable)
+
+    hook._jaxcl = True
+    sys.unraisablehook = hook
 
 
 def _close_progress_bars() -> None:

@@ -557,13 +557,16 @@ def _parse_yaml(path: Path) -> Any:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
     try:
         return yaml.safe_load(text) or {}
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        reason = " ".join(part for part in (e.problem, e.context) if part) or "invalid YAML"
-        raise ConfigError(f"{where}: {' '.join(reason.split())} (not valid YAML)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"{yaml_error(path, e)} (not valid YAML)") from None
+
+
+def yaml_error(path: str | Path, error: Exception) -> str:
+    """`path:line:col: reason` for a YAML syntax error (what editors jump to); `path: reason` without a mark."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    reason = " ".join(p for p in (getattr(error, "problem", None), getattr(error, "context", None)) if p)
+    reason = " ".join((reason or str(error) or "invalid YAML").split())
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: {reason}" if mark is not None else f"{path}: {reason}"
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,8 @@ is one, as the older per-module errors were).
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["InputError", "ConfigError", "DataError", "TokenizerError", "CheckpointError", "DatastoreError",
            "RunDirError", "OutputError", "root_message", "one_line"]
 
@@ -71,7 +73,11 @@ def root_message(exc: BaseException) -> str:
         if nxt is None or not str(nxt).strip():
             break
         exc = nxt
-    return one_line(f"{type(exc).__name__}: {exc}" if not str(exc).strip() else str(exc))
+    text = f"{type(exc).__name__}: {exc}" if not str(exc).strip() else str(exc)
+    # tensorstore appends the whole JSON spec of what it opened ("[tensorstore_spec[1]='{...}']") and source
+    # locations: the message before them already names the file
+    text = re.sub(r"\s*\[(tensorstore_spec|source locations)\b.*", "", text, flags=re.S)
+    return one_line(text)
 
 
 def one_line(message: str, limit: int = 600) -> str:

@@ -44,7 +44,7 @@ class ExportError(InputError):
 
 
 def _recorded_config(run_dir: Path):
-    from jaxcl.config import ConfigError, config_from_dict
+    from jaxcl.config import ConfigError, config_from_dict, yaml_error
     from jaxcl.train.checkpoint import complete_steps, read_meta
 
     if not run_dir.is_dir():
@@ -53,8 +53,12 @@ def _recorded_config(run_dir: Path):
     if path.is_file():
         import yaml
         try:
-            return config_from_dict(yaml.safe_load(path.read_text()))
-        except (ConfigError, yaml.YAMLError) as e:
+            tree = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ExportError(f"{yaml_error(path, e)}: the run's config.yaml is not readable YAML") from None
+        try:
+            return config_from_dict(tree if isinstance(tree, dict) else {})
+        except ConfigError as e:
             reason = " ".join(str(e).split())
             raise ExportError(f"{str(path)!r} is not a jaxcl run config: {reason[:300]}") from None
     steps = complete_steps(run_dir / "checkpoints")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,14 +36,14 @@ from typing import Any, Callable
 import yaml
 
 from jaxcl.atomic_io import atomic_write_file
-from jaxcl.config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+from jaxcl.config import Config, ConfigError, config_from_dict, config_to_dict, save_config, yaml_error
 from jaxcl.errors import OutputError, RunDirError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["HARMLESS_KEYS", "UNUSED_SECTIONS", "CONFIG_FILE", "REPORT_FILE", "atomic_write", "begin",
            "changed_keys", "incompatible_keys", "check_compatible", "recorded_config", "check_run_directory",
-           "read_report", "Invocations", "MetricsFile", "RUN_FILES"]
+           "read_report", "is_new", "discard_unstarted", "Invocations", "MetricsFile", "RUN_FILES"]
 
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.json"
@@ -133,9 +134,8 @@ def recorded_config(run_dir: str | Path) -> dict[str, Any] | None:
     try:
         tree = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError) as e:
-        reason = " ".join(str(e).split())
-        raise RunDirError(f"{path} is not readable YAML ({reason[:200]}): this run directory cannot be checked; "
-                          "use another run.name / run.dir") from None
+        raise RunDirError(f"{yaml_error(path, e)}: the run's config.yaml is not readable YAML, so this run directory "
+                          "cannot be checked; use another run.name / run.dir") from None
     if not isinstance(tree, dict):
         raise RunDirError(f"{path} does not hold a jaxcl run config (a YAML mapping): this run directory cannot "
                           "be checked; use another run.name / run.dir")
@@ -222,6 +222,44 @@ def begin(run_dir: str | Path, cfg: Config, method: str, *,
     if jax.process_index() == 0 and not (run_dir / CONFIG_FILE).exists():
         save_config(cfg, run_dir / CONFIG_FILE)        # once: it describes what this run trains
     return None
+
+
+# ----------------------------------------------------------------------------- a first invocation that fails
+# What an invocation writes before its first durable commit; nothing in them is worth keeping on their own.
+EPHEMERAL = (CONFIG_FILE, "metrics.jsonl", "tensorboard", "checkpoints")
+
+
+def is_new(run_dir: str | Path) -> bool:
+    """Whether `run_dir` is missing or empty: a run that has not begun."""
+    run_dir = Path(run_dir)
+    return not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir()))
+
+
+def discard_unstarted(run_dir: str | Path) -> bool:
+    """Remove what a first invocation wrote into `run_dir` when it failed before its first durable commit, so
+    that the corrected command may use the same run.dir (config.yaml would otherwise record the failed
+    config, and the corrected one would be refused as "differs in what is trained").
+
+    Only the files a run writes before committing anything (`EPHEMERAL`; a `checkpoints/` without a
+    complete step) are removed, and only when nothing else is there; the caller guarantees that the
+    directory was new when the invocation began (`is_new`). Process 0 only. Returns whether it removed.
+    """
+    from jaxcl.train.checkpoint import complete_steps
+
+    run_dir = Path(run_dir)
+    if _process_index() != 0 or not run_dir.is_dir():
+        return False
+    held = {p.name for p in run_dir.iterdir()}
+    if not held <= set(EPHEMERAL) or complete_steps(run_dir / "checkpoints"):
+        return False
+    for key in [k for k in _EVENT_LOGS if k.parent == run_dir.absolute()]:
+        _EVENT_LOGS.pop(key).close()
+    for name in held:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    run_dir.rmdir()
+    log.info("%s: the first invocation failed before its first commit; removed what it had written", run_dir)
+    return True
 
 
 # ----------------------------------------------------------------------------- accounting

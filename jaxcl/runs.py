@@ -31,8 +31,25 @@ def runner_class(method: str) -> type:
 
 
 def run_config(cfg: Config) -> dict[str, Any]:
-    """Run the job `cfg.run.method` names and return its report."""
-    return runner_class(cfg.run.method)(cfg).run()
+    """Run the job `cfg.run.method` names and return its report.
+
+    A first invocation (the run directory was missing or empty) that fails before its first durable commit
+    leaves the directory as it found it (`jaxcl.rundir.discard_unstarted`): correcting the command and
+    running it again is then a new run, not a refused "changed" one.
+    """
+    from jaxcl import rundir
+
+    runner = runner_class(cfg.run.method)(cfg)
+    new = rundir.is_new(cfg.run_dir())
+    try:
+        return runner.run()
+    except BaseException:
+        if new:
+            try:
+                rundir.discard_unstarted(cfg.run_dir())
+            except OSError:           # cleaning up must never hide the error that stopped the run
+                pass
+        raise
 
 
 __all__ = ["RUNNERS", "run_config", "runner_class"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -244,3 +245,147 @@ def test_min_k_is_exactly_top_k(q, n, k):
     np.testing.assert_array_equal(np.asarray(vals), -np.asarray(neg))
     np.testing.assert_array_equal(np.take_along_axis(d, np.asarray(idx), 1), np.asarray(vals))   # indices match values
     np.testing.assert_array_equal(np.asarray(idx)[:-1], np.asarray(ref_idx)[:-1])       # no ties: same indices
+
+
+# ---------------------------------------------------------------- damaged chunk files (docs/reliability.md)
+def _files(root):
+    """Every file under `root` with its bytes (to prove a failed open changed nothing)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def _chunked_store(path, rows=600):
+    """A committed store of many chunks: keys 16 rows per chunk (`keys/<i>.0`, 38 files), values 256
+    (`values/<i>`, 3 files), written by two appends so that chunks were rewritten across commits."""
+    rng = np.random.default_rng(11)
+    keys = rng.normal(size=(rows, 8)).astype(np.float32)
+    values = rng.integers(0, 1000, rows).astype(np.int32)
+    ds = Datastore.create(path, dim=8, chunk_rows=16)
+    ds.add(keys[:250], values[:250])
+    ds.add(keys[250:], values[250:])
+    return keys, values
+
+
+@pytest.mark.parametrize("chunk", ["keys/0.0", "keys/20.0", "keys/37.0", "values/0", "values/2"])
+def test_a_missing_chunk_file_is_named_and_the_store_left_as_it_was(tmp_path, chunk):
+    """The reproduced bug: a deleted chunk read as fill values (all 0) and answered. Now open refuses,
+    naming the file, before anything (even a dead writer's temporary) is touched."""
+    store = tmp_path / "s"
+    _chunked_store(store)
+    (store / chunk).unlink()
+    (store / "commits" / ".0000000000000009.json.tmp-999999999-abcd").write_bytes(b"junk")
+    before = _files(store)
+    with pytest.raises(DatastoreError) as err:
+        Datastore.open(store)
+    message = str(err.value)
+    assert f"{store / chunk} is missing" in message and "rebuild the memory" in message
+    assert "\n" not in message
+    assert _files(store) == before
+
+
+@pytest.mark.parametrize("chunk", ["keys/3.0", "values/1"])
+def test_a_short_or_changed_chunk_file_is_named(tmp_path, chunk):
+    store = tmp_path / "s"
+    _chunked_store(store)
+    data = (store / chunk).read_bytes()
+    (store / chunk).write_bytes(data[:len(data) // 3])                      # truncated
+    before = _files(store)
+    with pytest.raises(DatastoreError, match=f"{re.escape(str(store / chunk))} is {len(data) // 3} bytes"):
+        Datastore.open(store)
+    assert _files(store) == before
+    flipped = bytearray(data)
+    flipped[5] ^= 0x40                                                      # bit rot: same size, decodes fine
+    (store / chunk).write_bytes(bytes(flipped))
+    before = _files(store)
+    with pytest.raises(DatastoreError, match=f"{re.escape(str(store / chunk))} does not hold the bytes committed"):
+        Datastore.open(store)
+    assert _files(store) == before
+
+
+def test_a_chunk_tensorstore_cannot_decode_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """What the size check cannot see (an object store, or a file cut short after the check): the
+    tensorstore read error becomes a DatastoreError naming the file. A missing `.zarray` too."""
+    store = tmp_path / "s"
+    _chunked_store(store)
+    (store / "values" / "1").write_bytes(b"\0" * 100)
+    monkeypatch.setattr(Datastore, "_check_chunk_files", lambda self, count: None)
+    with pytest.raises(DatastoreError, match=f"{re.escape(str(store / 'values' / '1'))} cannot be decoded"):
+        Datastore.open(store)
+    monkeypatch.undo()
+    (store / "keys" / ".zarray").unlink()
+    with pytest.raises(DatastoreError, match=re.escape(str(store / "keys" / ".zarray"))):
+        Datastore.open(store)
+
+
+def test_an_intact_store_of_many_chunks_opens_and_searches_exactly(tmp_path):
+    store = tmp_path / "s"
+    keys, values = _chunked_store(store)
+    ds = Datastore.open(store)
+    assert len(ds) == 600
+    np.testing.assert_array_equal(ds.values, values)
+    queries = np.random.default_rng(12).normal(size=(9, 8)).astype(np.float32)
+    dists, ids = ds.search(queries, 7)
+    ref_d, ref_i = brute_force(keys, queries, 7)
+    np.testing.assert_array_equal(ids, ref_i)
+    np.testing.assert_allclose(dists, ref_d, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ds.values[ids], values[ref_i])
+
+
+def test_a_store_committed_before_chunk_checksums_opens_and_gains_them(tmp_path):
+    """Commit records without a `chunks` entry (the format before checksums) keep opening (existence and
+    size checks only); the next commit lists every chunk's CRC-32."""
+    from jaxcl.memory.storage import _digest
+    store = tmp_path / "s"
+    keys, values = _chunked_store(store)
+    for path in (store / "commits").glob("*.json"):
+        record = json.loads(path.read_text())
+        body = {k: v for k, v in record["body"].items() if k != "chunks"}
+        path.write_text(json.dumps({"body": body, "sha256": _digest(body)}, indent=1))
+    ds = Datastore.open(store)
+    np.testing.assert_array_equal(ds.keys, keys.astype(np.float16))
+    ds.add(keys[:5], values[:5])
+    newest = json.loads(max((store / "commits").glob("*.json")).read_text())["body"]
+    assert len(newest["chunks"]["keys"]["crc32"]) == 38 and len(newest["chunks"]["values"]["crc32"]) == 3
+    flipped = bytearray((store / "keys" / "1.0").read_bytes())
+    flipped[0] ^= 1
+    (store / "keys" / "1.0").write_bytes(bytes(flipped))
+    with pytest.raises(DatastoreError, match="keys/1.0 does not hold the bytes committed"):
+        Datastore.open(store)
+
+
+def test_rows_past_the_commit_are_not_checked(tmp_path):
+    """A writer killed mid-append leaves rows past the committed count: partial chunks, a chunk of
+    the committed tail rewritten with more rows, a tensorstore `.__lock` temporary, even a short file
+    past the count. None of it is part of the store, so none of it is an error."""
+    import tensorstore as ts
+    store = tmp_path / "s"
+    keys, values = _chunked_store(store)
+    arr = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(store / "keys") + "/"}},
+                  open=True).result()
+    arr[600:700].write(np.ones((100, 8), np.float16)).result()             # uncommitted rows 600..699
+    (store / "keys" / "45.0").write_bytes(b"\1" * 10)                      # a short chunk past the count
+    (store / "keys" / "46.0.__lock").write_bytes(b"\1" * 300)
+    (store / "values" / "3").write_bytes(b"\1" * 7)
+    ds = Datastore.open(store)
+    assert len(ds) == 600
+    np.testing.assert_array_equal(ds.keys, keys.astype(np.float16))
+    ds.add(keys[:50], values[:50])                                          # and the rows are overwritten
+    again = Datastore.open(store)
+    np.testing.assert_array_equal(again.keys, np.concatenate([keys, keys[:50]]).astype(np.float16))
+    np.testing.assert_array_equal(again.values, np.concatenate([values, values[:50]]))
+
+
+def test_a_chunk_lost_after_open_never_changes_an_answer_or_a_committed_row(tmp_path):
+    """Search is served from the rows read at open; an append rewrites the chunk it extends from the
+    host copy (never reads the lost file back as fill values)."""
+    store = tmp_path / "s"
+    keys, values = _chunked_store(store)
+    ds = Datastore.open(store)
+    (store / "keys" / "37.0").unlink()                                      # the chunk of rows 592..599
+    (store / "values" / "2").unlink()                                       # rows 512..599
+    _, ids = ds.search(keys[590:600], 1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(590, 600))
+    np.testing.assert_array_equal(ds.values[ids[:, 0]], values[590:600])
+    ds.add(keys[:3], values[:3])
+    again = Datastore.open(store)
+    np.testing.assert_array_equal(again.keys, np.concatenate([keys, keys[:3]]).astype(np.float16))
+    np.testing.assert_array_equal(again.values, np.concatenate([values, values[:3]]))

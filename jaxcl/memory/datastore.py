@@ -3,8 +3,9 @@
 Layout under `path` (a local directory or any tensorstore kvstore URL, e.g. `gs://bucket/store`):
 
     manifest.json        format, dim, key/value types, model fingerprint, tokenizer, backend (written once)
-    commits/<seq>.json   commit records: the committed row *count* and the index's segment list, each
-                         with a SHA-256; the newest valid record is the store's state (`jaxcl.memory.storage`)
+    commits/<seq>.json   commit records: the committed row *count*, the index's segment list and a CRC-32
+                         of each chunk's committed rows, each record with a SHA-256; the newest valid record
+                         is the store's state (`jaxcl.memory.storage`)
     keys/                zarr array float16 [capacity, dim] (rows >= count are not part of the store)
     values/              zarr array int32 [capacity]
     index/<segment>/...  the ScaNN backend's frozen segments (see `jaxcl.memory.index`), checksummed in
@@ -18,6 +19,8 @@ key in place: a commit record is a new key written atomically (temporary + fsync
 all-or-nothing object PUT on object stores). A process killed at any moment leaves the last committed
 count, every committed row and a loadable index; rows past the count are ignored and overwritten later,
 temporaries are removed when a writer next opens the store. One writer per store (per process shard).
+A committed chunk file that is missing, short, undecodable or changed makes `open` raise `DatastoreError`
+naming it, and nothing is written (`Datastore`'s docstring says what is checked, and the cost).
 
 Multi-host: with `jax.process_count() > 1` every process owns the rows it adds, stored under
 `path/process-<i>`; `search` runs on each process's rows and merges all processes' top-k lists
@@ -27,16 +30,20 @@ then process 1's, and so on; `values` is the concatenation in that order.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import json
 import logging
 import math
+import zlib
 from typing import Any
 
 import jax
 import numpy as np
 import tensorstore as ts
 
+from jaxcl.errors import one_line, root_message
 from jaxcl.memory.index import make_index, merge_topk
 from jaxcl.memory.storage import CommitError, CommitLog, StoreFiles, is_local, local_path
 
@@ -47,10 +54,10 @@ log = logging.getLogger(__name__)
 FORMAT = "jaxcl.datastore"
 VERSION = 2                   # 2: count and index listing in commit records (1: in manifest.json / index.json)
 MAX_ROWS = 1 << 40            # the zarr arrays' nominal shape: chunks are only written where rows exist
+READ_AHEAD_BYTES = 256 << 20  # chunk reads in flight while a store is opened (bounds the extra memory)
 
 
-class DatastoreError(ValueError):
-    """A path that is not a datastore, or a store that does not match what the caller expects."""
+from jaxcl.errors import DatastoreError  # noqa: E402  (re-exported: jaxcl.memory.DatastoreError)
 
 
 def params_fingerprint(params: Any) -> str:
@@ -72,8 +79,16 @@ def _kvstore_spec(path: str) -> dict | str:
     return path.rstrip("/") + "/"
 
 
-def _open_arrays(path: str, dim: int, chunk_rows: int, create: bool):
-    """The keys and values zarr arrays; `create` replaces arrays left by a create that never committed."""
+_WAY_FORWARD = ("restore the file from a backup of the store, or rebuild the memory (delete the datastore "
+                "and run what built it again); nothing was changed")
+
+
+def _open_arrays(path: str, dim: int, chunk_rows: int, create: bool, files: StoreFiles | None = None):
+    """The keys and values zarr arrays; `create` replaces arrays left by a create that never committed.
+
+    Opening (not `create`) reads only each array's `.zarray`; one that is missing or unreadable raises
+    `DatastoreError` naming it (`files` gives its path in the message).
+    """
     base = _kvstore_spec(path)
     def spec(name, shape, chunks, dtype):
         kv = dict(base, path=base["path"] + name + "/") if isinstance(base, dict) else base + name + "/"
@@ -82,9 +97,50 @@ def _open_arrays(path: str, dim: int, chunk_rows: int, create: bool):
             s["metadata"] = {"shape": shape, "chunks": chunks, "dtype": dtype, "compressor": None}
         return s
     kw = {"create": True, "delete_existing": True} if create else {"open": True}
-    keys = ts.open(spec("keys", [MAX_ROWS, dim], [chunk_rows, dim], "<f2"), **kw).result()
-    values = ts.open(spec("values", [MAX_ROWS], [chunk_rows * 16], "<i4"), **kw).result()
-    return keys, values
+    arrays = []
+    for name, shape, chunks, dtype in (("keys", [MAX_ROWS, dim], [chunk_rows, dim], "<f2"),
+                                       ("values", [MAX_ROWS], [chunk_rows * 16], "<i4")):
+        try:
+            arrays.append(ts.open(spec(name, shape, chunks, dtype), **kw).result())
+        except Exception as e:           # tensorstore raises ValueError with a status code for any failure
+            if create:
+                raise
+            where = (files or StoreFiles(path)).where(f"{name}/.zarray")
+            raise DatastoreError(f"datastore {path!r} is damaged: {where} (the {name} array's description) is "
+                                 f"missing or unreadable ({root_message(e)}); {_WAY_FORWARD}") from None
+    return tuple(arrays)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkGrid:
+    """Where one zarr array's rows live: chunk c holds rows [c * rows, (c + 1) * rows) in the file
+    `<name>/<key(c)>`, of exactly `nbytes` bytes (every chunk write is full-size; None if compressed)."""
+
+    name: str
+    rows: int
+    ndim: int
+    separator: str
+    nbytes: int | None
+
+    @classmethod
+    def of(cls, name: str, array) -> _ChunkGrid:
+        meta = array.spec().to_json()["metadata"]
+        chunks = [int(c) for c in meta["chunks"]]
+        raw = meta.get("compressor") is None and not meta.get("filters")
+        return cls(name, chunks[0], len(chunks), meta.get("dimension_separator") or ".",
+                   math.prod(chunks) * np.dtype(meta["dtype"]).itemsize if raw else None)
+
+    def key(self, c: int) -> str:
+        """Chunk c's key under the array (zarr v2: chunk indices joined by the separator)."""
+        return self.separator.join([str(c)] + ["0"] * (self.ndim - 1))
+
+    def chunks(self, count: int) -> int:
+        """How many chunks rows [0, count) occupy."""
+        return -(-int(count) // self.rows)
+
+
+def _crc32(rows: np.ndarray) -> str:
+    return f"{zlib.crc32(np.ascontiguousarray(rows)) & 0xFFFFFFFF:08x}"
 
 
 def _read_manifest(files: StoreFiles, where: str) -> dict[str, Any]:
@@ -107,6 +163,21 @@ class Datastore:
         ds = Datastore.create(path, dim=d, backend="scann")   # or "exact"
         ds.add(keys, values)                                   # keys [n, d] float, values [n] int
         dists, ids = ds.search(queries, k)                     # squared L2, ascending; ids index ds.values
+
+    Damaged chunk files (docs/reliability.md): tensorstore reads a missing zarr chunk as its fill value,
+    so a store is never trusted to hold the rows its commit counts. Opening a store checks, before any
+    row is read and without writing anything, that every chunk file rows [0, count) of `keys/` and
+    `values/` occupy exists and (local stores) has the exact size of a chunk: one `stat` per chunk file
+    (an object store: one listing per array). It then reads every committed row once into host memory
+    (as it always did: search and `values` are served from that copy and never read a chunk again, so a
+    file that disappears after open cannot change an answer) and checks each chunk's committed rows
+    against the CRC-32 that the commit record lists for it (records written since checksums were added;
+    older records get the existence and size checks). A missing, short or undecodable chunk file, or one
+    whose bytes changed, raises `DatastoreError`: one line naming the store and the file, and the way
+    forward. Cost at scale: the stats are negligible (thousands of chunks: milliseconds); the CRC runs
+    at several GB/s over bytes open reads anyway; a commit record grows by ~16 bytes per chunk (a
+    4096-row chunk of 1024-dim keys is 8 MiB: 200 KiB of record per 100 GiB of keys), and each `add`
+    checksums only the chunks it touched.
     """
 
     def __init__(self, path: str, manifest: dict[str, Any], *, mesh=None, distributed: bool | None = None,
@@ -116,24 +187,104 @@ class Datastore:
         self.dim = int(manifest["dim"])
         self.distributed = jax.process_count() > 1 if distributed is None else distributed
         self._files = _files or StoreFiles(self.path)
-        self._files.remove_temporaries()             # what a killed writer left; never part of the store
         self._log = CommitLog(self._files)
         latest = self._log.latest()
         if latest is None:     # version 1 (or a store with no commit yet): the manifest's count, index.json
             self._state = {"count": int(manifest.get("count", 0)), "index": self._v1_index_state()}
+            self._source = "manifest.json"
         else:
             self._state = latest[1]
+            self._source = f"{CommitLog.PREFIX}{latest[0]:016d}.json"
         count, index_state = int(self._state["count"]), self._state.get("index", {})
-        self._keys_ts, self._values_ts = _open_arrays(self.path, self.dim, manifest["chunk_rows"], create=False)
+        self._keys_ts, self._values_ts = _open_arrays(self.path, self.dim, manifest["chunk_rows"], create=False,
+                                                      files=self._files)
+        self._grids = (_ChunkGrid.of("keys", self._keys_ts), _ChunkGrid.of("values", self._values_ts))
         self._keys = np.empty((max(1024, count), self.dim), np.float16)        # host copy, grown by doubling
         self._values = np.empty((max(1024, count),), np.int32)
         if count:
-            self._keys[:count] = self._keys_ts[:count].read().result()
-            self._values[:count] = self._values_ts[:count].read().result()
+            self._check_chunk_files(count)
+            self._read_rows(count)
         self._count = count
+        # Only now (the store checked out) clear what a killed writer left; never part of the store.
+        self._files.remove_temporaries()
         self.index = make_index(manifest["backend"], self.dim, manifest.get("index_options"), mesh)
         self.index.load(self._files, self.keys, index_state)
         self._global_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ chunk files
+    def _damaged(self, grid: _ChunkGrid, c: int, what: str, more: int = 0) -> DatastoreError:
+        count = int(self._state["count"])
+        where = self._files.where(f"{grid.name}/{grid.key(c)}")
+        also = f" (and {more} more chunk file(s) of the store)" if more else ""
+        return DatastoreError(one_line(
+            f"datastore {self.path!r} is damaged: {where} {what}{also}; it holds committed rows "
+            f"{c * grid.rows}..{min((c + 1) * grid.rows, count) - 1} of the {count} that {self._source} "
+            f"counts; {_WAY_FORWARD}", limit=1000))
+
+    def _check_chunk_files(self, count: int) -> None:
+        """Raise `DatastoreError` unless every chunk file rows [0, count) occupy exists with a chunk's size.
+
+        Reads no chunk and writes nothing: one `stat` per chunk file locally, one listing per array on an
+        object store. Chunks past the count (rows a killed append wrote, or a rollback dropped) are not
+        part of the store and are not looked at.
+        """
+        for grid in self._grids:
+            names = [grid.key(c) for c in range(grid.chunks(count))]
+            sizes = self._files.sizes(grid.name + "/", names)
+            bad = [(c, sizes.get(n, -1)) for c, n in enumerate(names)
+                   if n not in sizes or (grid.nbytes is not None and sizes[n] not in (None, grid.nbytes))]
+            if bad:
+                c, size = bad[0]
+                what = ("is missing" if size == -1 else
+                        f"is {size} bytes, not the {grid.nbytes} of a chunk (truncated or damaged)")
+                raise self._damaged(grid, c, what, more=len(bad) - 1)
+
+    def _read_rows(self, count: int) -> None:
+        """Read rows [0, count) of both arrays into the host copies, chunk by chunk, checking each chunk's
+        committed rows against the CRC-32 in the commit record (when it lists them).
+
+        A chunk tensorstore cannot decode, or whose rows fail their checksum, raises `DatastoreError`
+        naming its file. At most READ_AHEAD_BYTES of chunk reads per array are in flight.
+        """
+        sums = self._state.get("chunks") or {}
+        for grid, array, host in zip(self._grids, (self._keys_ts, self._values_ts), (self._keys, self._values)):
+            listed = sums.get(grid.name) or {}
+            crcs = listed.get("crc32", []) if listed.get("rows") == grid.rows else []
+            window = max(4, READ_AHEAD_BYTES // max(1, grid.rows * host[:1].nbytes))
+            pending: collections.deque = collections.deque()
+            for c in range(grid.chunks(count)):
+                lo, hi = c * grid.rows, min((c + 1) * grid.rows, count)
+                pending.append((c, array[lo:hi].read()))
+                if len(pending) >= window:
+                    self._take_chunk(grid, host, count, crcs, *pending.popleft())
+            while pending:
+                self._take_chunk(grid, host, count, crcs, *pending.popleft())
+
+    def _take_chunk(self, grid: _ChunkGrid, host: np.ndarray, count: int, crcs: list[str], c: int,
+                    future) -> None:
+        """Copy chunk c's committed rows from its read into `host`; check them against `crcs[c]` if listed."""
+        lo, hi = c * grid.rows, min((c + 1) * grid.rows, count)
+        try:
+            host[lo:hi] = future.result()
+        except Exception as e:           # tensorstore: ValueError with a status code (short, undecodable chunk)
+            raise self._damaged(grid, c, f"cannot be decoded ({root_message(e)})") from None
+        if c < len(crcs) and _crc32(host[lo:hi]) != crcs[c]:
+            raise self._damaged(grid, c, f"does not hold the bytes committed (the CRC-32 of its rows differs "
+                                         f"from the one {self._source} lists: changed outside jaxcl)")
+
+    def _chunk_sums(self, count: int, changed_from: int) -> dict[str, Any]:
+        """The commit record's per-chunk CRC-32s of rows [0, count): the current record's for chunks wholly
+        before row `changed_from`, computed from the host copy for the rest (all of them, the first
+        time a store written before checksums commits)."""
+        out = {}
+        for grid, host in zip(self._grids, (self._keys, self._values)):
+            listed = (self._state.get("chunks") or {}).get(grid.name) or {}
+            kept = list(listed.get("crc32", [])) if listed.get("rows") == grid.rows else []
+            kept = kept[:min(changed_from // grid.rows, grid.chunks(count))]
+            for c in range(len(kept), grid.chunks(count)):
+                kept.append(_crc32(host[c * grid.rows:min((c + 1) * grid.rows, count)]))
+            out[grid.name] = {"rows": grid.rows, "crc32": kept}
+        return out
 
     def _v1_index_state(self) -> dict[str, Any]:
         raw = self._files.read_bytes("index.json")
@@ -260,10 +411,6 @@ class Datastore:
         if n == 0:
             return range(start, start)
         end = start + n
-        write_k = self._keys_ts[start:end].write(keys)
-        write_v = self._values_ts[start:end].write(values)
-        write_k.result()
-        write_v.result()
         if end > len(self._keys):
             cap = 1 << math.ceil(math.log2(end))
             grown_k = np.empty((cap, self.dim), np.float16)
@@ -273,13 +420,21 @@ class Datastore:
             self._keys, self._values = grown_k, grown_v
         self._keys[start:end] = keys            # past the committed count until the commit below
         self._values[start:end] = values
-        self._commit(end, lambda: self.index.sync(self._keys[:end]))
+        # Write from the start of the chunk holding row `start`, from the host copy: the chunk is rewritten
+        # whole anyway, and tensorstore then never reads it back (a chunk file lost after open would read
+        # as fill values, and those would be written over committed rows).
+        k0, v0 = (start - start % g.rows for g in self._grids)
+        write_k = self._keys_ts[k0:end].write(self._keys[k0:end])
+        write_v = self._values_ts[v0:end].write(self._values[v0:end])
+        write_k.result()
+        write_v.result()
+        self._commit(end, lambda: self.index.sync(self._keys[:end]), changed_from=start)
         return range(start, end)
 
     def compact(self) -> None:
         """Rebuild the index over every committed row as one segment (ScaNN: freezes the delta and merges
         all segments; exact: nothing to do), and commit it next to the data."""
-        self._commit(self._count, lambda: self.index.compact(self.keys))
+        self._commit(self._count, lambda: self.index.compact(self.keys), changed_from=self._count)
 
     def rollback(self, count: int) -> None:
         """Make the first `count` rows (<= the committed count) the whole store, committed like an add.
@@ -293,13 +448,18 @@ class Datastore:
         if count == self._count:
             return
         self._commit(int(count), lambda: self.index.load(self._files, self._keys[:count],
-                                                         self._state.get("index", {})))
+                                                         self._state.get("index", {})), changed_from=int(count))
 
-    def _commit(self, count: int, update_index) -> None:
-        """Bring the index up to date, write its new segments, then the commit record (the commit point)."""
+    def _commit(self, count: int, update_index, changed_from: int) -> None:
+        """Bring the index up to date, write its new segments, then the commit record (the commit point).
+
+        The record lists the count, the index's segments and the CRC-32 of each chunk's committed rows
+        (`_chunk_sums`; rows before `changed_from` are unchanged since the current record).
+        """
         try:
             update_index()
-            state = {"count": int(count), "index": self.index.commit_state(self._files)}
+            state = {"count": int(count), "index": self.index.commit_state(self._files),
+                     "chunks": self._chunk_sums(count, changed_from)}
             self._log.commit(state)
         except BaseException:
             # Nothing was committed: back to the last commit's view (rows past it are ignored).

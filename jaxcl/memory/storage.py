@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from jaxcl.atomic_io import TMP_MARK, atomic_write_file, writer_alive
+from jaxcl.errors import DatastoreError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["StoreFiles", "CommitLog", "CommitError", "is_local", "local_path"]
 
 
-class CommitError(ValueError):
+class CommitError(DatastoreError):
     """No valid commit record where the store says there should be one."""
 
 
@@ -56,6 +57,7 @@ class StoreFiles:
 
     `read_bytes(key)` -> bytes | None; `write_bytes(key, data)` (atomic, see the module doc);
     `delete(key)`; `list_keys(prefix)` -> names below `prefix` (sorted, temporaries excluded);
+    `sizes(prefix, names)` -> which of the keys exist and their sizes; `where(key)` -> its path or URL;
     `remove_temporaries()` deletes what killed writers left (temporaries of live processes are kept).
     """
 
@@ -111,6 +113,28 @@ class StoreFiles:
         import tensorstore as ts
         keys = self.kv.list(ts.KvStore.KeyRange(prefix, prefix + "\xff")).result()
         return sorted(k.decode()[len(prefix):] for k in keys)
+
+    def where(self, key: str) -> str:
+        """`key` as a user names it in a message: the file's absolute path, or the object's URL."""
+        return str(self.root / key) if self.local else f"{self.path.rstrip('/')}/{key}"
+
+    def sizes(self, prefix: str, names: list[str]) -> dict[str, int | None]:
+        """Sizes in bytes of those keys `prefix + name` that exist (missing ones are left out); None where a
+        size is not known without reading the object. Never reads a value and never writes.
+
+        Local: one `stat` per name. Object stores: one listing of `prefix` (existence only: an upload
+        is all-or-nothing, so an object is never short; what it holds is checked when it is read).
+        """
+        if self.local:
+            out: dict[str, int | None] = {}
+            for name in names:
+                try:
+                    out[name] = (self.root / prefix / name).stat().st_size
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+            return out
+        present = set(self.list_keys(prefix))
+        return {name: None for name in names if name in present}
 
     def remove_temporaries(self, prefixes: tuple[str, ...] = ("", "commits", "index")) -> int:
         """Delete temporaries left by killed writers under the given folders; returns how many."""

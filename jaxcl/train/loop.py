@@ -287,11 +287,13 @@ class ContinualRun:
             model_cfg = ModelConfig.from_dict(meta["model"])
             self.train_seconds = meta.get("train_seconds", 0.0)
             self._acct.previous = list(meta.get("invocations", []))
-            metrics.truncate(meta.get("metrics_offset"))     # drop what a killed invocation logged after it
+            truncate_to = meta.get("metrics_offset")     # what a killed invocation logged after it: dropped once the
+                                                         # state has been read (a damaged checkpoint changes nothing)
             self.stage_flops = list(meta.get("stage_flops", []))
             self.load_method_state(meta.get("method_state", {}))
             log.info("resuming from checkpoint %d (stage %d, step %d)", latest, meta["stage"], meta["stage_step"])
         else:
+            truncate_to = None
             metrics.truncate(0)          # a run from scratch: records of an invocation that never checkpointed go
         self._train_seconds_start = self.train_seconds
         matrix = meta["matrix"] if meta else []
@@ -312,6 +314,8 @@ class ContinualRun:
                 shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                                              opt_state=restore_tx.init(p)), abstract_params(restore_cfg))
                 restored, _ = ckpt.restore(latest, abstract_like(shapes, shardings))
+                metrics.truncate(truncate_to)
+                truncate_to = None
                 params = restored.params
                 if resume_here:
                     stream.restore(meta["stream"])
@@ -350,6 +354,7 @@ class ContinualRun:
                 log.warning("preempted at the end of stage %d: checkpoint saved, exiting", stage)
                 raise Preempted(self._global_step(stage, steps))
         ckpt.wait()
+        metrics.truncate(truncate_to)          # a run whose last checkpoint completed it: no state was read
         return self._finish(matrix, initial, architectures, time.time() - start)
 
     def _train_stage(self, stage, domain, steps, model_cfg, tx, state, shardings, stream, ckpt, metrics, stop,
