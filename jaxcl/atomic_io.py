@@ -144,7 +144,7 @@ def check_replaceable(directory: str | os.PathLike, markers: tuple[str, ...], wh
                           "directory (nothing was touched)")
     if not directory.is_dir():
         return
-    held = sorted(p.name for p in directory.iterdir() if not p.name.startswith(f".{directory.name}."))
+    held = sorted(p.name for p in directory.iterdir())
     if held and not any((directory / m).is_file() for m in markers):
         shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
         raise OutputError(f"{what} {str(directory)!r} holds files jaxcl did not write there ({shown}; it looks for "

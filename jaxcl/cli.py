@@ -37,14 +37,34 @@ def _setup_logging() -> None:
                         datefmt="%H:%M:%S")
     for noisy in ("absl", "orbax", "jax._src", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # "Task exception was never retrieved": reads orbax abandoned after one failed (the failure itself is
-    # reported as one error line); see _quiet_abandoned_reads
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").addFilter(_drop_abandoned_orbax_reads)
+    logging.getLogger("absl").addFilter(_drop_read_only_notes)
+
+
+def _drop_abandoned_orbax_reads(record: logging.LogRecord) -> bool:
+    """asyncio's "Task exception was never retrieved" for the other reads of a checkpoint that orbax stopped
+    waiting for after one failed (that failure is reported as the one error line; see
+    _quiet_abandoned_reads). Any other asyncio record is kept."""
+    if not record.getMessage().startswith("Task exception was never retrieved") or not record.exc_info:
+        return True
+    tb = record.exc_info[2]
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return False
+        tb = tb.tb_next
+    return True
+
+
+def _drop_read_only_notes(record: logging.LogRecord) -> bool:
+    """orbax warns twice whenever a checkpoint is opened read-only (every export, eval, generate, init_from),
+    which is what jaxcl asks for: not worth a user's attention."""
+    message = record.getMessage()
+    return not (message.startswith("CheckpointManagerOptions.read_only=True")
+                or message.startswith("Given directory is read only"))
 
 
 def _load(args) -> Config:
     from jaxcl.config import load_config
-
     from jaxcl.errors import InputError
 
     overrides = list(args.overrides)
@@ -58,9 +78,16 @@ def _load(args) -> Config:
 
 
 def _named_as(error: Exception, spec: str, name: str) -> Exception:
+    from jaxcl.config import ConfigError
+    from jaxcl.errors import InputError
+
     """`error` with `model.init_from='SPEC'` in its message said as the user gave SPEC (`--hf 'SPEC'`, or the
     positional directory of `jaxcl generate`): the same type, one line."""
-    return type(error)(str(error).replace(f"model.init_from={spec!r}", f"{name}{spec!r}"))
+    message = str(error).replace(f"model.init_from={spec!r}", f"{name}{spec!r}")
+    try:
+        return type(error)(message) if isinstance(error, InputError) else ConfigError(message)
+    except TypeError:          # an error type whose constructor takes more than a message
+        return ConfigError(message)
 
 
 def cmd_run(args, method: str | None = None) -> int:

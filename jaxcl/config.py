@@ -166,13 +166,14 @@ class MeshConfig:
     rules: tuple[tuple[str, tuple[str, ...]], ...] | None = None   # None = jaxcl.parallel.DEFAULT_RULES
 
     def __post_init__(self):
-        for key in ("data", "fsdp", "tensor"):
-            if getattr(self, key) == 0 or getattr(self, key) < -1:
-                raise ConfigError(f"mesh.{key} must be >= 1 or -1 (fill with the remaining devices), got "
-                                  f"{getattr(self, key)}")
-        _at_least(self, "mesh", dcn_data=1, dcn_fsdp=1, dcn_tensor=1)
-        if [getattr(self, k) for k in ("data", "fsdp", "tensor")].count(-1) > 1:
-            raise ConfigError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        for group, what in ((("data", "fsdp", "tensor"), "remaining devices"),
+                            (("dcn_data", "dcn_fsdp", "dcn_tensor"), "slices")):
+            for key in group:
+                if getattr(self, key) == 0 or getattr(self, key) < -1:
+                    raise ConfigError(f"mesh.{key} must be >= 1 or -1 (fill with the {what}), got {getattr(self, key)}")
+            if [getattr(self, k) for k in group].count(-1) > 1:
+                raise ConfigError(f"mesh: at most one axis may be -1 (of {', '.join('mesh.' + k for k in group)}), "
+                                  f"got {[getattr(self, k) for k in group]}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,17 +149,24 @@ RUN_FILES = (CONFIG_FILE, REPORT_FILE, "checkpoints", "metrics.jsonl", "eval.jso
 def check_run_directory(run_dir: str | Path, key: str = "run.dir") -> None:
     """Refuse (OutputError, nothing touched) a run directory that jaxcl must not write into: a path that is
     a file, or a non-empty directory that holds none of a run's files (`RUN_FILES`), e.g. a home directory
-    given as run.dir by mistake. A missing or empty directory, or an earlier run's, is fine."""
+    given as run.dir by mistake. A missing or empty directory (hidden files and `*.log` / `*.out` / `*.err`
+    a launcher wrote aside), or an earlier run's, is fine."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"{key}={str(run_dir)!r} is a file, not a run directory: choose another run.name / "
                           "run.dir (the file was not touched)")
     if not run_dir.is_dir():
         return
-    held = sorted(p.name for p in run_dir.iterdir())
+    held = sorted(p.name for p in run_dir.iterdir() if not _beside_a_run(p.name))
     if held and not any((run_dir / name).exists() for name in RUN_FILES):
         raise OutputError(f"{key}={str(run_dir)!r} holds files that are not a jaxcl run's ({', '.join(held[:5])}"
                           f"{' ...' if len(held) > 5 else ''}): give a new or empty directory (nothing was written)")
+
+
+def _beside_a_run(name: str) -> bool:
+    """Files a launcher puts into a run directory before jaxcl starts (a shell's `> run/train.log`, Slurm's
+    `--output`, hidden files): jaxcl writes none of these names, so they never stop a first run."""
+    return name.startswith(".") or name.endswith((".log", ".out", ".err"))
 
 
 def read_report(path: str | Path) -> dict[str, Any]:
@@ -235,14 +242,15 @@ def is_new(run_dir: str | Path) -> bool:
     return not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir()))
 
 
-def discard_unstarted(run_dir: str | Path) -> bool:
+def discard_unstarted(run_dir: str | Path, *, remove_directory: bool = True) -> bool:
     """Remove what a first invocation wrote into `run_dir` when it failed before its first durable commit, so
     that the corrected command may use the same run.dir (config.yaml would otherwise record the failed
     config, and the corrected one would be refused as "differs in what is trained").
 
     Only the files a run writes before committing anything (`EPHEMERAL`; a `checkpoints/` without a
     complete step) are removed, and only when nothing else is there; the caller guarantees that the
-    directory was new when the invocation began (`is_new`). Process 0 only. Returns whether it removed.
+    directory was new when the invocation began (`is_new`), and passes `remove_directory=False` when it
+    existed (empty) before: the user's directory itself stays. Process 0 only. Returns whether it removed.
     """
     from jaxcl.train.checkpoint import complete_steps
 
@@ -257,7 +265,8 @@ def discard_unstarted(run_dir: str | Path) -> bool:
     for name in held:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    run_dir.rmdir()
+    if remove_directory:
+        run_dir.rmdir()
     log.info("%s: the first invocation failed before its first commit; removed what it had written", run_dir)
     return True
 

@@ -33,20 +33,26 @@ def runner_class(method: str) -> type:
 def run_config(cfg: Config) -> dict[str, Any]:
     """Run the job `cfg.run.method` names and return its report.
 
-    A first invocation (the run directory was missing or empty) that fails before its first durable commit
-    leaves the directory as it found it (`jaxcl.rundir.discard_unstarted`): correcting the command and
-    running it again is then a new run, not a refused "changed" one.
+    A first invocation (the run directory was missing or empty) that stops on bad input (`InputError`, e.g.
+    a damaged `model.init_from` checkpoint found after the run began) before its first durable commit leaves
+    the directory as it found it (`jaxcl.rundir.discard_unstarted`): correcting the command and running it
+    again is then a new run, not a refused "changed" one. Any other failure (a bug, Ctrl-C) keeps what it
+    wrote, for the user to look at.
     """
+    from pathlib import Path
+
     from jaxcl import rundir
+    from jaxcl.errors import InputError
 
     runner = runner_class(cfg.run.method)(cfg)
-    new = rundir.is_new(cfg.run_dir())
+    run_dir = Path(getattr(runner, "run_dir", cfg.run_dir()))      # a joint run writes runs/<name>-joint
+    new, existed = rundir.is_new(run_dir), run_dir.exists()
     try:
         return runner.run()
-    except BaseException:
+    except InputError:
         if new:
             try:
-                rundir.discard_unstarted(cfg.run_dir())
+                rundir.discard_unstarted(run_dir, remove_directory=not existed)
             except OSError:           # cleaning up must never hide the error that stopped the run
                 pass
         raise

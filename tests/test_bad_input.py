@@ -207,7 +207,8 @@ OVERRIDES = [
     ("checkpoint.every=-1", "checkpoint.every"),
     ("mesh.data=0", "mesh.data"),
     ("mesh.tensor=-2", "mesh.tensor"),
-    ("mesh.fsdp=-1", "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
+    ("mesh.fsdp=-1", "at most one axis may be -1 (of mesh.data, mesh.fsdp, mesh.tensor)"),
+    ("mesh.dcn_data=0", "mesh.dcn_data must be >= 1 or -1"),
     ("mesh.data=3", "mesh"),
     ("model.d_model=0", "model.d_model"),
     ("model.family=mamba", "model.family"),
@@ -737,10 +738,34 @@ def test_a_first_invocation_that_fails_leaves_the_run_directory_for_the_correcte
     assert not run_dir.exists()
     assert cli.main(["run", DEMO, *SMALL, f"model.init_from={world.run}", f"run.dir={run_dir}"]) == 0
     assert json.loads((run_dir / "report.json").read_text())["method"] == "sequential"
+    # A run.dir the user created (empty) stays, emptied of what the failed invocation wrote.
+    (tmp_path / "mine").mkdir()
+    assert cli.main(["run", DEMO, *SMALL, f"model.init_from={damaged}", f"run.dir={tmp_path / 'mine'}"]) == 2
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
     # An invocation that fails in a run that had committed work leaves every byte of it.
     before = _snapshot(run_dir)
     assert cli.main(["run", DEMO, *SMALL, f"model.init_from={world.run}", "optim.lr=0.5", f"run.dir={run_dir}"]) == 2
     assert not _changed(before, _snapshot(run_dir))
+
+
+def test_what_a_launcher_writes_into_a_new_run_dir_does_not_make_it_a_users_directory(tmp_path):
+    from jaxcl import rundir
+    from jaxcl.errors import OutputError
+
+    (tmp_path / "train.log").write_text("shell redirection\n")
+    (tmp_path / "slurm-12.out").write_text("")
+    (tmp_path / ".nfs0001").write_text("")
+    rundir.check_run_directory(tmp_path)                   # accepted: a first run may start here
+    (tmp_path / "notes.txt").write_text("mine\n")
+    with pytest.raises(OutputError, match=r"holds files that are not a jaxcl run's \(notes.txt\)"):
+        rundir.check_run_directory(tmp_path)
+
+
+def test_an_error_whose_type_takes_more_than_a_message_is_still_one_line():
+    from jaxcl.config import ConfigError
+
+    renamed = cli._named_as(json.JSONDecodeError("Expecting value", "{", 1), "/r", "")
+    assert isinstance(renamed, ConfigError) and "Expecting value" in str(renamed)
 
 
 # ----------------------------------------------------------------------------- as a process
@@ -770,5 +795,5 @@ def test_a_damaged_checkpoint_is_one_line_as_a_process(world, tmp_path):
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         errors = [line for line in lines if "error:" in line]
-        assert len(errors) == 1 and errors[0] == lines[-1] and str(run / "checkpoints") in errors[0], lines[-3:]
+        assert lines == errors and str(run / "checkpoints") in errors[0], lines[-3:]     # the only line
         assert "tensorstore_spec" not in errors[0] and len(errors[0]) < 1200, errors[0]

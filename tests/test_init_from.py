@@ -294,7 +294,7 @@ def test_export_stage_and_task_errors(checkpoints, demo_run, tmp_path, capsys):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     assert cli.main(["export", str(run_dir), str(tmp_path / "busy")]) == 2
-    assert "is not an earlier jaxcl export" in capsys.readouterr().err
+    assert "holds files jaxcl did not write there (notes.txt" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
     # An unchanged explicit override that agrees with the checkpoint is fine; non-architecture keys apply.
     cfg = load_config(DEMO, [f"model.init_from={checkpoints['gpt2']}", "model.d_model=32", "model.dropout=0.1"])

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from jaxcl.config import ConfigError
+from jaxcl.errors import DataError
 from jaxcl.data.corpus import load_text
 from jaxcl.data.sources import DirectorySource, EmbeddedSource, open_source, split_documents
 
@@ -40,7 +41,7 @@ def test_directory_domain_names_may_contain_dots_and_junk_is_ignored(text_dir):
 
 def test_directory_source_errors_name_the_problem(text_dir):
     source = open_source(str(text_dir), text_field="text")
-    with pytest.raises(ConfigError, match=r"manuals.train.jsonl.gz:1: record has no field 'text'"):
+    with pytest.raises(DataError, match=r"manuals.train.jsonl.gz:1: record has no field 'text'"):
         source.documents("manuals", "train")
     with pytest.raises(ConfigError, match="no file for domain 'manuals' split 'test'"):
         source.documents("manuals", "test")
