@@ -181,7 +181,7 @@ def test_generate_command_on_an_hf_directory_and_on_a_run(tmp_path, capsys):
                                     skip_special_tokens=True)
     assert printed == expected
     for args, message in ((["--prompt", " "], "empty --prompt"), (["--prompt", "x", "--max-new-tokens", "0"],
-                                                                  "max_new_tokens must be a positive integer"),
+                                                                  "--max-new-tokens 0: must be at least 1"),
                           (["--prompt", "x", "--max-new-tokens", "80"], "exceeds model.max_seq_len=64")):
         assert cli.main(["generate", str(tmp_path / "hf"), *args]) == 2
         err = capsys.readouterr().err.strip()
