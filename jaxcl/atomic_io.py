@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 __all__ = ["atomic_write_file", "replace_directory", "recover_directory", "temporary_sibling", "writer_alive",
-           "check_replaceable", "TMP_MARK"]
+           "check_replaceable", "check_parents", "TMP_MARK"]
 
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
@@ -138,6 +138,7 @@ def check_replaceable(directory: str | os.PathLike, markers: tuple[str, ...], wh
     from jaxcl.errors import OutputError
 
     directory = Path(directory)
+    check_parents(directory, what)
     if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
         kind = "a symbolic link" if directory.is_symlink() else "a file"
         raise OutputError(f"{what} {str(directory)!r} is {kind}, not a directory jaxcl wrote: choose a new or empty "
@@ -149,6 +150,18 @@ def check_replaceable(directory: str | os.PathLike, markers: tuple[str, ...], wh
         shown = ", ".join(held[:5]) + (" ..." if len(held) > 5 else "")
         raise OutputError(f"{what} {str(directory)!r} holds files jaxcl did not write there ({shown}; it looks for "
                           f"{' or '.join(markers)}): choose a new or empty directory (nothing was touched)")
+
+
+def check_parents(path: Path, what: str) -> None:
+    """OutputError when a parent of `path` is a file (mkdir would say only "File exists")."""
+    from jaxcl.errors import OutputError
+
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a directory (nothing was "
+                                  "touched)")
+            return
 
 
 def replace_directory(staged: Path, directory: Path, markers: tuple[str, ...], what: str = "OUT_DIR") -> None:

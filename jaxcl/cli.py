@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     n.add_argument("--top-k", type=int, default=0)
     n.add_argument("--top-p", type=float, default=1.0)
-    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--seed", type=_seed, default=0)
     n.add_argument("--memory", nargs="?", const="", default=None, metavar="PATH",
                    help="decode with a kNN-LM memory: a SeMem run's own (no PATH), or PATH = a SeMem run or a datastore")
     n.add_argument("--memory-policy", choices=("semem", "full"), default="semem",
@@ -361,10 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("in_dir")
     g.add_argument("out_dir")
     for flag in ("--d-model", "--n-heads", "--n-kv-heads", "--d-ff", "--n-layers"):
-        g.add_argument(flag, type=int, default=None, help="target size (default: unchanged)")
+        g.add_argument(flag, type=_size, default=None, help="target size (default: unchanged)")
     g.add_argument("--method", choices=("exact", "elle"), default="exact")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--noise-std", type=float, default=0.0, help="ELLE copy noise (method=elle)")
+    g.add_argument("--seed", type=_seed, default=0)
+    g.add_argument("--noise-std", type=_noise, default=0.0, help="ELLE copy noise (method=elle)")
     g.add_argument("--allow-inexact", action="store_true",
                    help="method=exact on a post-LN BERT at a non-multiple width or with added layers (not exact)")
     _quiet_abandoned_reads()
@@ -389,16 +389,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         return cmd_eval(args)
-    except (InputError, OSError) as e:      # bad input, or a file the system refused: one line, no traceback
+    except (InputError, OSError, OverflowError, MemoryError, RuntimeError) as e:
+        # bad input, a file the system refused, a value too large to hold: one line, no traceback
+        if isinstance(e, RuntimeError) and not str(e).startswith(_RUNTIME_INPUT_ERRORS):
+            raise                  # a bug: its traceback is what a report needs
         _close_progress_bars()
-        message = str(e) if isinstance(e, InputError) or not e.filename else \
-            f"{e.filename}: {e.strerror or e}"
+        if isinstance(e, OSError) and e.filename:
+            message = f"{e.filename}: {e.strerror or e}"
+        elif isinstance(e, (OverflowError, MemoryError)):
+            message = f"a value is too large for this machine ({type(e).__name__}: {e or 'out of memory'})"
+        else:
+            message = str(e)
         print(f"jaxcl {args.command}: error: {one_line(message, 2000)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         _close_progress_bars()
         print(f"jaxcl {args.command}: interrupted", file=sys.stderr, flush=True)
         return 130
+
+
+# RuntimeErrors that are about the user's input or environment, not jaxcl's code.
+_RUNTIME_INPUT_ERRORS = ("Symlink loop", "Unable to initialize backend")
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: an integer in 0..2**63-1 (what jax.random.key takes)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text}: a seed is an integer in 0..2**63-1")
+    return value
+
+
+def _size(text: str) -> int:
+    """argparse type of grow's sizes: a positive integer below 2**31."""
+    value = int(text)
+    if not 0 < value < 2 ** 31:
+        raise argparse.ArgumentTypeError(f"{text}: a size is a positive integer below 2**31")
+    return value
+
+
+def _noise(text: str) -> float:
+    """argparse type of --noise-std: a finite number >= 0."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: the noise standard deviation is a finite number >= 0")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):

@@ -71,6 +71,9 @@ class DataConfig:
 
     def __post_init__(self):
         _at_least(self, "data", seq_len=2, batch_size=1, eval_batches=1)
+        for key in ("seq_len", "batch_size", "eval_batches"):
+            if getattr(self, key) >= 2 ** 31:
+                raise ConfigError(f"data.{key}={getattr(self, key)} is too large (at most 2**31 - 1)")
         for key in ("source", "tokenizer", "text_field"):
             if not getattr(self, key).strip():
                 raise ConfigError(f"data.{key} is empty")
@@ -449,6 +452,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if not -2 ** 63 <= value < 2 ** 63:
+            raise ConfigError(f"{key}={value} is too large (a 64-bit integer)")
         return value
     if tp is float:
         if isinstance(value, str):          # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -485,6 +490,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             value = _coerce(data[section].pop(name), hints[name], key)
             data.setdefault("\0sections", {})[name] = value
     sectioned = data.pop("\0sections", {})
+    bad_keys = [k for k in data if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"config key {bad_keys[0]!r}{' in ' + prefix if prefix else ''} is not a name "
+                          f"(valid keys here: {', '.join(sorted(fields))})")
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
@@ -541,8 +550,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     bases = data.pop("base", None) or []
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
+        raise ConfigError(f"{path}: base must be a file name or a list of file names (relative to this file), "
+                          f"got {bases!r}")
     merged: dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         merged = _merge(merged, _read_yaml(path.parent / base, seen + (path,)))
     return _merge(merged, data)
 
@@ -557,9 +570,28 @@ def _parse_yaml(path: Path) -> Any:
     except OSError as e:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
     try:
-        return yaml.safe_load(text) or {}
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{yaml_error(path, e)} (not valid YAML)") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (YAML 1.2 says keys are
+    unique; PyYAML silently keeps the last, so `lr: 0.5` then `lr: 0.002` trained with one of them unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:             # an unhashable key: the base constructor says so
+                break
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def yaml_error(path: str | Path, error: Exception) -> str:

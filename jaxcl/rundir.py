@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import yaml
 
-from jaxcl.atomic_io import atomic_write_file
+from jaxcl.atomic_io import atomic_write_file, check_parents
 from jaxcl.config import Config, ConfigError, config_from_dict, config_to_dict, save_config, yaml_error
 from jaxcl.errors import OutputError, RunDirError
 
@@ -142,8 +142,10 @@ def recorded_config(run_dir: str | Path) -> dict[str, Any] | None:
     return tree
 
 
-# Names a jaxcl run directory holds (any one marks a directory that jaxcl wrote).
+# Names a jaxcl run directory holds (any one marks a directory that jaxcl wrote), and which are directories.
 RUN_FILES = (CONFIG_FILE, REPORT_FILE, "checkpoints", "metrics.jsonl", "eval.json")
+RUN_ENTRY_KINDS = {CONFIG_FILE: False, REPORT_FILE: False, "checkpoints": True, "metrics.jsonl": False,
+                   "eval.json": False, "tensorboard": True}
 
 
 def check_run_directory(run_dir: str | Path, key: str = "run.dir") -> None:
@@ -152,11 +154,21 @@ def check_run_directory(run_dir: str | Path, key: str = "run.dir") -> None:
     given as run.dir by mistake. A missing or empty directory (hidden files and `*.log` / `*.out` / `*.err`
     a launcher wrote aside), or an earlier run's, is fine."""
     run_dir = Path(run_dir)
+    check_parents(run_dir, key)
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise OutputError(f"{key}={str(run_dir)!r} is a symbolic link to nothing ({os.readlink(run_dir)!r}): point "
+                          "it at a directory, or choose another run.name / run.dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"{key}={str(run_dir)!r} is a file, not a run directory: choose another run.name / "
                           "run.dir (the file was not touched)")
     if not run_dir.is_dir():
         return
+    for name, want_dir in RUN_ENTRY_KINDS.items():
+        path = run_dir / name
+        if (path.exists() or path.is_symlink()) and path.is_dir() != want_dir:
+            raise RunDirError(f"{str(path)!r} is {'not ' if want_dir else ''}a directory, but a run keeps its "
+                              f"{name} there as {'a directory' if want_dir else 'a file'}: move it aside, or "
+                              "choose another run.name / run.dir (nothing was written)")
     held = sorted(p.name for p in run_dir.iterdir() if not _beside_a_run(p.name))
     if held and not any((run_dir / name).exists() for name in RUN_FILES):
         raise OutputError(f"{key}={str(run_dir)!r} holds files that are not a jaxcl run's ({', '.join(held[:5])}"

@@ -162,6 +162,14 @@ cases("config file", [
         _config_file(BASES + "data:\n  train_documents: [0.5]\n")(w, tmp), "data.train_documents", drop=True)),
     ("a number that is not finite", lambda w, tmp: _with_line(
         _config_file(BASES + "optim:\n  lr: .inf\n")(w, tmp), "optim.lr must be a finite number", drop=True)),
+    ("a key given twice", lambda w, tmp: _with_line(
+        _config_file(BASES + "optim:\n  lr: 0.5\n  lr: 0.002\n")(w, tmp), ":4:3: key 'lr' is given twice (first on line 3)")),
+    ("base not a file name", lambda w, tmp: _with_line(_config_file("base: [5]\n")(w, tmp), "base must be a file name")),
+    ("a key that is a number", lambda w, tmp: _with_line(_config_file(BASES + "1: 2\n")(w, tmp),
+                                                          "config key 1 is not a name", drop=True)),
+    ("a symbolic-link loop", lambda w, tmp: (os.symlink(tmp / "loop2", tmp / "loop1") or
+                                             os.symlink(tmp / "loop1", tmp / "loop2") or
+                                             ["run", str(tmp / "loop1")], ["loop1"])),
 ])
 
 
@@ -227,6 +235,9 @@ OVERRIDES = [
     ("slm.top_k=0", "slm.top_k"),
     ("slm.baselines=[bogus]", "slm.baselines"),
     ("slm.lr=0", "slm.lr"),
+    ("data.batch_size=99999999999999999999", "data.batch_size=99999999999999999999 is too large"),
+    ("model.max_seq_len=9999999999", "model.max_seq_len=9999999999 is too large"),
+    ("model.rope_theta=-1", "model.rope_theta must be > 0"),
 ]
 cases("override", [(o, (lambda o, e: lambda w, tmp: (run_argv(tmp, o), [e]))(o, e)) for o, e in OVERRIDES])
 
@@ -241,6 +252,9 @@ def _file(tmp: Path) -> str:
 
 
 cases("override", [
+    ("an ELLE schedule that shrinks", lambda w, tmp: (
+        run_argv(tmp, "run.method=elle", "elle.micro_batches=8", "elle.schedule=[{d_model: 16}]"),
+        ["elle.schedule[0]", "shrink"])),
     ("init_from a file", _init_from(lambda w, tmp: _file(tmp), "is a file, not a checkpoint directory")),
     ("init_from missing", _init_from(lambda w, tmp: str(tmp / "nope"), "does not exist")),
     ("init_from RUN@-1", _init_from(lambda w, tmp: f"{w.run}@-1", "'@-1' selects no checkpoint")),
@@ -297,7 +311,37 @@ cases("data source", [
     ("no train files", lambda w, tmp: (run_argv(tmp, f"data.source={tmp}"), ["has no <domain>.train.txt|jsonl"])),
     ("missing valid split", lambda w, tmp: _drop_split(w, tmp, "valid")),
     ("data.source a file", lambda w, tmp: (run_argv(tmp, f"data.source={_file(tmp)}"), ["directory not found"])),
+    ("jsonl of blank texts", _data({"alpha.train.jsonl": b'{"text": ""}\n{"text": " "}\n{"text": "\\n\\t"}\n' * 50},
+                                   "{d}/alpha.train.jsonl", "holds no document")),
+    ("a txt and a jsonl for one split", lambda w, tmp: _both_files(w, tmp)),
+    ("datasets directory with a damaged dataset_dict.json", lambda w, tmp: _datasets(tmp, "broken")),
+    ("datasets directory without a domain column", lambda w, tmp: _datasets(tmp, "no domain")),
+    ("datasets directory with a null text", lambda w, tmp: _datasets(tmp, "null text")),
 ])
+
+
+def _both_files(w, tmp):
+    d = copy_of(w.data, tmp / "data")
+    (d / "alpha.train.jsonl").write_text('{"text": "x"}\n')
+    return run_argv(tmp, f"data.source={d}", "data.domains=[alpha]"), ["alpha.train.jsonl, alpha.train.txt",
+                                                                        "keep one"]
+
+
+def _datasets(tmp: Path, damage: str):
+    import datasets
+
+    text = ["In the beginning. " * 40] * 4
+    rows = {"text": [None] + text[1:] if damage == "null text" else text, "domain": ["alpha"] * 4}
+    if damage == "no domain":
+        rows["dom"] = rows.pop("domain")
+    d = tmp / "hfdata"
+    datasets.DatasetDict({split: datasets.Dataset.from_dict(rows) for split in ("train", "validation", "test")}
+                         ).save_to_disk(str(d))
+    if damage == "broken":
+        (d / "dataset_dict.json").write_text("{oops")
+    expect = {"broken": "is not a readable datasets directory", "no domain": "has no column 'domain'",
+              "null text": "row 0: 'text' is NoneType, not a string"}[damage]
+    return run_argv(tmp, f"data.source={d}", "data.domains=[alpha]"), [str(d), expect]
 
 
 def _drop_split(w, tmp, split):
@@ -373,6 +417,13 @@ def _drop_tensor(d: Path) -> None:
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
 
 
+def _rewrite_tensors(d: Path, edit) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = {k: edit(v) for k, v in load_file(d / "model.safetensors").items()}
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+
 def _hf_cases(command: str, make, expect):
     def build(w, tmp):
         d = make(w, tmp)
@@ -409,6 +460,13 @@ cases("HF checkpoint", [
         ["model-00001-of-00002.safetensors", "does not exist"])),
     ("no tokenizer via generate", _hf_cases(
         "generate", _hf(lambda d: (d / "tokenizer.json").unlink()), ["{d}", "tokenizer"])),
+    ("weights that are NaN via generate", _hf_cases(
+        "generate", _hf(lambda d: _rewrite_tensors(d, lambda t: np.full_like(t, np.nan))), ["NaN or infinite"])),
+    ("integer weights via eval", _hf_cases(
+        "eval", _hf(lambda d: _rewrite_tensors(d, lambda t: t.astype(np.int32))), ["I32, not a floating-point"])),
+    ("a negative width in config.json via generate", _hf_cases(
+        "generate", _hf(_rewrite_json("config.json", lambda b: b.replace(b'"n_embd": 32', b'"n_embd": -32'))),
+        ["{d}/config.json", "must be a positive integer"])),
     ("grow IN a file", lambda w, tmp: (["grow", _file(tmp), str(tmp / "out"), "--d-model", "48"],
                                        ["weights.bin", "is a file, not a checkpoint directory"])),
     ("grow IN missing", lambda w, tmp: (["grow", str(tmp / "nope"), str(tmp / "out")], ["nope", "does not exist"])),
@@ -504,6 +562,14 @@ cases("run directory", [
     ("resume=false on a used directory", _rundir(
         lambda r: None, "checkpoint.resume=false",
         argv=lambda r: ["run", DEMO, *SMALL, "checkpoint.resume=false", f"run.dir={r}"])),
+    ("checkpoints a file", _rundir(lambda r: shutil.rmtree(r / "checkpoints") or (r / "report.json").unlink() or
+                                   (r / "checkpoints").write_text("mine\n"), "{r}/checkpoints", "is not a directory")),
+    ("tensorboard a file", _rundir(lambda r: shutil.rmtree(r / "tensorboard") or
+                                   (r / "tensorboard").write_text("mine\n"), "{r}/tensorboard", "is not a directory")),
+    ("run.dir a link to nothing", lambda w, tmp: (os.symlink(tmp / "gone", tmp / "link") or
+                                                  run_argv(tmp, f"run.dir={tmp / 'link'}"), ["link to nothing"])),
+    ("run.dir under a file", lambda w, tmp: (run_argv(tmp, f"run.dir={_file(tmp)}/run"),
+                                             ["weights.bin' is a file, not a directory"])),
     ("eval without checkpoints", lambda w, tmp: (["eval", DEMO, *SMALL, f"run.dir={tmp / 'empty'}"],
                                                  ["no checkpoint in", "empty"])),
     ("eval into a file", lambda w, tmp: (["eval", DEMO, *SMALL, f"run.dir={_file(tmp)}"], ["is a file"])),
@@ -598,6 +664,10 @@ cases("output path", [
         [str(tmp / "mine"), "jaxcl did not write"])),
     ("grow OUT an HF checkpoint jaxcl did not grow", lambda w, tmp: (
         ["grow", str(w.hf), str(copy_of(w.hf, tmp / "other")), "--d-model", "48"], ["jaxcl_grow.json"])),
+    ("export OUT under a file", lambda w, tmp: (["export", str(w.run), f"{_a_file(tmp)}/x"],
+                                                [f"{str(tmp / 'out')!r} is a file, not a directory"])),
+    ("grow OUT under a file", lambda w, tmp: (["grow", str(w.hf), f"{_a_file(tmp)}/x", "--d-model", "48"],
+                                              [f"{str(tmp / 'out')!r} is a file, not a directory"])),
     ("grow OUT is IN", lambda w, tmp: (["grow", str(w.hf), str(w.hf), "--d-model", "48"], ["is IN_DIR"])),
     ("eval.json into a file run.dir", lambda w, tmp: (["eval", DEMO, *SMALL, "--hf", str(w.hf),
                                                        f"run.dir={_a_file(tmp)}"], ["is a file"])),
@@ -647,6 +717,8 @@ cases("generate", [
     ("--memory on a sequential run", _gen("--prompt", "x", "--memory", source=lambda w: w.run,
                                           expect=["--memory without a path"])),
     ("RUN@-1", lambda w, tmp: (["generate", f"{w.run}@-1", "--prompt", "x"], ["'@-1' selects no checkpoint"])),
+    ("seed negative", _gen("--prompt", "x", "--seed", "-1", expect=["--seed", "0..2**63-1"])),
+    ("seed too large", _gen("--prompt", "x", "--seed", str(10 ** 23), expect=["--seed", "0..2**63-1"])),
 ])
 
 
@@ -663,6 +735,12 @@ cases("command line", [
     ("an option between overrides is parsed", lambda w, tmp: (
         ["eval", DEMO, "--hf", str(tmp / "nope"), f"run.dir={tmp / 'e'}"], [f"--hf {str(tmp / 'nope')!r}",
                                                                             "does not exist"])),
+    ("grow --seed too large", lambda w, tmp: (["grow", str(w.hf), str(tmp / "o"), "--seed", str(10 ** 23)],
+                                              ["--seed", "0..2**63-1"])),
+    ("grow a size too large", lambda w, tmp: (["grow", str(w.hf), str(tmp / "o"), "--d-model", str(2 * 10 ** 11)],
+                                              ["--d-model", "below 2**31"])),
+    ("grow noise not a number", lambda w, tmp: (["grow", str(w.hf), str(tmp / "o"), "--noise-std", "nan"],
+                                                ["--noise-std", "finite number >= 0"])),
     ("grow --method unknown", lambda w, tmp: (["grow", str(w.hf), str(tmp / "o"), "--method", "magic"],
                                               ["--method", "invalid choice"])),
 ])

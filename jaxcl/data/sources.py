@@ -94,13 +94,18 @@ class DirectorySource:
         return tuple(names)
 
     def documents(self, domain: str, split: str) -> list[str]:
+        found = [self.directory / f"{domain}.{split}{suffix}" for suffix in self.SUFFIXES
+                 if (self.directory / f"{domain}.{split}{suffix}").is_file()]
+        if len(found) > 1:
+            raise DataError(f"{self.key}={str(self.directory)!r}: domain {domain!r} split {split!r} has "
+                            f"{len(found)} files ({', '.join(p.name for p in found)}): keep one")
         for suffix in self.SUFFIXES:
             path = self.directory / f"{domain}.{split}{suffix}"
             if path.is_file():
                 text = _read_text(path)
                 if ".jsonl" in suffix:
-                    documents = [self._field(line, path, n)
-                                 for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+                    documents = [doc for n, line in enumerate(text.splitlines(), 1) if line.strip()
+                                 for doc in [self._field(line, path, n)] if doc.strip()]   # blank texts: no document
                 else:
                     documents = split_documents(text)
                 if not documents:
@@ -139,8 +144,21 @@ class HFDatasetSource:
         except ImportError:
             raise ConfigError(f"data.source={str(directory)!r} is a datasets directory but the `datasets` "
                               "package is not installed (pip install datasets)") from None
-        self.data = datasets.load_from_disk(str(directory))
+        try:
+            self.data = datasets.load_from_disk(str(directory))
+        except Exception as e:     # datasets raises JSONDecodeError, FileNotFoundError, ValueError, ...
+            from jaxcl.errors import root_message
+
+            raise DataError(f"data.source={str(directory)!r} is not a readable datasets directory "
+                            f"({root_message(e)[:300]})") from None
+        self.directory = Path(directory)
         self.text_field, self.domain_field = text_field, domain_field
+        for name in self.data:
+            missing = [c for c in (text_field, domain_field) if c not in self.data[name].column_names]
+            if missing:
+                raise DataError(f"data.source={str(directory)!r}: split {name!r} has no column {missing[0]!r} "
+                                f"(columns: {', '.join(self.data[name].column_names)}; data.text_field names the "
+                                "text column, 'domain' the domain)")
 
     def _split(self, split: str):
         for name in (split, "validation" if split == "valid" else split):
@@ -153,7 +171,16 @@ class HFDatasetSource:
 
     def documents(self, domain: str, split: str) -> list[str]:
         rows = self._split(split)
-        return [r[self.text_field] for r in rows if r[self.domain_field] == domain]
+        documents = []
+        for i, r in enumerate(rows):
+            if r[self.domain_field] != domain:
+                continue
+            if not isinstance(r[self.text_field], str):
+                raise DataError(f"data.source={str(self.directory)!r}: split {split!r} row {i}: "
+                                f"{self.text_field!r} is {type(r[self.text_field]).__name__}, not a string")
+            if r[self.text_field].strip():
+                documents.append(r[self.text_field])
+        return documents
 
 
 UNSEEN = "embedded:unseen"

@@ -47,8 +47,11 @@ class ElleRun(ContinualRun):
         if cfg.data.batch_size % e.micro_batches:
             raise ConfigError(f"elle.micro_batches={e.micro_batches} must divide data.batch_size={cfg.data.batch_size}")
         model_cfg = cfg.model
-        for target in e.schedule:         # fail before any training on an impossible schedule
-            model_cfg = grown_config(model_cfg, method=e.grow_method, **target_sizes(target))
+        for i, target in enumerate(e.schedule):       # fail before any training on an impossible schedule
+            try:
+                model_cfg = grown_config(model_cfg, method=e.grow_method, **target_sizes(target))
+            except ValueError as err:
+                raise ConfigError(f"elle.schedule[{i}]: {' '.join(str(err).split())}") from None
         if e.prompt_length and cfg.model.family != "llama" and cfg.data.seq_len + e.prompt_length > cfg.model.max_seq_len:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} + elle.prompt_length={e.prompt_length} exceeds "
                               f"model.max_seq_len={cfg.model.max_seq_len} (the prompt takes positions)")

@@ -35,6 +35,7 @@ GENERATION_CONFIG = "generation_config.json"
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
 
 ParamPath = tuple[str, ...]
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")     # safetensors dtype names jaxcl reads as weights
 
 
 # ----------------------------------------------------------------------------- reading
@@ -105,9 +106,18 @@ class SafetensorsReader:
             raise CheckpointError(f"tensor {name!r} is not in {str(file)!r}, although {str(self._index)!r} says it "
                                   f"is there (the shard holds {len(handle.keys())} other tensors)")
         with _reading(file):
-            if handle.get_slice(name).get_dtype() == "BF16":
-                return np.asarray(self._handle(file, "flax").get_tensor(name), dtype=np.float32)
-            return np.asarray(handle.get_tensor(name), dtype=np.float32)
+            dtype = handle.get_slice(name).get_dtype()
+            if dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"tensor {name!r} in {str(file)!r} is {dtype}, not a floating-point weight")
+            if dtype == "BF16":
+                array = np.asarray(self._handle(file, "flax").get_tensor(name), dtype=np.float32)
+            else:
+                array = np.asarray(handle.get_tensor(name), dtype=np.float32)
+        if not np.isfinite(array).all():
+            bad = int(np.size(array) - np.isfinite(array).sum())
+            raise CheckpointError(f"tensor {name!r} in {str(file)!r} holds {bad} NaN or infinite values of "
+                                  f"{np.size(array)}: the checkpoint is damaged (or its training diverged)")
+        return array
 
 
 def _flatten(tree: dict[str, Any], prefix: ParamPath = ()) -> dict[ParamPath, Any]:
@@ -154,8 +164,18 @@ def read_pretrained_config(directory: str | os.PathLike) -> ModelConfig:
     recover_directory(directory)
     raw = read_config_json(directory)
     reader = SafetensorsReader(directory)
-    cfg = model_config_from_hf(raw, where=str(directory / "config.json"), tensor_names=reader.names)
-    return _untie_stored_head(cfg, reader, directory)
+    return _untie_stored_head(_model_config(raw, directory, reader), reader, directory)
+
+
+def _model_config(raw: dict[str, Any], directory: Path, reader: SafetensorsReader) -> ModelConfig:
+    """`model_config_from_hf`, with a ModelConfig check failing on a value the file holds named as that file
+    (`model.d_model must be ...` alone names a key the user never wrote)."""
+    try:
+        return model_config_from_hf(raw, where=str(directory / "config.json"), tensor_names=reader.names)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{str(directory / 'config.json')!r}: {' '.join(str(e).split())}") from None
 
 
 def load_pretrained(directory: str | os.PathLike, *, shardings: Any = None) -> tuple[ModelConfig, dict[str, Any]]:
@@ -169,8 +189,7 @@ def load_pretrained(directory: str | os.PathLike, *, shardings: Any = None) -> t
     recover_directory(directory)          # a save killed mid-swap left the old version aside
     raw = read_config_json(directory)
     reader = SafetensorsReader(directory)
-    cfg = model_config_from_hf(raw, where=str(directory / "config.json"), tensor_names=reader.names)
-    cfg = _untie_stored_head(cfg, reader, directory)
+    cfg = _untie_stored_head(_model_config(raw, directory, reader), reader, directory)
     table = table_for(cfg)
     prefix = _base_prefix(table, reader.names)
     shapes = {p: tuple(s.shape) for p, s in _flatten(abstract_params(cfg)).items()}

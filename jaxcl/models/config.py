@@ -108,6 +108,10 @@ class ModelConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model.{key} must be a positive integer, got {value!r}")
+            if value >= 2 ** 31:       # arrays index with int32 (and no host holds such a table)
+                raise ConfigError(f"model.{key}={value} is too large (at most 2**31 - 1)")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"model.rope_theta must be > 0, got {self.rope_theta!r}")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ConfigError(
