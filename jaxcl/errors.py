@@ -22,10 +22,11 @@ is one, as the older per-module errors were).
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 __all__ = ["InputError", "ConfigError", "DataError", "TokenizerError", "CheckpointError", "DatastoreError",
-           "RunDirError", "OutputError", "root_message", "one_line"]
+           "RunDirError", "OutputError", "root_message", "one_line", "reading", "utf8_text"]
 
 
 class InputError(ValueError):
@@ -78,6 +79,28 @@ def root_message(exc: BaseException) -> str:
     # locations: the message before them already names the file
     text = re.sub(r"\s*\[(tensorstore_spec|source locations)\b.*", "", text, flags=re.S)
     return one_line(text)
+
+
+@contextlib.contextmanager
+def reading(what: str, advice: str, error: type[InputError] = CheckpointError):
+    """Turn any failure inside the block (a library reading a damaged file raises many types: SafetensorError,
+    OSError, JSONDecodeError, tensorstore's ValueError ...) into one `error` saying
+    `WHAT cannot be read (ROOT MESSAGE): ADVICE`; an InputError raised inside passes unchanged."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:
+        raise error(f"{what} cannot be read ({root_message(e)}): {advice}") from e
+
+
+def utf8_text(data: bytes, where: str, advice: str = "", error: type[InputError] = DataError) -> str:
+    """`data` decoded as UTF-8; `error` naming `where` and the line (and byte) of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise error(f"{where}:{line}: byte {e.start} is not UTF-8{advice}") from None
 
 
 def one_line(message: str, limit: int = 600) -> str:

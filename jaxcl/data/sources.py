@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from jaxcl.config import ConfigError
-from jaxcl.errors import DataError
+from jaxcl.errors import DataError, utf8_text
 
 SPLITS = ("train", "valid", "test")
 
@@ -65,12 +65,7 @@ def _read_text(path: Path) -> str:
                         f"recompress it, or drop the .{path.suffix[1:]} suffix if it is plain text") from None
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: byte {e.start} is not UTF-8 (data files are UTF-8 text; convert it, e.g. "
-                        "iconv -f latin1 -t utf-8)") from None
+    return utf8_text(data, str(path), " (data files are UTF-8 text; convert it, e.g. iconv -f latin1 -t utf-8)")
 
 
 class DirectorySource:

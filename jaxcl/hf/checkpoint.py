@@ -9,7 +9,6 @@ directory holds the complete old checkpoint or the complete new one, never shard
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 
 from jaxcl.atomic_io import check_replaceable, recover_directory, replace_directory, temporary_sibling
+from jaxcl.errors import reading
 from jaxcl.hf.config import (CheckpointError, generation_config_json, hf_config_from_model, model_config_from_hf,
                              read_config_json)
 from jaxcl.hf.mapping import Entry, FamilyTable, legacy_names, table_for
@@ -39,19 +39,10 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")     # safetensors dtype names jaxcl
 
 
 # ----------------------------------------------------------------------------- reading
-@contextlib.contextmanager
 def _reading(file: Path):
     """A safetensors or index file that cannot be parsed (truncated, not safetensors, bad JSON) becomes one
-    CheckpointError naming it (safetensors raises its own SafetensorError, json a JSONDecodeError)."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except Exception as e:      # SafetensorError, OSError, UnicodeDecodeError, JSONDecodeError, ...
-        from jaxcl.errors import root_message
-
-        raise CheckpointError(f"{str(file)!r} cannot be read ({root_message(e)}): the checkpoint file is damaged or "
-                              "incomplete; copy it again") from None
+    CheckpointError naming it."""
+    return reading(repr(str(file)), "the checkpoint file is damaged or incomplete; copy it again")
 
 
 class SafetensorsReader:

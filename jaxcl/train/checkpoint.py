@@ -13,28 +13,17 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxcl.config import CheckpointConfig
-from jaxcl.errors import CheckpointError, InputError, root_message
+from jaxcl.errors import CheckpointError, reading, root_message
 
 log = logging.getLogger(__name__)
 
 
-class _Reading:
-    """Turns any failure while reading checkpoint `step` of `directory` (a truncated or deleted array file,
-    damaged metadata: orbax and tensorstore raise many types, their message naming the file several causes
-    deep) into one `CheckpointError` that names the checkpoint and that file."""
-
-    def __init__(self, directory: str | Path, step: int):
-        self.where = f"{str(Path(directory) / str(step))!r}"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if exc is None or isinstance(exc, (InputError, KeyboardInterrupt, SystemExit)) \
-                or not isinstance(exc, Exception):
-            return False
-        raise CheckpointError(f"checkpoint {self.where} cannot be read ({root_message(exc)}): the checkpoint is "
-                              "damaged; restore it from a copy, or resume/start from another step or run") from exc
+def _reading(directory: str | Path, step: int):
+    """Any failure while reading checkpoint `step` of `directory` (a truncated or deleted array file, damaged
+    metadata: orbax and tensorstore raise many types, the file named several causes deep) as one
+    CheckpointError that names the checkpoint and that file."""
+    return reading(f"checkpoint {str(Path(directory) / str(step))!r}",
+                   "the checkpoint is damaged; restore it from a copy, or resume/start from another step or run")
 
 
 def abstract_like(shapes: Any, shardings: Any) -> Any:
@@ -83,7 +72,7 @@ def restore_params(directory: str | Path, step: int, shapes: Any, shardings: Any
     manager = ocp.CheckpointManager(Path(directory).absolute(),
                                     options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
-        with _Reading(directory, step):
+        with _reading(directory, step):
             out = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
     finally:
@@ -151,7 +140,7 @@ class Checkpointer:
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         """The JSON metadata saved with `step` (CheckpointError naming the file if it cannot be read)."""
-        with _Reading(self.directory, step):
+        with _reading(self.directory, step):
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict):
             raise CheckpointError(f"checkpoint metadata {str(self.directory / str(step) / 'meta')!r} is not a JSON "
@@ -160,7 +149,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """State placed on the shardings in `abstract_state` (may differ from the saving mesh), and meta."""
-        with _Reading(self.directory, step):
+        with _reading(self.directory, step):
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
