@@ -103,6 +103,67 @@ def cmd_run(args, method: str | None = None) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    """`jaxcl prepare CONFIG [overrides]`: build the token cache a run of CONFIG reads (every domain of data.source,
+    or data.domains, and of semem.stream_source when set; the splits of --splits), then print what it holds."""
+    import json
+    import time
+
+    import jax
+
+    from jaxcl.data.cache import cache_root, open_splits
+    from jaxcl.data.sources import open_source
+    from jaxcl.data.tokenizer import load_tokenizer
+    from jaxcl.init_from import tokenizer_spec
+    from jaxcl.parallel import initialize_distributed
+
+    initialize_distributed()
+    cfg = _load(args)
+    data = cfg.data
+    if args.processes is not None:
+        import dataclasses
+        data = dataclasses.replace(data, prepare_processes=args.processes)
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    bad = [s for s in splits if s not in ("train", "valid", "test")]
+    if bad or not splits:
+        from jaxcl.errors import ConfigError
+        raise ConfigError(f"--splits {args.splits!r}: give a comma-separated list of train, valid, test")
+    spec = tokenizer_spec(cfg)
+    tok = load_tokenizer(spec)
+    targets = [(data.source, "data.source", tuple(data.domains))]
+    if cfg.semem.stream_source:
+        targets.append((cfg.semem.stream_source, "semem.stream_source", ()))
+    start, rows = time.time(), []
+    for source_spec, key, domains in targets:
+        source = open_source(source_spec, data.text_field, key)
+        domains = domains or source.domains()
+        if key == "semem.stream_source":
+            domains = tuple(d for d in domains if d not in rows_domains(rows))
+        caches = open_splits(source_spec=source_spec, text_field=data.text_field, tokenizer=tok, tokenizer_spec=spec,
+                             cache=data.cache, domains=domains, splits=splits, processes=data.prepare_processes,
+                             on_bad_document=data.on_bad_document, key_name=key, source=source)
+        for (d, s), c in caches.items():
+            rows.append({"source": source_spec, "domain": d, "split": s, "documents": c.documents, "tokens": c.tokens,
+                         "bytes_per_token": c.dtype.itemsize, "skipped_documents": c.manifest.get("skipped", 0),
+                         "location": c.files.where(c.prefix)})
+    if jax.process_index() == 0:
+        summary = {"cache": cache_root(data.cache), "tokenizer": spec, "seconds": round(time.time() - start, 2),
+                   "splits": rows}
+        if args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            print(f"{'domain':<16}{'split':<7}{'documents':>11}{'tokens':>14}  skipped")
+            for r in rows:
+                print(f"{r['domain']:<16}{r['split']:<7}{r['documents']:>11,}{r['tokens']:>14,}  {r['skipped_documents']}")
+            print(f"token cache: {cache_root(data.cache)} ({sum(r['tokens'] for r in rows):,} tokens, "
+                  f"{summary['seconds']} s)")
+    return 0
+
+
+def rows_domains(rows) -> set:
+    return {r["domain"] for r in rows}
+
+
 def cmd_eval(args) -> int:
     import jax
 
@@ -186,7 +247,7 @@ def cmd_generate(args) -> int:
     except ValueError as e:            # DatastoreError, InitFromError: one line naming the path
         raise ConfigError(str(_named_as(e, args.source, ""))) from None
     tok = load_tokenizer(dec.tokenizer)
-    encoded = [tok.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    encoded = [tok.frame(p, eos=False) for p in prompts]      # as transformers frames a prompt (BOS for LLaMA)
     if any(not ids for ids in encoded):
         raise ConfigError("a prompt encodes to no tokens")
     width = max(len(ids) for ids in encoded)
@@ -334,6 +395,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. train.steps=200")
         if name == "eval":
             p.add_argument("--hf", default=None, help="evaluate this Hugging Face checkpoint directory instead")
+    q = sub.add_parser("prepare", help="tokenize a config's data once into the token cache (data.cache)")
+    q.add_argument("config", help="YAML config file (see configs/)")
+    q.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. data.cache=gs://bucket/tokens")
+    q.add_argument("--splits", default="train,valid,test", help="comma-separated splits (default: all three)")
+    q.add_argument("--processes", type=int, default=None, help="local worker processes (default data.prepare_processes; "
+                   "0 = every core)")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON")
     x = sub.add_parser("export", help="export a run's model as a Hugging Face checkpoint with its tokenizer")
     x.add_argument("run_dir")
     x.add_argument("out_dir")
@@ -388,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_export(args)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "prepare":
+            return cmd_prepare(args)
         return cmd_eval(args)
     except (InputError, OSError, OverflowError, MemoryError, RuntimeError) as e:
         # bad input, a file the system refused, a value too large to hold: one line, no traceback

@@ -68,9 +68,16 @@ class DataConfig:
     text_field: str = "text"          # jsonl sources
     train_documents: tuple[float, float] = (0.0, 1.0)   # the slice of each domain's training documents, in
                                       # document order, that the run reads (fractions; [0, 0.5] = the first half)
+    cache: str = ""                   # the token cache: a local directory or an object-store URL (gs://...);
+                                      # "" = $JAXCL_CACHE_DIR or ~/.cache/jaxcl/tokens (jaxcl.data.cache)
+    prepare_processes: int = 0        # local worker processes that tokenize a missing cache (0 = every core)
+    on_bad_document: str = "error"    # a document that cannot be read (not UTF-8, a bad jsonl line): "error"
+                                      # stops with its file and line; "skip" leaves it out, counted and reported
 
     def __post_init__(self):
-        _at_least(self, "data", seq_len=2, batch_size=1, eval_batches=1)
+        _at_least(self, "data", seq_len=2, batch_size=1, eval_batches=1, prepare_processes=0)
+        if self.on_bad_document not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_document must be error or skip, got {self.on_bad_document!r}")
         for key in ("seq_len", "batch_size", "eval_batches"):
             if getattr(self, key) >= 2 ** 31:
                 raise ConfigError(f"data.{key}={getattr(self, key)} is too large (at most 2**31 - 1)")

@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never touch the ne
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAXCL_HOST_MALLOC", "system")  # tests calling cli.main in-process keep pytest's malloc
+if "JAXCL_CACHE_DIR" not in os.environ:                # the token cache of this test session (never the user's)
+    import tempfile
+    os.environ["JAXCL_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcl-test-tokens-")
 
 import jax  # noqa: E402
 

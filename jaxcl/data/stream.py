@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from jaxcl.config import ConfigError
+from jaxcl.data.shuffle import fold_key, index_shuffle
+from jaxcl.errors import ConfigError
 
 
 def pack_sequences(tokens: np.ndarray, seq_len: int, what: str = "stream") -> np.ndarray:
@@ -40,31 +41,40 @@ def document_slice(documents: list, fractions: tuple[float, float] = (0.0, 1.0))
     return documents[lo:hi]
 
 
-def tokenize_domains(tokenizer, source, domains, seq_len: int, n_eval: int | None = None,
-                     progress=None, train_documents: tuple[float, float] = (0.0, 1.0),
-                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Every domain's train and valid split as packed `[n, seq_len]` int32 sequences: the one token stream
-    every method reads (documents end with EOS and never run together; valid keeps its first `n_eval`
-    sequences). `train_documents`: the slice of each domain's training documents read (`document_slice`;
-    `data.train_documents`). `progress`: an optional tqdm-like bar advanced once per split."""
-    train, valid = {}, {}
-    for d in domains:
-        docs = document_slice(source.documents(d, "train"), train_documents)
-        where = "" if tuple(train_documents) == (0.0, 1.0) else f" (documents {list(train_documents)})"
-        train[d] = pack_sequences(tokenizer.encode_documents(docs), seq_len, f"domain {d!r} train split{where}")
-        if progress is not None:
-            progress.update()
-        valid[d] = pack_sequences(tokenizer.encode_documents(source.documents(d, "valid")), seq_len,
-                                  f"domain {d!r} valid split")[:n_eval]
-        if progress is not None:
-            progress.update()
-    return train, valid
+def split_rows(data, tokenizer, tokenizer_spec: str, domains, split: str, *, source=None,
+               source_spec: str | None = None, key: str = "data.source",
+               documents: tuple[float, float] = (0.0, 1.0)) -> dict[str, Any]:
+    """Every domain's `split` as `[n, data.seq_len]` rows read on demand from the token cache (`PackedRows`),
+    of the documents between two fractions of the split (`document_slice`'s rule). Documents are framed as
+    the tokenizer frames them and never run together. A missing or stale cache is prepared first
+    (`jaxcl.data.cache.open_splits`). `data`: the run's `DataConfig`; `source_spec`/`key`: another source
+    than `data.source` (SeMem's `semem.stream_source`). Raises ConfigError for a split shorter than a row."""
+    from jaxcl.data.cache import open_splits
+
+    caches = open_splits(source_spec=source_spec or data.source, text_field=data.text_field, tokenizer=tokenizer,
+                         tokenizer_spec=tokenizer_spec, cache=data.cache, domains=tuple(domains), splits=(split,),
+                         processes=data.prepare_processes, on_bad_document=data.on_bad_document, key_name=key,
+                         source=source)
+    documents = tuple(float(f) for f in documents)
+    where = "" if documents == (0.0, 1.0) else f" (documents {list(documents)})"
+    return {d: caches[(d, split)].rows(data.seq_len, documents, f"domain {d!r} {split} split{where}") for d in domains}
+
+
+def cached_domains(data, tokenizer, tokenizer_spec: str, domains, n_eval: int | None = None, *,
+                   source=None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every domain's train rows (`split_rows`, documents `data.train_documents`) and valid rows (its first
+    `n_eval` sequences, in memory): the one token stream every method reads."""
+    train = split_rows(data, tokenizer, tokenizer_spec, domains, "train", source=source,
+                       documents=data.train_documents)
+    valid = split_rows(data, tokenizer, tokenizer_spec, domains, "valid", source=source)
+    return train, {d: v[:n_eval] for d, v in valid.items()}
 
 
 class SequenceStream:
     """An endless, seeded stream of global batches of one domain's packed training sequences.
 
-    `sequences` is `[n, seq_len]` int32; each call of `next_batch` returns the next `global_batch`
+    `sequences` is `[n, seq_len]` int32 (a numpy array or rows read on demand from the token cache:
+    `jaxcl.data.cache.Rows`); each call of `next_batch` returns the next `global_batch`
     rows of the concatenated per-epoch permutations (the same on every process) and advances
     `position` (global rows consumed so far) by `global_batch`.
     """
@@ -77,18 +87,17 @@ class SequenceStream:
         self.seed = seed
         self.position = position                       # global rows consumed so far
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.sequences))
-
     def global_row_ids(self, position: int) -> np.ndarray:
-        """Sequence ids `[global_batch]` of the global batch starting at `position` (same on every process)."""
+        """Sequence ids `[global_batch]` of the global batch starting at `position` (same on every process):
+        position p is element p mod n of epoch p // n's permutation, a stateless Feistel shuffle keyed by
+        (seed, epoch) (`jaxcl.data.shuffle`), so a batch costs O(global_batch) whatever the corpus size."""
         n = len(self.sequences)
-        flat = np.arange(position, position + self.global_batch)
+        flat = np.arange(position, position + self.global_batch, dtype=np.int64)
         epochs = flat // n
         out = np.empty(self.global_batch, np.int64)
         for epoch in np.unique(epochs):
             sel = epochs == epoch
-            out[sel] = self._permutation(int(epoch))[flat[sel] % n]
+            out[sel] = index_shuffle(flat[sel] % n, n, fold_key(self.seed, int(epoch)))
         return out
 
     def next_batch(self) -> dict[str, np.ndarray]:
@@ -96,7 +105,7 @@ class SequenceStream:
 
         Every process gets the same arrays; `device_batch` places them on a mesh.
         """
-        ids = self.sequences[self.global_row_ids(self.position)]
+        ids = np.asarray(self.sequences[self.global_row_ids(self.position)], np.int32)
         self.position += self.global_batch
         return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcl.config import ConfigError
+from jaxcl.errors import ConfigError
 from jaxcl.errors import TokenizerError, one_line
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[SEP]", "<eos>")
@@ -28,14 +28,38 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
-    def encode_documents(self, documents: list[str]) -> np.ndarray:
-        """All documents as one int32 token stream, each followed by EOS (documents never run together)."""
-        encodings = self.tokenizer.encode_batch(documents, add_special_tokens=False)
+    def frame(self, text: str, *, eos: bool = True) -> list[int]:
+        """`text` as the tokenizer frames one document: what transformers' `tokenizer(text).input_ids` gives
+        (the tokenizer.json's post-processor: BOS for LLaMA-family tokenizers, `[CLS] ... [SEP]` for BERT,
+        nothing for GPT-2), then one EOS unless that already ends with it (Levanter's `enforce_eos`).
+        `eos=False`: without the added EOS (a prompt to continue)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        return ids + [self.eos_id] if eos and (not ids or ids[-1] != self.eos_id) else ids
+
+    def frame_documents(self, documents: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens `[sum of lengths]`, lengths `[len(documents)]`): every document framed (`frame`) and
+        concatenated, documents in order. Tokens are int32."""
+        encodings = self.tokenizer.encode_batch(documents, add_special_tokens=True)
+        lengths = np.empty(len(encodings), np.int64)
         pieces = []
-        for enc in encodings:
-            pieces.append(np.asarray(enc.ids, np.int32))
-            pieces.append(np.asarray([self.eos_id], np.int32))
-        return np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+        for i, enc in enumerate(encodings):
+            ids = enc.ids
+            if not ids or ids[-1] != self.eos_id:
+                ids = ids + [self.eos_id]
+            lengths[i] = len(ids)
+            pieces.append(np.asarray(ids, np.int32))
+        return (np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)), lengths
+
+    def encode_documents(self, documents: list[str]) -> np.ndarray:
+        """All documents framed (`frame`) as one int32 token stream: documents never run together."""
+        return self.frame_documents(documents)[0]
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer's canonical JSON (vocabulary, merges, normalizer, pre- and post-processor)
+        and the EOS id: two tokenizers with the same fingerprint give the same token streams."""
+        import hashlib
+
+        return hashlib.sha256(f"{self.eos_id}\n{self.tokenizer.to_str()}".encode()).hexdigest()
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -84,6 +108,8 @@ def load_tokenizer(spec: str = "default") -> TextTokenizer:
     if not path.is_file():
         raise ConfigError(f"data.tokenizer={spec!r}: {str(path)!r} not found")
     tok = read_tokenizer_file(path)
+    tok.no_truncation()            # a tokenizer.json may carry a model's truncation / padding: never cut a document
+    tok.no_padding()
     eos = _first_id(tok, EOS_CANDIDATES)
     if eos is None:
         raise TokenizerError(f"data.tokenizer={spec!r} has none of the end-of-text tokens {EOS_CANDIDATES}")

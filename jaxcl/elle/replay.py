@@ -21,14 +21,17 @@ from typing import Sequence
 import numpy as np
 
 from jaxcl.config import ConfigError
+from jaxcl.data.cache.reader import SubsetRows
+from jaxcl.data.shuffle import fold_key, index_shuffle
 
 
 def memory_rows(n_sequences: int, fraction: float, seed: int) -> np.ndarray:
-    """Indices of the sequences a domain keeps in memory: a fixed random `fraction` (at least one)."""
+    """Indices (sorted) of the sequences a domain keeps in memory: a fixed random `fraction` (at least one),
+    the first ones of a stateless shuffle (`jaxcl.data.shuffle`), so O(kept rows) whatever the corpus."""
     if n_sequences < 1:
         raise ConfigError("replay memory: a domain has no training sequences")
     keep = max(1, int(math.ceil(fraction * n_sequences)))
-    return np.sort(np.random.default_rng(seed).permutation(n_sequences)[:keep])
+    return np.sort(index_shuffle(np.arange(keep), n_sequences, fold_key(seed)))
 
 
 def replay_plan(rng: np.random.Generator, micro_batches: int, ratio: float,
@@ -80,8 +83,9 @@ class ReplayMemory:
 
     def __init__(self, train_sequences: dict[str, np.ndarray], domains: Sequence[str], fraction: float, seed: int):
         self.domains = tuple(domains)
-        self.banks = {d: train_sequences[d][memory_rows(len(train_sequences[d]), fraction, seed * 7919 + i)]
-                      for i, d in enumerate(self.domains)}        # [n_memory, seq]
+        # [n_memory, seq]: row ids into each domain's rows (the token cache), not copies
+        self.banks = {d: SubsetRows(train_sequences[d], memory_rows(len(train_sequences[d]), fraction, seed * 7919 + i))
+                      for i, d in enumerate(self.domains)}
 
     def size(self, domain: str) -> int:
         return len(self.banks[domain])
@@ -107,7 +111,7 @@ class ReplayMemory:
             picks = rng.integers(0, len(self.banks[domain]), size=per_micro)
             counts[domain] = counts.get(domain, 0) + per_micro
             rows = slice(slot * per_micro, (slot + 1) * per_micro)
-            out["input_ids"][rows] = self.banks[domain][picks]
+            out["input_ids"][rows] = self.banks[domain].take(picks)
             out["attention_mask"][rows] = 1
             if "prompt_ids" in out:
                 out["prompt_ids"][rows] = self.domains.index(domain)

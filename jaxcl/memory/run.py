@@ -59,7 +59,7 @@ from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_mem
 from jaxcl.memory.calibrator import Calibrator, fit_calibrators
 from jaxcl.memory.datastore import Datastore, DatastoreError, params_fingerprint
 from jaxcl.data.sources import open_source
-from jaxcl.data.stream import document_slice, pack_sequences, tokenize_domains
+from jaxcl.data.stream import split_rows
 from jaxcl.memory.selective import SelectiveMemory, make_lm_scorer, score_sequences, stream_policies
 from jaxcl.models import ModelConfig, abstract_params
 from jaxcl.train.loop import ContinualRun, MetricsLog, _progress
@@ -100,18 +100,21 @@ class SememRun(ContinualRun):
         self.stream_sequences: dict[str, np.ndarray] = {}
         self.eval_domains = self.domains + tuple(d for d in self.stream if d not in self.domains)
         n_eval = cfg.data.eval_batches * cfg.data.batch_size
+        extras = tuple(d for d in self.stream if d in extra)
+        extra_train = split_rows(cfg.data, self.tokenizer, self.tokenizer_spec, extras, "train", source=stream_source,
+                                 source_spec=sm.stream_source, key="semem.stream_source") if extras else {}
+        extra_valid = split_rows(cfg.data, self.tokenizer, self.tokenizer_spec, extras, "valid", source=stream_source,
+                                 source_spec=sm.stream_source, key="semem.stream_source") if extras else {}
         for d in self.stream:
             if d in self.pretrain_domains:
                 if sm.past_fraction >= 1:
                     raise ConfigError(f"semem.stream_domains: {d!r} is a pre-training domain and "
                                       "semem.past_fraction=1 leaves it no future to stream")
-                docs = document_slice(open_source(cfg.data.source, cfg.data.text_field).documents(d, "train"),
-                                      (sm.past_fraction, 1.0))
-                self.stream_sequences[d] = pack_sequences(self.tokenizer.encode_documents(docs), seq,
-                                                          f"domain {d!r} future (semem.past_fraction)")
+                self.stream_sequences[d] = split_rows(cfg.data, self.tokenizer, self.tokenizer_spec, (d,), "train",
+                                                      source=self._source, documents=(sm.past_fraction, 1.0))[d]
             elif d in extra:
-                train, valid = tokenize_domains(self.tokenizer, stream_source, (d,), seq, n_eval)
-                self.stream_sequences[d], self.valid_sequences[d] = train[d], valid[d]
+                self.stream_sequences[d] = extra_train[d]
+                self.valid_sequences[d] = extra_valid[d][:n_eval]
             elif d in self.domains:
                 self.stream_sequences[d] = self.train_sequences[d]
             else:
@@ -151,12 +154,14 @@ class SememRun(ContinualRun):
 
     def _test_sequences(self) -> dict[str, np.ndarray]:
         """Every evaluated domain's test split (its first `semem.eval_tokens`), read once for the report."""
-        seq, out = self.cfg.data.seq_len, {}
-        main = open_source(self.cfg.data.source, self.cfg.data.text_field)
+        out, data = {}, self.cfg.data
         for d in self.eval_domains:
-            source = main if d in self.domains else self._stream_source
-            out[d] = pack_sequences(self.tokenizer.encode_documents(source.documents(d, "test")), seq,
-                                    f"domain {d!r} test split")[:self.eval_rows]
+            if d in self.domains:
+                rows = split_rows(data, self.tokenizer, self.tokenizer_spec, (d,), "test", source=self._source)[d]
+            else:
+                rows = split_rows(data, self.tokenizer, self.tokenizer_spec, (d,), "test", source=self._stream_source,
+                                  source_spec=self.cfg.semem.stream_source, key="semem.stream_source")[d]
+            out[d] = rows[:self.eval_rows]
         return out
 
     def _check_tokenizers(self) -> None:

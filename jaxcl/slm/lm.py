@@ -25,7 +25,8 @@ import optax
 
 from jaxcl.config import ConfigError
 from jaxcl.data.sources import open_source
-from jaxcl.data.stream import tokenize_domains
+from jaxcl.data.shuffle import fold_key, index_shuffle
+from jaxcl.data.stream import cached_domains
 from jaxcl.data.tokenizer import load_tokenizer
 from jaxcl.init_from import check_tokenizer_fits, load_params, tokenizer_spec
 from jaxcl.models import build
@@ -35,7 +36,7 @@ from jaxcl.train.losses import causal_lm_nll
 
 
 class LmStream:
-    """The packed token sequences every method reads (`jaxcl.data.stream.tokenize_domains`), per domain and
+    """The packed token sequences every method reads (`jaxcl.data.stream.cached_domains`), per domain and
     split, with the decoded text's DTKR queries (training rows shuffled and capped at slm.train_examples)."""
 
     def __init__(self, runner):
@@ -51,12 +52,11 @@ class LmStream:
         if len(self.domains) > s.max_tasks:
             raise ConfigError(f"{len(self.domains)} domains exceed slm.max_tasks={s.max_tasks}")
         n_eval = cfg.data.eval_batches * cfg.data.batch_size
-        train, valid = tokenize_domains(self.tokenizer, source, self.domains, cfg.data.seq_len, n_eval,
-                                       train_documents=cfg.data.train_documents)
+        train, valid = cached_domains(cfg.data, self.tokenizer, self.tokenizer_spec, self.domains, n_eval, source=source)
         self.train, self.valid = {}, {}
         for d in self.domains:
-            rng = np.random.default_rng(cfg.run.seed)
-            rows = train[d][rng.permutation(len(train[d]))][:s.train_examples]
+            n = len(train[d])        # a seeded sample of at most slm.train_examples rows, read from the cache
+            rows = train[d].take(index_shuffle(np.arange(min(n, s.train_examples)), n, fold_key(cfg.run.seed)))
             self.train[d] = (rows, self._queries(runner.encoder, rows, f"domain {d!r} train"))
             self.valid[d] = (valid[d], self._queries(runner.encoder, valid[d], f"domain {d!r} valid"))
 

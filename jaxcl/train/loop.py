@@ -26,7 +26,8 @@ import numpy as np
 from jaxcl import rundir
 from jaxcl.config import Config, ConfigError, TrainConfig, config_to_dict
 from jaxcl.data.sources import open_source
-from jaxcl.data.stream import SequenceStream, device_batch, eval_batches, tokenize_domains
+from jaxcl.data.cache import ConcatRows
+from jaxcl.data.stream import SequenceStream, cached_domains, device_batch, eval_batches
 from jaxcl.data.tokenizer import load_tokenizer
 from jaxcl.init_from import check_tokenizer_fits, load_params, tokenizer_spec
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_training_curves, write_report
@@ -86,6 +87,7 @@ class ContinualRun:
         for d in self.domains:
             if d not in available:
                 raise ConfigError(f"data.domains: unknown domain {d!r} (available: {', '.join(available)})")
+        self._source = source
         self.train_sequences, self.valid_sequences = self._tokenize(source)
         self.stages: tuple[str, ...] = self.domains      # what each stage trains on (keys of train_sequences)
         if cfg.train.stage_steps and len(cfg.train.stage_steps) != len(self.domains):
@@ -100,16 +102,13 @@ class ContinualRun:
         self._ckpt: Checkpointer | None = None
 
     # ------------------------------------------------------------------ data
-    def _tokenize(self, source) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _tokenize(self, source) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Train rows (read on demand from the token cache, prepared first if missing) and valid rows."""
         seq_len = self.cfg.data.seq_len
         if self.cfg.model.family != "llama" and seq_len > self.cfg.model.max_seq_len:
             raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={self.cfg.model.max_seq_len}")
         n_eval = self.cfg.data.eval_batches * self.cfg.data.batch_size
-        bar = _progress(2 * len(self.domains), 0, "tokenizing")
-        train, valid = tokenize_domains(self.tokenizer, source, self.domains, seq_len, n_eval, bar,
-                                        train_documents=self.cfg.data.train_documents)
-        bar.close()
-        return train, valid
+        return cached_domains(self.cfg.data, self.tokenizer, self.tokenizer_spec, self.domains, n_eval, source=source)
 
     # ------------------------------------------------------------------ hooks for methods
     def initial_params(self, model_cfg: ModelConfig, shardings: Any) -> Any:
@@ -492,7 +491,9 @@ class JointRun(ContinualRun):
                               "per-domain prompts; set model.num_prompts=0")
         if not cfg.run.dir:      # never share (and resume) the sequential run's directory
             self.run_dir = Path("runs") / f"{cfg.run.name}-joint"
-        self.train_sequences["joint"] = np.concatenate([self.train_sequences[d] for d in self.domains])
+        # The union of every domain's rows, read through the cache (no copy): the stream samples it without
+        # replacement, epoch by epoch.
+        self.train_sequences["joint"] = ConcatRows([self.train_sequences[d] for d in self.domains])
         self.stages = ("joint",)
 
     def stage_steps(self, stage: int) -> int:
