@@ -36,9 +36,11 @@ class StoreFiles:
     `remove_temporaries()` deletes what killed writers left (temporaries of live processes are kept).
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, via_tensorstore: bool = False):
+        """`via_tensorstore`: read and write a `file://` URL through tensorstore's kvstore, as an object store is
+        (tests of the object-store path on a local directory)."""
         self.path = str(path)
-        self.local = is_local(self.path)
+        self.local = is_local(self.path) and not via_tensorstore
         if self.local:
             self.root = local_path(self.path)
             self.kv = None
@@ -66,7 +68,8 @@ class StoreFiles:
         if self.local:
             (self.root / key).unlink(missing_ok=True)
         else:
-            self.kv.delete(key).result()
+            import tensorstore as ts
+            self.kv.delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()      # exactly this key
 
     def delete_prefix(self, prefix: str) -> None:
         """Delete every key under `prefix` (a folder, e.g. an orphaned index segment)."""
