@@ -141,7 +141,8 @@ def cmd_prepare(args) -> int:
             domains = tuple(d for d in domains if d not in rows_domains(rows))
         caches = open_splits(source_spec=source_spec, text_field=data.text_field, tokenizer=tok, tokenizer_spec=spec,
                              cache=data.cache, domains=domains, splits=splits, processes=data.prepare_processes,
-                             on_bad_document=data.on_bad_document, key_name=key, source=source)
+                             on_bad_document=data.on_bad_document, key_name=key, source=source,
+                             segment_bytes=data.prepare_segment_bytes)
         for (d, s), c in caches.items():
             rows.append({"source": source_spec, "domain": d, "split": s, "documents": c.documents, "tokens": c.tokens,
                          "bytes_per_token": c.dtype.itemsize, "skipped_documents": c.manifest.get("skipped", 0),

@@ -71,11 +71,19 @@ class DataConfig:
     cache: str = ""                   # the token cache: a local directory or an object-store URL (gs://...);
                                       # "" = $JAXCL_CACHE_DIR or ~/.cache/jaxcl/tokens (jaxcl.data.cache)
     prepare_processes: int = 0        # local worker processes that tokenize a missing cache (0 = every core)
+    prepare_segment_bytes: int = 33554432   # plain files are cut into units of about this size (one shard each)
+    mixture: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+                                      # stage domain -> {domain: weight}: that stage trains on a mixture, e.g.
+                                      # {jargon: {bible: 0.3, jargon: 0.7}} (weights normalised; jaxcl.data.stream)
     on_bad_document: str = "error"    # a document that cannot be read (not UTF-8, a bad jsonl line): "error"
                                       # stops with its file and line; "skip" leaves it out, counted and reported
 
     def __post_init__(self):
-        _at_least(self, "data", seq_len=2, batch_size=1, eval_batches=1, prepare_processes=0)
+        _at_least(self, "data", seq_len=2, batch_size=1, eval_batches=1, prepare_processes=0,
+                   prepare_segment_bytes=4096)
+        for stage, weights in self.mixture.items():
+            if not weights or any(w < 0 for w in weights.values()) or not sum(weights.values()) > 0:
+                raise ConfigError(f"data.mixture.{stage}: weights must be >= 0 with a positive sum, got {weights}")
         if self.on_bad_document not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_document must be error or skip, got {self.on_bad_document!r}")
         for key in ("seq_len", "batch_size", "eval_batches"):
@@ -451,6 +459,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        if len(args) == 2 and args[1] is not Any:
+            for k in value:
+                if not isinstance(k, str):
+                    raise ConfigError(f"{key}: key {k!r} must be a string")
+            return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):

@@ -63,6 +63,7 @@ HARMLESS_KEYS: dict[str, str] = {
     "slm.cache_dir": "a cache of encoder queries, a pure function of the texts and the encoder",
     "data.cache": "where the token cache lives; its tokens are a pure function of the source and the tokenizer",
     "data.prepare_processes": "how many processes tokenize a missing cache; the tokens are the same",
+    "data.prepare_segment_bytes": "how files are cut for parallel preparation; the token stream is the same",
 }
 
 # Config sections a runner never reads (by `run.method`): they cannot change what it trains.

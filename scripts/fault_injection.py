@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from tests.faults.harness import SCENARIOS, Contention, Trial, run_trial, summarize  # noqa: E402
 
 # trials per case in the default mix: 212 in all
-DEFAULT_MIX = {"datastore-exact": 60, "datastore-scann": 60, "orbax-sync": 25, "orbax-async": 25,
+DEFAULT_MIX = {"datastore-exact": 60, "datastore-scann": 60, "orbax-sync": 25, "orbax-async": 25, "prepare": 100,
                "hf-exchange": 15, "hf-rename": 15, "run-sequential": 6, "run-semem": 6}
 
 

@@ -323,3 +323,149 @@ def test_the_data_config_checks_its_new_keys():
         DataConfig(on_bad_document="ignore")
     with pytest.raises(ConfigError, match="data.prepare_processes must be at least 0"):
         dataclasses.replace(DataConfig(), prepare_processes=-1)
+
+
+# ----------------------------------------------------------------------------- mixtures
+def _rows(n: int, tag: int) -> np.ndarray:
+    """n distinct rows whose first token names the domain (tag) and second the row id."""
+    return np.stack([np.full(n, tag), np.arange(n), np.zeros(n)], 1).astype(np.int32)
+
+
+def test_mixture_shares_lie_within_binomial_bounds_and_every_domain_is_read_without_replacement():
+    from jaxcl.data.stream import MixtureStream
+
+    weights = {"old": 0.3, "new": 0.7, "rare": 0.02}
+    rows = {"old": _rows(500, 0), "new": _rows(2000, 1), "rare": _rows(50, 2)}
+    stream = MixtureStream(rows, weights, 32, seed=11, domain_index={"old": 0, "new": 1, "rare": 2})
+    batches = [stream.next_batch() for _ in range(300)]
+    ids = np.concatenate([b["input_ids"] for b in batches])
+    n, total = len(ids), sum(weights.values())
+    for tag, (name, w) in enumerate(weights.items()):
+        p = w / total
+        count = int(np.sum(ids[:, 0] == tag))
+        assert abs(count - n * p) <= 3 * np.sqrt(n * p * (1 - p)) + 1, (name, count, n * p)
+        np.testing.assert_array_equal(np.concatenate([b["prompt_ids"] for b in batches])[ids[:, 0] == tag], tag)
+        seen = ids[ids[:, 0] == tag, 1]
+        size = len(rows[name])
+        first = seen[:size]                          # the domain's first epoch: no row twice
+        assert len(np.unique(first)) == len(first)
+        if len(seen) >= size:
+            assert sorted(first) == list(range(size))
+    for block in (ids[:4096], ids[4096:8192]):      # every block of 4,096 rows deals each domain its exact count
+        assert [int(np.sum(block[:, 0] == t)) for t in range(3)] == stream.counts.tolist()
+    assert stream.counts.tolist() == [1205, 2811, 80]            # 4096 * w / sum(w), largest remainders
+
+
+def test_a_mixture_stream_resumes_bit_identically_at_any_step():
+    from jaxcl.data.stream import MixtureStream
+
+    rows = {"a": _rows(97, 0), "b": _rows(300, 1)}
+    stream = MixtureStream(rows, {"a": 1, "b": 3}, 16, seed=5)
+    batches = [stream.next_batch()["input_ids"] for _ in range(700)]            # crosses blocks and epochs
+    for k in (0, 1, 255, 256, 699):
+        resumed = MixtureStream(rows, {"a": 1, "b": 3}, 16, seed=5)
+        resumed.restore(MixtureStream(rows, {"a": 1, "b": 3}, 16, seed=5, position=16 * k).state())
+        np.testing.assert_array_equal(resumed.next_batch()["input_ids"], batches[k])
+    from jaxcl.config import ConfigError
+    with pytest.raises(ConfigError, match="data, data.mixture or data.seq_len changed"):
+        MixtureStream({"a": _rows(96, 0), "b": rows["b"]}, {"a": 1, "b": 3}, 16, seed=5).restore(stream.state())
+    with pytest.raises(ConfigError, match="below 1/4096"):
+        MixtureStream(rows, {"a": 1e-6, "b": 1}, 16, seed=5)
+
+
+def test_a_stage_trains_on_its_mixture_and_other_methods_refuse_one(tmp_path):
+    from tests.test_run import TINY, jaxcl
+
+    out = jaxcl("run", "configs/demo.yaml", *TINY, "train.pretrain_steps=10", "train.steps=10",
+                "data.mixture={manpages: {bible: 0.5, manpages: 0.5}}", run_dir=tmp_path / "seq")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "seq" / "report.json").read_text())
+    assert report["stages"] == ["bible", "manpages"] and len(report["matrix"]) == 2
+    for overrides, message in (
+            (["data.mixture={wordnet: {bible: 1}}"], "data.mixture.wordnet: not a stage of this sequential run"),
+            (["data.mixture={manpages: {pydoc: 1}}"], "data.mixture.manpages.pydoc: not one of data.domains"),
+            (["data.mixture={manpages: {bible: 0}}"], "weights must be >= 0 with a positive sum")):
+        out = jaxcl("run", "configs/demo.yaml", *TINY, *overrides, run_dir=tmp_path / "bad")
+        assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    out = jaxcl("run", "configs/semem/demo.yaml", *TINY, "data.mixture={bible: {bible: 1}}", run_dir=tmp_path / "sm")
+    assert out.returncode == 2 and "SeMem streams its domains" in out.stderr, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- placing batches
+class _CountingRows:
+    """Rows that record which row ids were read."""
+
+    def __init__(self, array):
+        self.array, self.read = array, []
+        self.shape = array.shape
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, ids):
+        self.read.extend(np.asarray(ids).tolist())
+        return self.array[ids]
+
+
+@pytest.mark.parametrize("axes", [dict(data=8), dict(data=2, fsdp=2, tensor=2), dict(tensor=8)])
+def test_device_batch_reads_each_row_once_and_only_where_devices_need_it(axes):
+    import jax
+
+    from jaxcl.config import MeshConfig
+    from jaxcl.data.stream import device_batch
+    from jaxcl.parallel import batch_sharding, make_mesh
+
+    rows = _CountingRows(np.arange(64 * 5, dtype=np.int32).reshape(64, 5))
+    stream = SequenceStream(rows, 16, seed=0)
+    batch = stream.next_batch()
+    assert rows.read == []                                   # nothing read until placed
+    placed = device_batch(batch, batch_sharding(make_mesh(MeshConfig(**axes))))
+    assert sorted(rows.read) == sorted(stream.global_row_ids(0).tolist())    # every row once, however replicated
+    np.testing.assert_array_equal(np.asarray(jax.device_get(placed["input_ids"])),
+                                  rows.array[stream.global_row_ids(0)])
+
+
+# ----------------------------------------------------------------------------- across hosts
+SPLITS_2P = (("scripture", "train"), ("scripture", "valid"), ("pydoc", "train"), ("man", "train"))
+
+
+def test_two_jax_processes_prepare_the_one_process_cache_and_read_the_same_batches(tmp_path):
+    from tests.process_launcher import run_workers
+
+    src = _corpus_dir(tmp_path)                     # tmp_path/corpus: the worker reads OUT_DIR/src
+    os.symlink(src, tmp_path / "src")
+    results = run_workers("prepare_multiprocess_worker.py", tmp_path, n=2, timeout=400)
+    single = _prepare(src, tmp_path / "one", domains=("scripture", "pydoc", "man"))
+    stream = SequenceStream(single[("scripture", "train")].rows(32), 8, seed=4)
+    expected = np.stack([np.asarray(stream.next_batch()["input_ids"]) for _ in range(5)])
+    for r in results:
+        for d, s in SPLITS_2P:
+            np.testing.assert_array_equal(r[f"{d}/{s}/tokens"], single[(d, s)].read(0, single[(d, s)].tokens))
+            np.testing.assert_array_equal(r[f"{d}/{s}/lengths"], single[(d, s)].document_lengths())
+        np.testing.assert_array_equal(r["batches"], expected)
+    writers = results[0]["scripture/train/writers"]
+    assert len(writers) > 4 and writers.tolist() == [i % 2 for i in range(len(writers))]   # shared out, no overlap
+
+
+def test_zstd_and_parquet_sources_stream_the_same_documents(tmp_path):
+    zstd = pytest.importorskip("zstandard", reason="zstandard not installed (in the [test] and [data] extras)")
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow not installed (in the [data] extra)")
+    import pyarrow as pa
+
+    docs = split_documents(load_text("wordnet", "valid"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.train.jsonl.zst").write_bytes(
+        zstd.ZstdCompressor().compress("".join(json.dumps({"text": d}) + "\n" for d in docs[:300]).encode())
+        + zstd.ZstdCompressor().compress("".join(json.dumps({"text": d}) + "\n" for d in docs[300:]).encode()))
+    pq.write_table(pa.table({"text": docs, "n": list(range(len(docs)))}), src / "b.train.parquet", row_group_size=100)
+    source = open_source(str(src))
+    assert source.documents("a", "train") == docs and source.documents("b", "train") == docs
+    splits = _prepare(src, tmp_path / "c", splits=("train",))
+    tok = load_tokenizer("default")
+    for d in ("a", "b"):
+        np.testing.assert_array_equal(splits[(d, "train")].read(0, splits[(d, "train")].tokens),
+                                      tok.encode_documents(docs))
+    (src / "c.train.jsonl.zst").write_bytes(b"not zstd at all")
+    with pytest.raises(DataError, match=r"c.train.jsonl.zst: not a complete zstd file"):
+        open_source(str(src)).documents("c", "train")

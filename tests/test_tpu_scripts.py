@@ -38,6 +38,14 @@ def test_run_sends_the_same_jaxcl_command_to_all_hosts():
     assert "jaxcl.cli\\ run\\ configs/tpu/pod_demo.yaml\\ train.steps=10" in ssh
 
 
+def test_prepare_tokenizes_on_every_host_in_the_foreground():
+    (ssh,) = dry_run("prepare.sh", "configs/tpu/pod_demo.yaml", "data.cache=gs://b/tokens")
+    assert "--worker=all" in ssh and "nohup" not in ssh
+    assert "jaxcl.cli\\ prepare\\ configs/tpu/pod_demo.yaml\\ data.cache=gs://b/tokens" in ssh
+    cfg = load_config(ROOT / "configs/tpu/pod_demo.yaml")
+    assert cfg.data.source.startswith("gs://") and cfg.data.cache.startswith("gs://")
+
+
 def test_logs_reads_one_worker():
     (ssh,) = dry_run("logs.sh", "2")
     assert "--worker=2" in ssh and "tail" in ssh

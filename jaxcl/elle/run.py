@@ -153,7 +153,7 @@ class ElleRun(ContinualRun):
         mixed in (the same on every process: the mix is drawn from a generator of (seed, stage, phase, step))."""
         e = self.cfg.elle
         batch = stream.next_batch()
-        if e.prompt_length:
+        if e.prompt_length and "prompt_ids" not in batch:     # a mixture batch has each row's own prompt
             batch["prompt_ids"] = np.full((len(batch["input_ids"]),), self.domains.index(domain), np.int32)
         old = self._old_domains(stage, phase)
         if not old or e.replay_ratio == 0:

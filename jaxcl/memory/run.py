@@ -75,6 +75,9 @@ class SememRun(ContinualRun):
     method = "semem"
 
     def __init__(self, cfg: Config):
+        if cfg.data.mixture:
+            raise ConfigError("data.mixture: SeMem streams its domains chunk by chunk and pre-trains on the pasts "
+                              "jointly; it takes no mixture (remove data.mixture)")
         super().__init__(cfg)
         sm = cfg.semem
         self.policies = stream_policies(sm.threshold, sm.sweep, sm.random_control)

@@ -41,6 +41,9 @@ class LmStream:
 
     def __init__(self, runner):
         cfg, s = runner.cfg, runner.scfg
+        if cfg.data.mixture:
+            raise ConfigError("data.mixture: SLM learns one adapter per domain from that domain's rows; it takes no "
+                              "mixture (remove data.mixture)")
         if not cfg.model.is_decoder:
             raise ConfigError("slm.mode=lm needs a decoder model (gpt2 or llama), "
                               f"got model.family={cfg.model.family!r}")

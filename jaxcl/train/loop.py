@@ -27,7 +27,7 @@ from jaxcl import rundir
 from jaxcl.config import Config, ConfigError, TrainConfig, config_to_dict
 from jaxcl.data.sources import open_source
 from jaxcl.data.cache import ConcatRows
-from jaxcl.data.stream import SequenceStream, cached_domains, device_batch, eval_batches
+from jaxcl.data.stream import MixtureStream, SequenceStream, cached_domains, device_batch, eval_batches
 from jaxcl.data.tokenizer import load_tokenizer
 from jaxcl.init_from import check_tokenizer_fits, load_params, tokenizer_spec
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_training_curves, write_report
@@ -89,7 +89,8 @@ class ContinualRun:
                 raise ConfigError(f"data.domains: unknown domain {d!r} (available: {', '.join(available)})")
         self._source = source
         self.train_sequences, self.valid_sequences = self._tokenize(source)
-        self.stages: tuple[str, ...] = self.domains      # what each stage trains on (keys of train_sequences)
+        self.stages: tuple[str, ...] = self.stage_names()    # what each stage trains on (keys of train_sequences)
+        self._check_mixture()
         if cfg.train.stage_steps and len(cfg.train.stage_steps) != len(self.domains):
             raise ConfigError(f"train.stage_steps has {len(cfg.train.stage_steps)} entries for "
                               f"{len(self.domains)} domains")
@@ -111,6 +112,30 @@ class ContinualRun:
         return cached_domains(self.cfg.data, self.tokenizer, self.tokenizer_spec, self.domains, n_eval, source=source)
 
     # ------------------------------------------------------------------ hooks for methods
+    def stage_names(self) -> tuple[str, ...]:
+        """The run's stages by name: one per domain (the joint run has one, "joint")."""
+        return self.domains
+
+    def _check_mixture(self) -> None:
+        """`data.mixture` may name only this run's stages, and weigh only its domains."""
+        for stage, weights in self.cfg.data.mixture.items():
+            if stage not in self.stages:
+                raise ConfigError(f"data.mixture.{stage}: not a stage of this {self.method} run (its stages: "
+                                  f"{', '.join(self.stages)})")
+            for d in weights:
+                if d not in self.domains:
+                    raise ConfigError(f"data.mixture.{stage}.{d}: not one of data.domains ({', '.join(self.domains)})")
+
+    def make_stream(self, stage: int, name: str):
+        """The training stream of a stage: its domain's rows (`SequenceStream`), or the weighted mixture of
+        domains `data.mixture` gives it (`MixtureStream`; every row carries its own domain's prompt id)."""
+        seed, batch = self.cfg.run.seed * 1000 + stage, self.cfg.data.batch_size
+        weights = self.cfg.data.mixture.get(name)
+        if weights:
+            return MixtureStream({d: self.train_sequences[d] for d in weights}, weights, batch, seed,
+                                 domain_index={d: i for i, d in enumerate(self.domains)})
+        return SequenceStream(self.train_sequences[name], batch, seed=seed)
+
     def initial_params(self, model_cfg: ModelConfig, shardings: Any) -> Any:
         """The model the run starts from: `model.init_from`'s checkpoint (placed onto `shardings` as it is
         read), else a fresh initialisation from `run.seed`."""
@@ -138,8 +163,11 @@ class ContinualRun:
 
     def domain_batch(self, domain: str, batch: dict[str, np.ndarray], model_cfg: ModelConfig) -> dict[str, np.ndarray]:
         """A global batch of `domain` with what the model needs to know about its domain: a model with
-        learned prompts gets the domain's prompt (prompt p = the p-th domain of the stream)."""
-        if not model_cfg.num_prompts or "prompt_ids" in batch:
+        learned prompts gets the domain's prompt (prompt p = the p-th domain of the stream); a mixture batch
+        carries each row's own prompt id already (dropped for a model without prompts)."""
+        if not model_cfg.num_prompts:
+            return {k: v for k, v in batch.items() if k != "prompt_ids"}
+        if "prompt_ids" in batch:
             return batch
         index = self.domains.index(domain)
         if index >= model_cfg.num_prompts:
@@ -303,7 +331,7 @@ class ContinualRun:
         for stage in range(first_stage, len(self.stages)):
             domain, steps = self.stages[stage], self.stage_steps(stage)
             tx = self.optimizer(steps)
-            stream = SequenceStream(self.train_sequences[domain], cfg.data.batch_size, seed=cfg.run.seed * 1000 + stage)
+            stream = self.make_stream(stage, domain)
             resume_here = meta is not None and meta["stage"] == stage and not meta["completed"]
             if meta is not None and (resume_here or meta["stage"] == stage - 1):
                 # Restore onto *this* run's mesh, whatever mesh wrote the checkpoint.
@@ -494,7 +522,9 @@ class JointRun(ContinualRun):
         # The union of every domain's rows, read through the cache (no copy): the stream samples it without
         # replacement, epoch by epoch.
         self.train_sequences["joint"] = ConcatRows([self.train_sequences[d] for d in self.domains])
-        self.stages = ("joint",)
+
+    def stage_names(self) -> tuple[str, ...]:
+        return ("joint",)
 
     def stage_steps(self, stage: int) -> int:
         return sum(ContinualRun.stage_steps(self, i) for i in range(len(self.domains)))

@@ -358,6 +358,87 @@ class RunScenario(Scenario):
         return 0
 
 
+class PrepareScenario(Scenario):
+    """`jaxcl prepare` (two worker processes, many small shards) killed at a random moment: whatever the kill
+    left, a split that reads as committed holds exactly the reference tokens and document offsets, and the
+    next prepare completes the cache (resuming from finished shards) to exactly the reference."""
+
+    name = "prepare"
+    window = 12.0             # from the command's start: start-up, then about 5-12 s of tokenizing under contention
+    SPLITS = (("scripture", "train"), ("scripture", "valid"), ("man", "train"), ("man", "valid"))
+
+    def __init__(self):
+        self.reference: dict | None = None
+
+    @staticmethod
+    def _corpus(directory: Path) -> Path:
+        from jaxcl.data.corpus import load_text
+
+        src = directory / "src"
+        src.mkdir(parents=True)
+        bible, man = load_text("bible", "train"), load_text("manpages", "train")
+        (src / "scripture.train.txt").write_text(bible * 2)
+        (src / "scripture.valid.txt").write_text(load_text("bible", "valid"))
+        docs = [d for d in man.split("\n\n\n") if d.strip()]
+        (src / "man.train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 2))
+        (src / "man.valid.txt").write_text(load_text("manpages", "valid"))
+        return src
+
+    def command(self, directory: Path) -> list[str]:
+        return [sys.executable, "-m", "jaxcl.cli", "prepare", "configs/demo.yaml", f"data.source={directory / 'src'}",
+                f"data.cache={directory / 'cache'}", "data.domains=[scripture,man]",
+                "data.prepare_segment_bytes=65536", "data.prepare_processes=2", "--splits", "train,valid"]
+
+    @staticmethod
+    def _read(directory: Path) -> dict:
+        """{(domain, split): (tokens, document lengths)} of every split that reads as committed."""
+        from jaxcl.data.cache import SplitCache, cache_key, split_prefix
+        from jaxcl.data.sources import open_source
+        from jaxcl.data.tokenizer import load_tokenizer
+        from jaxcl.storage import StoreFiles
+
+        tok = load_tokenizer("default")
+        key = cache_key(open_source(str(directory / "src")).identity(), tok.fingerprint())
+        out = {}
+        for d, s in PrepareScenario.SPLITS:
+            split = SplitCache.open(StoreFiles(str(directory / "cache")), split_prefix(key, d, s), tok.fingerprint())
+            if split is not None:
+                out[(d, s)] = (split.read(0, split.tokens), split.document_lengths())
+        return out
+
+    def setup(self, directory: Path, seed: int) -> None:
+        self._corpus(directory)
+        if self.reference is None:
+            from jaxcl.data.sources import open_source
+            from jaxcl.data.tokenizer import load_tokenizer
+
+            tok, source = load_tokenizer("default"), open_source(str(directory / "src"))
+            self.reference = {}
+            for d, s in self.SPLITS:
+                docs = source.documents(d, s)
+                self.reference[(d, s)] = (tok.encode_documents(docs), np.asarray([len(tok.frame(x)) for x in docs]))
+
+    def _check(self, found: dict, when: str) -> None:
+        for key, (tokens, lengths) in found.items():
+            ref_tokens, ref_lengths = self.reference[key]
+            if not (np.array_equal(tokens, ref_tokens) and np.array_equal(lengths, ref_lengths)):
+                raise TrialFailure(f"prepare: {when}, committed split {key} differs from the reference tokenization")
+
+    def verify(self, directory: Path, start: int, acked: list[int], seed: int) -> int:
+        committed = self._read(directory)
+        self._check(committed, "after the kill")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+        env.pop("XLA_FLAGS", None)
+        out = subprocess.run(self.command(directory), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise TrialFailure(f"prepare: the prepare after the kill failed: {(out.stdout + out.stderr)[-1500:]}")
+        complete = self._read(directory)
+        if set(complete) != set(self.SPLITS):
+            raise TrialFailure(f"prepare: after a full prepare only {sorted(complete)} are committed")
+        self._check(complete, "after the resumed prepare")
+        return len(committed)
+
+
 def _close(a, b, rtol: float = 1e-5) -> bool:
     """Equal structure, numbers equal to `rtol` (the runs are deterministic; float formatting aside)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -378,6 +459,7 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "hf-rename": lambda: HFScenario(False),
     "run-sequential": lambda: RunScenario("run-sequential"),
     "run-semem": lambda: RunScenario("run-semem"),
+    "prepare": PrepareScenario,
 }
 
 
@@ -393,7 +475,7 @@ def run_trial(scenario: Scenario, workdir: Path, seed: int, double_crash: bool, 
     delay = float(rng.uniform(0, scenario.window))
     start, acked, state, error = 0, [], -1, None
     try:
-        command = scenario.command(directory) if isinstance(scenario, RunScenario) else None
+        command = scenario.command(directory) if hasattr(scenario, "command") else None
         start, acked = run_victim(scenario.name, directory, seed, delay, command=command)
         if double_crash:       # reopen and die again within the first moments of recovery
             early = float(rng.uniform(0, 0.6)) if command is None else float(rng.uniform(3, 10))

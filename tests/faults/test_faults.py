@@ -10,9 +10,9 @@ import pytest
 from jaxcl.memory import scann_available
 from tests.faults.harness import run_trials, summarize
 
-# trials per case: 22 in all (every third trial of a case is a double crash)
+# trials per case: 28 in all (every third trial of a case is a double crash)
 CASES = {"datastore-exact": 6, "datastore-scann": 6, "orbax-sync": 3, "orbax-async": 3, "hf-exchange": 2,
-         "hf-rename": 2}
+         "hf-rename": 2, "prepare": 6}
 
 
 @pytest.mark.parametrize("case", list(CASES))

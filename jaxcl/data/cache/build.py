@@ -52,6 +52,7 @@ class Job:
     unit: Unit
     dtype: str
     on_bad_document: str
+    process_index: int = 0         # the JAX process that tokenizes it (recorded in the shard's record)
 
 
 def unit_record(unit: Unit) -> dict:
@@ -129,7 +130,7 @@ def tokenize_unit(job: Job) -> dict:
                 os.fsync(f.fileno())
         record = {"format": FORMAT, "name": name, "unit": unit_record(job.unit), "stat": stat, "tokens": tokens,
                   "documents": documents, "crc32": crc, "sha256": digest.hexdigest(),
-                  "skipped": count["skipped"], "skipped_examples": skipped}
+                  "skipped": count["skipped"], "skipped_examples": skipped, "process_index": job.process_index}
         if files.local:
             for ext in ("tokens", "docs"):
                 os.replace(temps[ext], final[ext])
@@ -231,8 +232,8 @@ def prepare_split(*, source_spec: str, text_field: str, source, tokenizer, token
     todo = [i for i in mine if _done(files, prefix, i, units[i], dtype) is None]
     if len(todo) < len(mine):
         log.info("%s/%s: %d of %d shards already prepared (resuming)", domain, split, len(mine) - len(todo), len(mine))
-    jobs = [Job(source_spec, text_field, tokenizer_spec, root, prefix, i, units[i], dtype.str, on_bad_document)
-            for i in todo]
+    jobs = [Job(source_spec, text_field, tokenizer_spec, root, prefix, i, units[i], dtype.str, on_bad_document,
+                process_index) for i in todo]
     workers = max(1, min(processes, len(jobs)))
     if workers == 1:
         for job in jobs:
@@ -294,16 +295,19 @@ def stale_files(manifest: dict, source) -> list[str]:
     """Source files of a committed split that changed since it was prepared (size or content): a file whose
     size and mtime (or generation) are as recorded is unchanged; one whose stamp moved but whose bytes hash
     as recorded (e.g. touched, or copied with its content) is unchanged too."""
-    changed = []
+    changed, stamps = [], {}
     for shard in manifest["shards"]:
         location = shard["unit"]["file"]
-        if location is None:
+        if location is None or location in changed:
             continue
         recorded = manifest["files"].get(location)
-        try:
-            now = SourceFile.parse(location).stat() if SourceFile.parse(location) else None
-        except OSError:
-            now = None
+        if location not in stamps:                  # one stat (or one object read) per file, not per shard
+            try:
+                parsed = SourceFile.parse(location)
+                stamps[location] = parsed.stat() if parsed else None
+            except (OSError, DataError):
+                stamps[location] = None
+        now = stamps[location]
         if now == recorded:
             continue
         if now is None or ("size" in (recorded or {}) and now.get("size") != recorded.get("size")):
