@@ -155,7 +155,9 @@ def main() -> None:
     ap.add_argument("--sizes", default="10M,100M,1G,4G")
     ap.add_argument("--old-up-to", default="100M", help="measure the in-memory path up to this size")
     ap.add_argument("--p1-up-to", default="1G", help="measure 1-process prepare up to this size")
+    ap.add_argument("--keep-corpora", action="store_true", help="keep the generated text (default: removed after use)")
     ap.add_argument("--runs", default="sequential,joint,elle")
+    ap.add_argument("--runs-at", default="", help="sizes with the 20-step runs (default: every size)")
     args = ap.parse_args()
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -171,6 +173,12 @@ def main() -> None:
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     for size in sizes:
         n = parse_size(size)
+        run_sizes = [x for x in args.runs_at.split(",") if x] or sizes
+        wanted = ([f"{size}/old"] if n <= parse_size(args.old_up_to) else []) + \
+            [f"{size}/prepare-p{p}" for p in (1, 2) if p == 2 or n <= parse_size(args.p1_up_to)] + \
+            ([f"{size}/run-{m}" for m in args.runs.split(",") if m] if size in run_sizes else []) + [f"{size}/loader"]
+        if all(k in results for k in wanted):
+            continue
         corpus = out / f"corpus-{size}"
         make_corpus(corpus, n)
         if n <= parse_size(args.old_up_to) and f"{size}/old" not in results:
@@ -195,7 +203,7 @@ def main() -> None:
             if p == 1:
                 shutil.rmtree(cache, ignore_errors=True)      # the runs read the 2-process cache
         cache = out / f"cache-{size}-p2"
-        for method in [m for m in args.runs.split(",") if m]:
+        for method in [m for m in args.runs.split(",") if m] if size in run_sizes else []:
             key = f"{size}/run-{method}"
             if key in results:
                 continue
@@ -213,6 +221,9 @@ def main() -> None:
             keep(key, r)
         if f"{size}/loader" not in results:
             keep(f"{size}/loader", loader_rate(str(corpus), str(cache)))
+        if not args.keep_corpora and n > parse_size("100M"):         # the disk holds one big size at a time
+            shutil.rmtree(corpus, ignore_errors=True)
+            shutil.rmtree(cache, ignore_errors=True)
 
     base = sizes[0]
     summary = {"baseline_size": base, "ratios": {}}

@@ -41,14 +41,15 @@ class TextTokenizer:
         concatenated, documents in order. Tokens are int32."""
         encodings = self.tokenizer.encode_batch(documents, add_special_tokens=True)
         lengths = np.empty(len(encodings), np.int64)
-        pieces = []
+        flat: list[int] = []
+        eos = self.eos_id
         for i, enc in enumerate(encodings):
             ids = enc.ids
-            if not ids or ids[-1] != self.eos_id:
-                ids = ids + [self.eos_id]
-            lengths[i] = len(ids)
-            pieces.append(np.asarray(ids, np.int32))
-        return (np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)), lengths
+            flat += ids
+            if not ids or ids[-1] != eos:
+                flat.append(eos)
+            lengths[i] = len(ids) + (not ids or ids[-1] != eos)
+        return np.asarray(flat, np.int32), lengths
 
     def encode_documents(self, documents: list[str]) -> np.ndarray:
         """All documents framed (`frame`) as one int32 token stream: documents never run together."""

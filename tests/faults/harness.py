@@ -80,7 +80,8 @@ def run_victim(case: str, directory: Path, seed: int, delay: float, timeout: flo
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     command = command or [sys.executable, str(VICTIM), case, str(directory), str(seed)]
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)          # its own process group: children can be found
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
     reader.start()
@@ -114,14 +115,44 @@ def run_victim(case: str, directory: Path, seed: int, delay: float, timeout: flo
                 return -1, []               # a whole run finished before its kill
             raise TrialFailure(f"{case}: victim exited with {proc.returncode} before the kill: "
                                f"{proc.stderr.read()[-2000:]}")
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)         # the main process only, as `kill -9 PID` or the OOM killer does
     proc.wait()
+    orphans = _survivors(proc.pid)
+    if orphans:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise TrialFailure(f"{case}: {orphans} process(es) of the killed victim outlived it (children must die with "
+                           "their parent)")
     reader.join(timeout=10)
     while not lines.empty():
         take(lines.get())
     proc.stdout.close()
     proc.stderr.close()
     return ready, acked
+
+
+def _survivors(group: int, grace: float = 15.0) -> int:
+    """How many processes of a killed victim's process group are still alive after `grace` seconds (a child
+    still starting up under contention needs a few seconds to notice)."""
+    deadline = time.time() + grace
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return 0
+        if time.time() > deadline:
+            break
+        time.sleep(0.05)
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[2]) == group and fields[0] != "Z":
+                    count += 1
+            except (OSError, IndexError, ValueError):
+                pass
+    return count
 
 
 class _Warnings(logging.Handler):
@@ -480,7 +511,7 @@ def run_trial(scenario: Scenario, workdir: Path, seed: int, double_crash: bool, 
         if double_crash:       # reopen and die again within the first moments of recovery
             early = float(rng.uniform(0, 0.6)) if command is None else float(rng.uniform(3, 10))
             start2, acked2 = run_victim(scenario.name, directory, seed + 1, early, command=command)
-            if start2 < max([start, *acked]):
+            if command is None and start2 < max([start, *acked]):      # a command victim reports no state
                 raise TrialFailure(f"{scenario.name}: the second victim reopened at {start2}, "
                                    f"below the committed {max([start, *acked])}")
             start, acked, seed = start2, acked2, seed + 1

@@ -63,9 +63,29 @@ _TOKENIZERS: dict[str, Any] = {}
 _SOURCES: dict[tuple, Any] = {}
 
 
-def _worker_init() -> None:
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per worker process: the pool is the parallelism
+def _worker_init(parent: int) -> None:
+    """Worker set-up: one core each (the pool is the parallelism), and death with the parent: a prepare killed
+    with SIGKILL must not leave workers tokenizing (they would hold its files and its output pipes)."""
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:                                     # Linux: the kernel sends SIGKILL when the parent dies
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:               # the parent died before prctl took effect (e.g. while this started)
+        os._exit(1)
+
+    import threading
+
+    def watch() -> None:                     # elsewhere (and as a second line): poll the parent
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def tokenize_unit(job: Job) -> dict:
@@ -245,7 +265,7 @@ def prepare_split(*, source_spec: str, text_field: str, source, tokenizer, token
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init) as pool:
+                                 initializer=_worker_init, initargs=(os.getpid(),)) as pool:
             for _ in pool.map(tokenize_unit, jobs):
                 if progress is not None:
                     progress.update()
