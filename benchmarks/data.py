@@ -88,7 +88,7 @@ def measure(command: list[str], env: dict | None = None) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{err[-3000:]}")
     return {"seconds": round(time.time() - start, 2), "peak_rss_mb": round(peak["rss"] / 2 ** 20, 1),
-            "peak_anon_mb": round(peak["anon"] / 2 ** 20, 1), "stdout": out[-4000:]}
+            "peak_anon_mb": round(peak["anon"] / 2 ** 20, 1), "stdout": out}
 
 
 def make_corpus(directory: Path, size: int) -> None:

@@ -9,11 +9,12 @@ Anchors: Levanter's tokenized cache (shards + ledger, tensorstore for object sto
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 
-from jaxcl.data.cache.build import prepare_split, split_lock, stale_files
+from jaxcl.data.cache.build import prepare_splits, split_lock, stale_files
 from jaxcl.data.cache.layout import MANIFEST, cache_key, default_cache_root, split_prefix
 from jaxcl.data.cache.reader import ConcatRows, PackedRows, Rows, SplitCache, SubsetRows
 from jaxcl.errors import ConfigError
@@ -76,33 +77,31 @@ def open_splits(*, source_spec: str, text_field: str, tokenizer, tokenizer_spec:
         units = sum(len(source.units(d, s, segment_bytes or SEGMENT_BYTES)) for d, s in need)
         bar = tqdm(total=units, desc="preparing the token cache", unit="shard", dynamic_ncols=True, file=sys.stderr)
     try:
-        for d, s in need:
-            prefix = split_prefix(key, d, s)
-            with split_lock(files, prefix) if jax.process_count() == 1 else _nothing():
+        with contextlib.ExitStack() as locks:
+            if jax.process_count() == 1:           # sorted: two preparers never wait on each other in a cycle
+                for d, s in sorted(need):
+                    locks.enter_context(split_lock(files, split_prefix(key, d, s)))
+            todo = []
+            for d, s in need:
                 opened = _open_fresh(files, key, d, s, fingerprint, source)      # another process may have made it
                 if opened is None:
-                    files.delete(prefix + MANIFEST)       # a stale commit is withdrawn before its shards change
-                    prepare_split(source_spec=source_spec, text_field=text_field, source=source, tokenizer=tokenizer,
-                                  tokenizer_spec=tokenizer_spec, root=root, key=key, domain=d, split=s,
-                                  processes=processes, on_bad_document=on_bad_document,
-                                  segment_bytes=segment_bytes or SEGMENT_BYTES, progress=bar,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
-                    opened = SplitCache.open(files, prefix, fingerprint)
-                elif bar is not None:
-                    bar.update(len(source.units(d, s, segment_bytes or SEGMENT_BYTES)))
-            out[(d, s)] = opened
+                    files.delete(split_prefix(key, d, s) + MANIFEST)    # a stale commit is withdrawn first
+                    todo.append((d, s))
+                else:
+                    out[(d, s)] = opened
+                    if bar is not None:
+                        bar.update(len(source.units(d, s, segment_bytes or SEGMENT_BYTES)))
+            if todo:
+                prepare_splits(source_spec=source_spec, text_field=text_field, source=source, tokenizer=tokenizer,
+                               tokenizer_spec=tokenizer_spec, root=root, key=key, splits=todo, processes=processes,
+                               on_bad_document=on_bad_document, segment_bytes=segment_bytes or SEGMENT_BYTES,
+                               progress=bar, process_index=jax.process_index(), process_count=jax.process_count())
+            for d, s in todo:
+                out[(d, s)] = SplitCache.open(files, split_prefix(key, d, s), fingerprint)
     finally:
         if bar is not None:
             bar.close()
-    return out
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return {(d, s): out[(d, s)] for d in domains for s in splits}
 
 
 def _open_fresh(files, key, domain, split, fingerprint, source) -> SplitCache | None:

@@ -232,28 +232,37 @@ def _barrier(tag: str) -> None:
         multihost_utils.sync_global_devices(tag)
 
 
-def prepare_split(*, source_spec: str, text_field: str, source, tokenizer, tokenizer_spec: str, root: str,
-                  key: str, domain: str, split: str, processes: int, on_bad_document: str = "error",
-                  segment_bytes: int = SEGMENT_BYTES, progress=None, process_index: int = 0,
-                  process_count: int = 1) -> dict:
-    """Tokenize one split into shards and commit its manifest; returns the manifest.
+def prepare_splits(*, source_spec: str, text_field: str, source, tokenizer, tokenizer_spec: str, root: str,
+                   key: str, splits: list[tuple[str, str]], processes: int, on_bad_document: str = "error",
+                   segment_bytes: int = SEGMENT_BYTES, progress=None, process_index: int = 0,
+                   process_count: int = 1) -> dict[tuple[str, str], dict]:
+    """Tokenize the given (domain, split)s into shards and commit each one's manifest; returns the manifests.
 
-    This process tokenizes its share of the units (`i % process_count == process_index`) with
-    `processes` local workers (1: in this process); process 0 commits after every process finished.
-    Raises DataError (with the file and line) for a bad document when `on_bad_document="error"`, and for
-    a split with no document at all.
+    The units of all the splits form one list (in split order, then unit order); this process tokenizes
+    the units `i % process_count == process_index` of it that are not already done, with `processes`
+    local workers in one pool (1: in this process); after every process finished, process 0 commits
+    each split. Raises DataError (with the file and line) for a bad document when
+    `on_bad_document="error"`, and for a split with no document at all.
     """
     files = StoreFiles(root)
-    prefix = split_prefix(key, domain, split)
     dtype = token_dtype(tokenizer.tokenizer.get_vocab_size(with_added_tokens=True))
-    units = source.units(domain, split, segment_bytes)
-    remove_temporaries(files, prefix)
-    mine = [i for i in range(len(units)) if i % process_count == process_index]
-    todo = [i for i in mine if _done(files, prefix, i, units[i], dtype) is None]
-    if len(todo) < len(mine):
-        log.info("%s/%s: %d of %d shards already prepared (resuming)", domain, split, len(mine) - len(todo), len(mine))
-    jobs = [Job(source_spec, text_field, tokenizer_spec, root, prefix, i, units[i], dtype.str, on_bad_document,
-                process_index) for i in todo]
+    plan = {(d, s): source.units(d, s, segment_bytes) for d, s in splits}
+    jobs, kept = [], 0
+    for d, s in splits:
+        prefix = split_prefix(key, d, s)
+        remove_temporaries(files, prefix)
+        for i, unit in enumerate(plan[(d, s)]):
+            owner = len(jobs) + kept
+            if owner % process_count != process_index:
+                kept += 1          # (another process's unit: counted so that ownership is global)
+                continue
+            if _done(files, prefix, i, unit, dtype) is not None:
+                kept += 1
+                if progress is not None:
+                    progress.update()
+                continue
+            jobs.append(Job(source_spec, text_field, tokenizer_spec, root, prefix, i, unit, dtype.str,
+                            on_bad_document, process_index))
     workers = max(1, min(processes, len(jobs)))
     if workers == 1:
         for job in jobs:
@@ -269,32 +278,31 @@ def prepare_split(*, source_spec: str, text_field: str, source, tokenizer, token
             for _ in pool.map(tokenize_unit, jobs):
                 if progress is not None:
                     progress.update()
-    if progress is not None:
-        progress.update(len(mine) - len(todo))
-    _barrier(f"jaxcl-prepare-{key}-{domain}-{split}")
-    manifest = None
+    _barrier(f"jaxcl-prepare-{key}")
+    manifests: dict[tuple[str, str], dict] = {}
     if process_index == 0:
-        records = []
-        for i, unit in enumerate(units):
-            record = _done(files, prefix, i, unit, dtype)
-            if record is None:
-                raise DataError(f"{files.where(prefix)}: shard {i} ({unit.describe()}) is missing after every "
-                                "process prepared its share: in a multi-host job data.cache must be storage all "
-                                "hosts share (a gs:// URL or a shared filesystem)")
-            records.append(record)
-        manifest = _manifest(source, tokenizer, domain, split, dtype, records, units)
-        if manifest["documents"] == 0:
-            where = units[0].describe() if units else f"domain {domain!r} split {split!r}"
-            raise DataError(f"{where}: holds no document (domain {domain!r}, split {split!r}): an empty split "
-                            "cannot be trained or evaluated on")
-        files.write_bytes(prefix + MANIFEST, json.dumps(manifest, indent=1).encode())
-        if manifest["skipped"]:
-            log.warning("%s/%s: skipped %d bad documents (data.on_bad_document=skip), e.g. %s", domain, split,
-                        manifest["skipped"], manifest["skipped_examples"][0])
-    _barrier(f"jaxcl-prepared-{key}-{domain}-{split}")
-    if manifest is None:
-        manifest = json.loads(files.read_bytes(prefix + MANIFEST))
-    return manifest
+        for d, s in splits:
+            prefix, units = split_prefix(key, d, s), plan[(d, s)]
+            records = []
+            for i, unit in enumerate(units):
+                record = _done(files, prefix, i, unit, dtype)
+                if record is None:
+                    raise DataError(f"{files.where(prefix)}: shard {i} ({unit.describe()}) is missing after every "
+                                    "process prepared its share: in a multi-host job data.cache must be storage "
+                                    "all hosts share (a gs:// URL or a shared filesystem)")
+                records.append(record)
+            manifest = _manifest(source, tokenizer, d, s, dtype, records, units)
+            if manifest["documents"] == 0:
+                where = units[0].describe() if units else f"domain {d!r} split {s!r}"
+                raise DataError(f"{where}: holds no document (domain {d!r}, split {s!r}): an empty split cannot be "
+                                "trained or evaluated on")
+            files.write_bytes(prefix + MANIFEST, json.dumps(manifest, indent=1).encode())
+            if manifest["skipped"]:
+                log.warning("%s/%s: skipped %d bad documents (data.on_bad_document=skip), e.g. %s", d, s,
+                            manifest["skipped"], manifest["skipped_examples"][0])
+            manifests[(d, s)] = manifest
+    _barrier(f"jaxcl-prepared-{key}")
+    return manifests
 
 
 def _manifest(source, tokenizer, domain, split, dtype, records, units) -> dict:
@@ -347,4 +355,4 @@ def stale_files(manifest: dict, source) -> list[str]:
     return sorted(set(changed))
 
 
-__all__ = ["Job", "prepare_split", "split_lock", "stale_files", "tokenize_unit"]
+__all__ = ["Job", "prepare_splits", "split_lock", "stale_files", "tokenize_unit"]
