@@ -132,6 +132,33 @@ def old_path(directory: str) -> None:
                       "rows": int(sum(len(k) for k in kept)), "checksum": int(np.sum([k[0, 0] for k in kept]))}))
 
 
+def startup(source: str, cache: str, repeats: int = 3) -> None:
+    """Start-up to the first train step's batch, in this process, with a prepared cache: build the run (config,
+    mesh, tokenizer, opening every domain's cached splits, reading the valid rows), then the first global
+    batch placed on the mesh. Median of `repeats` (the first includes imports). Prints JSON."""
+    import statistics
+
+    import jax
+
+    from jaxcl.config import load_config
+    from jaxcl.data.stream import device_batch
+    from jaxcl.parallel import batch_sharding
+    from jaxcl.train.loop import ContinualRun
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        cfg = load_config(str(ROOT / "configs/demo.yaml"), [f"data.source={source}", f"data.cache={cache}",
+                                                           *RUN_OVERRIDES, "run.dir=/tmp/jaxcl-bench-startup"])
+        run = ContinualRun(cfg)
+        stream = run.make_stream(0, run.stages[0])
+        batch = device_batch(run.domain_batch(run.stages[0], stream.next_batch(), cfg.model),
+                             batch_sharding(run.mesh, run.rules))
+        jax.block_until_ready(batch)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"startup_seconds": times, "startup_median": statistics.median(times)}))
+
+
 def loader_rate(source: str, cache: str, batch: int = 16, seq: int = 128, steps: int = 300) -> dict:
     """Tokens/s of SequenceStream.next_batch over the prepared cache (demo shape), in this process."""
     from jaxcl.config import DataConfig
@@ -155,7 +182,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10M,100M,1G,4G")
     ap.add_argument("--old-up-to", default="100M", help="measure the in-memory path up to this size")
     ap.add_argument("--p1-up-to", default="1G", help="measure 1-process prepare up to this size")
-    ap.add_argument("--keep-corpora", action="store_true", help="keep the generated text (default: removed after use)")
+    ap.add_argument("--drop-corpora", action="store_true", help="remove each size's text and cache after use (> 100M)")
     ap.add_argument("--runs", default="sequential,joint,elle")
     ap.add_argument("--runs-at", default="", help="sizes with the 20-step runs (default: every size)")
     args = ap.parse_args()
@@ -176,7 +203,8 @@ def main() -> None:
         run_sizes = [x for x in args.runs_at.split(",") if x] or sizes
         wanted = ([f"{size}/old"] if n <= parse_size(args.old_up_to) else []) + \
             [f"{size}/prepare-p{p}" for p in (1, 2) if p == 2 or n <= parse_size(args.p1_up_to)] + \
-            ([f"{size}/run-{m}" for m in args.runs.split(",") if m] if size in run_sizes else []) + [f"{size}/loader"]
+            ([f"{size}/run-{m}" for m in args.runs.split(",") if m] + [f"{size}/startup"] if size in run_sizes else []) \
+            + [f"{size}/loader"]
         if all(k in results for k in wanted):
             continue
         corpus = out / f"corpus-{size}"
@@ -221,7 +249,11 @@ def main() -> None:
             keep(key, r)
         if f"{size}/loader" not in results:
             keep(f"{size}/loader", loader_rate(str(corpus), str(cache)))
-        if not args.keep_corpora and n > parse_size("100M"):         # the disk holds one big size at a time
+        if f"{size}/startup" not in results and size in run_sizes:
+            r = measure([sys.executable, __file__, "_startup", str(corpus), str(cache)])
+            r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
+            keep(f"{size}/startup", r)
+        if args.drop_corpora and n > parse_size("100M"):         # when the disk holds one big size at a time
             shutil.rmtree(corpus, ignore_errors=True)
             shutil.rmtree(cache, ignore_errors=True)
 
@@ -251,5 +283,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "_old":
         old_path(sys.argv[2])
+    elif len(sys.argv) > 3 and sys.argv[1] == "_startup":
+        startup(sys.argv[2], sys.argv[3])
     else:
         main()

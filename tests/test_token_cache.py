@@ -233,10 +233,10 @@ def test_another_tokenizer_never_reads_this_cache(tmp_path):
 def test_a_damaged_cache_is_named_not_read(tmp_path):
     src = _corpus_dir(tmp_path)
     split = _prepare(src, tmp_path / "c", domains=("scripture",), splits=("train",))[("scripture", "train")]
-    shard = split.files.root / split.prefix / "shard-00001.tokens"
+    shard = split.files.root / split.prefix / f"{split.names[1]}.tokens"
     with open(shard, "r+b") as h:
         h.truncate(shard.stat().st_size - 2)
-    with pytest.raises(DataError, match=r"shard-00001.tokens: \d+ bytes, the manifest says"):
+    with pytest.raises(DataError, match=r"shard-00001-[0-9a-f]{12}.tokens: \d+ bytes, the manifest says"):
         _prepare(src, tmp_path / "c", domains=("scripture",), splits=("train",))
     (split.files.root / split.prefix / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="damaged token-cache manifest"):

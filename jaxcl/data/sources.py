@@ -394,7 +394,8 @@ class DirectorySource:
                 ".parquet")
 
     def __init__(self, directory: str | Path, text_field: str = "text", key: str = "data.source"):
-        self.directory = str(directory)
+        # absolute: the cache records files by location, whatever directory a run starts in
+        self.directory = str(directory) if is_url(str(directory)) else str(Path(directory).absolute())
         self.text_field = text_field
         self.key = key                   # the config key that named the directory (error messages)
         if is_url(self.directory):
@@ -404,7 +405,7 @@ class DirectorySource:
                 raise ConfigError(f"{key}={self.directory!r}: cannot be listed ({one_line(str(e), 200)})") from None
         else:
             if not Path(self.directory).is_dir():
-                raise ConfigError(f"{key}={self.directory!r}: directory not found")
+                raise ConfigError(f"{key}={str(directory)!r}: directory not found")
             self._names = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(self.directory).iterdir())
 
     def _entries(self, domain: str, split: str) -> list[str]:

@@ -59,7 +59,8 @@ class LmStream:
         self.train, self.valid = {}, {}
         for d in self.domains:
             n = len(train[d])        # a seeded sample of at most slm.train_examples rows, read from the cache
-            rows = train[d].take(index_shuffle(np.arange(min(n, s.train_examples)), n, fold_key(cfg.run.seed)))
+            k = n if s.train_examples is None else min(n, s.train_examples)
+            rows = train[d].take(index_shuffle(np.arange(k), n, fold_key(cfg.run.seed)))
             self.train[d] = (rows, self._queries(runner.encoder, rows, f"domain {d!r} train"))
             self.valid[d] = (valid[d], self._queries(runner.encoder, valid[d], f"domain {d!r} valid"))
 

@@ -31,7 +31,8 @@ __all__ = ["pretraining_config", "pretraining_key", "pretrain"]
 # Parts of a config that do not change what a pre-training run trains (where it lives, how it is laid out
 # and saved, how often it logs) or that a sequential run never reads.
 _IGNORED = {"run": ("name", "dir", "method"), "checkpoint": None, "mesh": None, "elle": None, "semem": None,
-            "slm": None, "train": ("log_every", "eval_every")}
+            "slm": None, "train": ("log_every", "eval_every"),
+            "data": ("cache", "prepare_processes", "prepare_segment_bytes")}     # where / how tokens are cached
 
 
 def pretraining_config(cfg: Config, model_cfg: ModelConfig, domains: Sequence[str], run_dir: str | Path) -> Config:

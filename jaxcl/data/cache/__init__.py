@@ -56,7 +56,7 @@ def open_splits(*, source_spec: str, text_field: str, tokenizer, tokenizer_spec:
     need = []
     for d in domains:
         for s in splits:
-            opened = _open_fresh(files, key, d, s, fingerprint, source)
+            opened = _open_fresh(files, key, d, s, fingerprint, source, on_bad_document)
             if opened is None:
                 need.append((d, s))
             else:
@@ -83,7 +83,7 @@ def open_splits(*, source_spec: str, text_field: str, tokenizer, tokenizer_spec:
                     locks.enter_context(split_lock(files, split_prefix(key, d, s)))
             todo = []
             for d, s in need:
-                opened = _open_fresh(files, key, d, s, fingerprint, source)      # another process may have made it
+                opened = _open_fresh(files, key, d, s, fingerprint, source, on_bad_document)   # made meanwhile?
                 if opened is None:
                     files.delete(split_prefix(key, d, s) + MANIFEST)    # a stale commit is withdrawn first
                     todo.append((d, s))
@@ -91,6 +91,15 @@ def open_splits(*, source_spec: str, text_field: str, tokenizer, tokenizer_spec:
                     out[(d, s)] = opened
                     if bar is not None:
                         bar.update(len(source.units(d, s, segment_bytes or SEGMENT_BYTES)))
+            if jax.process_count() > 1:      # one list on every process, or the barriers inside would hang
+                import numpy as np
+                from jax.experimental import multihost_utils
+
+                flags = np.asarray([(d, s) in todo for d, s in need], np.int32)
+                flags = np.asarray(multihost_utils.process_allgather(flags)).max(axis=0)
+                todo = [(d, s) for (d, s), f in zip(need, flags) if f]
+                for d, s in todo:
+                    out.pop((d, s), None)
             if todo:
                 prepare_splits(source_spec=source_spec, text_field=text_field, source=source, tokenizer=tokenizer,
                                tokenizer_spec=tokenizer_spec, root=root, key=key, splits=todo, processes=processes,
@@ -104,11 +113,20 @@ def open_splits(*, source_spec: str, text_field: str, tokenizer, tokenizer_spec:
     return {(d, s): out[(d, s)] for d in domains for s in splits}
 
 
-def _open_fresh(files, key, domain, split, fingerprint, source) -> SplitCache | None:
-    """The committed split when its source files are unchanged; None when it must be prepared (again)."""
+def _open_fresh(files, key, domain, split, fingerprint, source, on_bad_document="error") -> SplitCache | None:
+    """The committed split when its source files are unchanged; None when it must be prepared (again).
+    DataError when it was prepared skipping bad documents and this run asks for them to be errors."""
     opened = SplitCache.open(files, split_prefix(key, domain, split), fingerprint)
     if opened is None:
         return None
+    skipped = opened.manifest.get("skipped", 0)
+    if skipped and on_bad_document == "error":
+        from jaxcl.errors import DataError
+
+        examples = opened.manifest.get("skipped_examples") or ["?"]
+        raise DataError(f"{files.where(opened.prefix)}: prepared with data.on_bad_document=skip, which left out "
+                        f"{skipped} documents (e.g. {examples[0]}); this run has data.on_bad_document=error: fix the "
+                        "files (the split is then prepared again) or set data.on_bad_document=skip")
     changed = stale_files(opened.manifest, source)
     if changed:
         log.warning("%s/%s: %s changed since the token cache was prepared: preparing it again", domain, split,

@@ -99,9 +99,9 @@ def tokenize_unit(job: Job) -> dict:
         _SOURCES[(job.source, job.text_field)] = open_source(job.source, job.text_field)
     source = _SOURCES[(job.source, job.text_field)]
     files = StoreFiles(job.root)
-    name = shard_name(job.index)
     dtype = np.dtype(job.dtype)
     stat = job.unit.file.stat() if job.unit.file is not None else None
+    name = shard_name(job.index, {"unit": unit_record(job.unit), "stat": stat, "dtype": dtype.str})
     skipped: list[str] = []
     count = {"skipped": 0}
 
@@ -171,7 +171,8 @@ def tokenize_unit(job: Job) -> dict:
 
 def _done(files: StoreFiles, prefix: str, index: int, unit: Unit, dtype: np.dtype) -> dict | None:
     """The record of shard `index` when it is complete for this unit and its file as it is now, else None."""
-    name = shard_name(index)
+    stat = unit.file.stat() if unit.file is not None else None
+    name = shard_name(index, {"unit": unit_record(unit), "stat": stat, "dtype": dtype.str})
     raw = files.read_bytes(f"{prefix}{name}.json")
     if raw is None:
         return None
@@ -181,7 +182,7 @@ def _done(files: StoreFiles, prefix: str, index: int, unit: Unit, dtype: np.dtyp
         return None
     if record.get("format") != FORMAT or record.get("unit") != unit_record(unit):
         return None
-    if unit.file is not None and record.get("stat") != unit.file.stat():
+    if record.get("stat") != stat:
         return None
     sizes = files.sizes(prefix, [f"{name}.tokens", f"{name}.docs"])
     expected = {f"{name}.tokens": record["tokens"] * dtype.itemsize, f"{name}.docs": record["documents"] * 8}
@@ -247,10 +248,13 @@ def prepare_splits(*, source_spec: str, text_field: str, source, tokenizer, toke
     files = StoreFiles(root)
     dtype = token_dtype(tokenizer.tokenizer.get_vocab_size(with_added_tokens=True))
     plan = {(d, s): source.units(d, s, segment_bytes) for d, s in splits}
+    if process_index == 0:           # only here: another host's live temporaries are not this host's to judge
+        for d, s in splits:
+            remove_temporaries(files, split_prefix(key, d, s))
+    _barrier(f"jaxcl-prepare-start-{key}")
     jobs, kept = [], 0
     for d, s in splits:
         prefix = split_prefix(key, d, s)
-        remove_temporaries(files, prefix)
         for i, unit in enumerate(plan[(d, s)]):
             owner = len(jobs) + kept
             if owner % process_count != process_index:
@@ -324,6 +328,11 @@ def stale_files(manifest: dict, source) -> list[str]:
     size and mtime (or generation) are as recorded is unchanged; one whose stamp moved but whose bytes hash
     as recorded (e.g. touched, or copied with its content) is unchanged too."""
     changed, stamps = [], {}
+    if hasattr(source, "files"):                   # a file added to (or removed from) a split directory
+        now_files = {f.location for f in source.files(manifest["domain"], manifest["split"])}
+        recorded_files = set(manifest["files"])
+        if now_files and now_files != recorded_files:
+            return sorted(now_files ^ recorded_files)
     for shard in manifest["shards"]:
         location = shard["unit"]["file"]
         if location is None or location in changed:

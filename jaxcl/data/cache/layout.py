@@ -50,8 +50,13 @@ def split_prefix(key: str, domain: str, split: str) -> str:
     return f"{key}/{domain}/{split}/"
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
+def shard_name(index: int, identity: dict | None = None) -> str:
+    """`shard-<index>-<hash>`: the hash covers the unit and its file's stamp, so a shard prepared again for
+    changed text (or another cut) gets a new name and never overwrites one that a running reader maps."""
+    if identity is None:
+        return f"shard-{index:05d}"
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return f"shard-{index:05d}-{digest}"
 
 
 __all__ = ["FORMAT", "MANIFEST", "cache_key", "default_cache_root", "shard_name", "split_prefix", "token_dtype"]

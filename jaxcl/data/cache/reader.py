@@ -17,6 +17,25 @@ from jaxcl.errors import ConfigError, DataError
 from jaxcl.storage import StoreFiles
 
 
+_RAISED = []
+
+
+def _more_open_files() -> None:
+    """Every mapped shard holds a file descriptor: raise the soft limit to the hard one (once), so a corpus of
+    thousands of shards does not hit the usual 1,024."""
+    if _RAISED:
+        return
+    _RAISED.append(True)
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 class SplitCache:
     """One committed split: tokens and document offsets over its shards (opened lazily)."""
 
@@ -72,6 +91,7 @@ class SplitCache:
     def _map(self, shard: int, ext: str) -> np.ndarray:
         key = (shard, ext)
         if key not in self._maps:
+            _more_open_files()
             dtype = self.dtype if ext == "tokens" else np.dtype("<u8")
             path = self.files.root / self.prefix / f"{self.names[shard]}.{ext}"
             if path.stat().st_size == 0:
@@ -176,7 +196,7 @@ class Rows:
             rows = self[key[0]]
             return rows[(slice(None),) + key[1:]] if rows.ndim == 2 else rows[key[1:]]
         if isinstance(key, slice):
-            return self.take(np.arange(self.n)[key])
+            return self.take(np.arange(*key.indices(self.n)))
         if np.isscalar(key):
             index = int(key) + (self.n if int(key) < 0 else 0)
             return self.take([index])[0]
