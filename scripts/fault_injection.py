@@ -5,7 +5,8 @@
 
 Every case of `tests/faults/harness.py` (datastore append on both backends with ScaNN segment freezes
 and compactions, orbax sync and async saves, `save_pretrained` over a sharded checkpoint with both
-directory-swap paths, and whole `jaxcl run`s of sequential fine-tuning and SeMem killed and resumed);
+directory-swap paths, whole `jaxcl run`s of sequential fine-tuning and SeMem killed and resumed, and
+`jaxcl prepare` building a token cache with two worker processes);
 every third trial of a case is a double crash (a second kill right after recovery). Trials are
 appended to OUT/trials.jsonl as they finish, so an interrupted run resumes where it stopped; the
 summary goes to OUT/summary.json and stdout (docs/reliability.md records it).
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.faults.harness import SCENARIOS, Contention, Trial, run_trial, summarize  # noqa: E402
 
-# trials per case in the default mix: 212 in all
+# trials per case in the default mix: 312 in all
 DEFAULT_MIX = {"datastore-exact": 60, "datastore-scann": 60, "orbax-sync": 25, "orbax-async": 25, "prepare": 100,
                "hf-exchange": 15, "hf-rename": 15, "run-sequential": 6, "run-semem": 6}
 

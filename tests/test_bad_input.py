@@ -320,6 +320,23 @@ cases("data source", [
 ])
 
 
+cases("data source", [
+    ("data.on_bad_document unknown", lambda w, tmp: (run_argv(tmp, "data.on_bad_document=ignore"),
+                                                     ["data.on_bad_document must be error or skip"])),
+    ("data.mixture weight below zero", lambda w, tmp: (run_argv(tmp, "data.mixture={manpages: {bible: -1}}"),
+                                                       ["data.mixture.manpages", ">= 0"])),
+    ("data.mixture of a stage the run lacks", lambda w, tmp: (run_argv(tmp, "data.mixture={pydoc: {bible: 1}}"),
+                                                              ["data.mixture.pydoc: not a stage"])),
+    ("data.cache under a file", lambda w, tmp: (run_argv(tmp, f"data.cache={_file(tmp)}/tokens"), [str(tmp)])),
+    ("prepare with an unknown split", lambda w, tmp: (["prepare", DEMO, "--splits", "train,dev"],
+                                                      ["--splits", "train, valid, test"])),
+    ("prepare of a missing source", lambda w, tmp: (["prepare", DEMO, f"data.source={tmp / 'nope'}"],
+                                                    ["data.source=", "directory not found"])),
+    ("prepare with processes below zero", lambda w, tmp: (["prepare", DEMO, "--processes", "-1"],
+                                                          ["data.prepare_processes must be at least 0"])),
+])
+
+
 def _both_files(w, tmp):
     d = copy_of(w.data, tmp / "data")
     (d / "alpha.train.jsonl").write_text('{"text": "x"}\n')
