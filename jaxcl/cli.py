@@ -138,7 +138,7 @@ def cmd_prepare(args) -> int:
         source = open_source(source_spec, data.text_field, key)
         domains = domains or source.domains()
         if key == "semem.stream_source":
-            domains = tuple(d for d in domains if d not in rows_domains(rows))
+            domains = tuple(d for d in domains if d not in _prepared_domains(rows))
         caches = open_splits(source_spec=source_spec, text_field=data.text_field, tokenizer=tok, tokenizer_spec=spec,
                              cache=data.cache, domains=domains, splits=splits, processes=data.prepare_processes,
                              on_bad_document=data.on_bad_document, key_name=key, source=source,
@@ -161,7 +161,8 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def rows_domains(rows) -> set:
+def _prepared_domains(rows) -> set:
+    """Domains already in the summary (a stream source repeating a domain of data.source is not listed twice)."""
     return {r["domain"] for r in rows}
 
 

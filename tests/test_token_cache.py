@@ -469,3 +469,22 @@ def test_zstd_and_parquet_sources_stream_the_same_documents(tmp_path):
     (src / "c.train.jsonl.zst").write_bytes(b"not zstd at all")
     with pytest.raises(DataError, match=r"c.train.jsonl.zst: not a complete zstd file"):
         open_source(str(src)).documents("c", "train")
+
+
+def test_jaxcl_prepare_builds_the_cache_a_run_reads_and_reports_it(tmp_path, capsys):
+    from jaxcl import cli
+
+    src = _corpus_dir(tmp_path)
+    argv = ["prepare", str(ROOT / "configs/demo.yaml"), f"data.source={src}", f"data.cache={tmp_path / 'c'}",
+            "data.domains=[scripture,pydoc]", "--splits", "train,valid", "--json", "--processes", "2"]
+    assert cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["cache"] == str(tmp_path / "c") and summary["tokenizer"] == "default"
+    got = {(r["domain"], r["split"]): r for r in summary["splits"]}
+    assert set(got) == {(d, s) for d in ("scripture", "pydoc") for s in ("train", "valid")}
+    splits = _prepare(src, tmp_path / "c", domains=("scripture", "pydoc"), segment=32 << 20)   # finds it made
+    for key, split in splits.items():
+        assert got[key]["tokens"] == split.tokens and got[key]["documents"] == split.documents
+        assert got[key]["bytes_per_token"] == 2 and got[key]["skipped_documents"] == 0
+    assert cli.main(argv) == 0                                  # a second prepare finds everything and says so
+    assert json.loads(capsys.readouterr().out)["splits"] == summary["splits"]
