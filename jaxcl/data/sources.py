@@ -389,7 +389,6 @@ class _Digesting:
 class DirectorySource:
     """A directory (local path or URL) of `<domain>.<split>.<ext>` files or `<domain>.<split>/` directories."""
 
-    EXTENSIONS = ("jsonl", "txt", "parquet")
     SUFFIXES = (".jsonl", ".txt", ".jsonl.gz", ".txt.gz", ".jsonl.xz", ".txt.xz", ".jsonl.zst", ".txt.zst",
                 ".parquet")
 

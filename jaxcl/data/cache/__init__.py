@@ -71,11 +71,12 @@ def open_splits(*, source_spec: str, text_field: str, tokenizer, tokenizer_spec:
     if not need:
         return out
     bar = None
+    plan = {(d, s): source.units(d, s, segment_bytes or SEGMENT_BYTES) for d, s in need}   # planned once
     if progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
 
-        units = sum(len(source.units(d, s, segment_bytes or SEGMENT_BYTES)) for d, s in need)
-        bar = tqdm(total=units, desc="preparing the token cache", unit="shard", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=sum(map(len, plan.values())), desc="preparing the token cache", unit="shard",
+                   dynamic_ncols=True, file=sys.stderr)
     try:
         with contextlib.ExitStack() as locks:
             if jax.process_count() == 1:           # sorted: two preparers never wait on each other in a cycle
@@ -90,7 +91,7 @@ def open_splits(*, source_spec: str, text_field: str, tokenizer, tokenizer_spec:
                 else:
                     out[(d, s)] = opened
                     if bar is not None:
-                        bar.update(len(source.units(d, s, segment_bytes or SEGMENT_BYTES)))
+                        bar.update(len(plan[(d, s)]))
             if jax.process_count() > 1:      # one list on every process, or the barriers inside would hang
                 import numpy as np
                 from jax.experimental import multihost_utils
@@ -104,7 +105,8 @@ def open_splits(*, source_spec: str, text_field: str, tokenizer, tokenizer_spec:
                 prepare_splits(source_spec=source_spec, text_field=text_field, source=source, tokenizer=tokenizer,
                                tokenizer_spec=tokenizer_spec, root=root, key=key, splits=todo, processes=processes,
                                on_bad_document=on_bad_document, segment_bytes=segment_bytes or SEGMENT_BYTES,
-                               progress=bar, process_index=jax.process_index(), process_count=jax.process_count())
+                               progress=bar, process_index=jax.process_index(), process_count=jax.process_count(),
+                               plan={k: plan[k] for k in todo})
             for d, s in todo:
                 out[(d, s)] = SplitCache.open(files, split_prefix(key, d, s), fingerprint)
     finally:

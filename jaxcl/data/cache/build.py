@@ -236,7 +236,7 @@ def _barrier(tag: str) -> None:
 def prepare_splits(*, source_spec: str, text_field: str, source, tokenizer, tokenizer_spec: str, root: str,
                    key: str, splits: list[tuple[str, str]], processes: int, on_bad_document: str = "error",
                    segment_bytes: int = SEGMENT_BYTES, progress=None, process_index: int = 0,
-                   process_count: int = 1) -> dict[tuple[str, str], dict]:
+                   process_count: int = 1, plan: dict | None = None) -> dict[tuple[str, str], dict]:
     """Tokenize the given (domain, split)s into shards and commit each one's manifest; returns the manifests.
 
     The units of all the splits form one list (in split order, then unit order); this process tokenizes
@@ -247,7 +247,7 @@ def prepare_splits(*, source_spec: str, text_field: str, source, tokenizer, toke
     """
     files = StoreFiles(root)
     dtype = token_dtype(tokenizer.tokenizer.get_vocab_size(with_added_tokens=True))
-    plan = {(d, s): source.units(d, s, segment_bytes) for d, s in splits}
+    plan = plan or {(d, s): source.units(d, s, segment_bytes) for d, s in splits}     # the caller's, if planned
     if process_index == 0:           # only here: another host's live temporaries are not this host's to judge
         for d, s in splits:
             remove_temporaries(files, split_prefix(key, d, s))
