@@ -272,6 +272,7 @@ class SememConfig:
     calibrator_max_tokens: int = 0     # held-out tokens the calibrator refits on (seeded subset; 0 = all)
     heldout_tokens: int = 1024         # per chunk, never memorized: the calibrator's training data
     eval_tokens: int = 2048            # per domain (valid split) for each perplexity evaluation
+    test_tokens: int = 0               # per domain (test split) for the final evaluation (0 = eval_tokens)
     calibrator: Literal["mlp", "constant"] = "mlp"   # per-token λ from features, or one λ; both fit T too
     lam: float = 0.25                  # initial λ (and the constant before any held-out data exists)
     temperature: float = 10.0          # initial kNN softmax temperature: p_kNN ∝ exp(-d / T)
@@ -289,8 +290,8 @@ class SememConfig:
             raise ConfigError(f"semem.lam must be in [0, 1] and semem.temperature > 0, got {self.lam}, {self.temperature}")
         if not 0.0 < self.past_fraction <= 1.0:
             raise ConfigError(f"semem.past_fraction must be in (0, 1], got {self.past_fraction}")
-        if self.chunk_tokens < 0 or self.calibrator_max_tokens < 0:
-            raise ConfigError("semem.chunk_tokens and semem.calibrator_max_tokens must be >= 0")
+        if self.chunk_tokens < 0 or self.calibrator_max_tokens < 0 or self.test_tokens < 0:
+            raise ConfigError("semem.chunk_tokens, semem.calibrator_max_tokens and semem.test_tokens must be >= 0")
         if self.calibrator_batch < 1 or self.calibrator_steps < 0:
             raise ConfigError(f"semem.calibrator_batch must be >= 1 and semem.calibrator_steps >= 0, got "
                               f"{self.calibrator_batch}, {self.calibrator_steps}")

@@ -275,9 +275,15 @@ def test_semem_run_writes_the_report_contract(uninterrupted):
             {"bible", "wordnet", "gnuinfo"}
         assert set(model["policies"]) == set(POLICIES) and model["groups"] == \
             {"stream": ["wordnet", "gnuinfo"], "future": ["wordnet"], "unseen": ["gnuinfo"]}
-        for policy in model["policies"].values():       # test perplexities of every domain, below the bare LM's
+        for name, policy in model["policies"].items():  # test perplexities of every domain, below the bare LM's
             assert set(policy["test_perplexity"]) == {"bible", "wordnet", "gnuinfo"}
             assert policy["test"]["stream"] < model["lm_only"]["test"]["stream"]
+            for d, ppl in policy["test_perplexity"].items():   # per-sequence NLL: one per 64-token test sequence
+                nll = np.asarray(model["test_nll"][name][d])
+                assert len(nll) == 256 // 64 and ppl == pytest.approx(np.exp(nll.mean()), rel=1e-5)
+        for d, ppl in model["lm_only_test_perplexity"].items():
+            assert ppl == pytest.approx(np.exp(np.mean(model["lm_only_test_nll"][d])), rel=1e-5)
+        assert model["seconds"]["stream"] > 0 and model["seconds"]["test"] > 0
         assert model["chosen_threshold"] in (None, -1.5)
     assert len(report["models"]) == 2 and report["models"][1]["architecture"]["d_model"] == 48
     assert any("semem below randmem" in key for key in report["acceptance"])
@@ -288,6 +294,10 @@ def test_semem_run_writes_the_report_contract(uninterrupted):
         assert (tmp_path / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "semem_chunk" for r in records) == 2 * len(POLICIES) * CHUNKS   # models x policies x chunks
+    timed = [r for r in records if r["kind"] == "semem_chunk_seconds"]    # where each chunk's time went
+    assert len(timed) == 2 * CHUNKS and all(r["seconds"]["total"] >= r["seconds"]["calibrate (all policies)"] > 0
+                                            for r in timed)
+    assert all(("evaluate semem" in r["seconds"]) == (r["chunk"] == 1) for r in timed)   # at each domain's end
     assert report["wall_seconds"] == sum(i["wall_seconds"] for i in report["invocations"]) > 0
 
 
@@ -330,8 +340,12 @@ def test_semem_killed_mid_stream_resumes_to_the_same_memories_and_numbers(uninte
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     resumed = json.loads((tmp_path / "report.json").read_text())
     accounting = ("wall_seconds", "invocations")
-    assert {k: v for k, v in resumed.items() if k not in accounting} == \
-        {k: v for k, v in reference.items() if k not in accounting}        # memory sizes, perplexities, matrix
+
+    def numbers(report):           # everything but where the time went (per model "seconds": wall, per invocation)
+        return {k: v if k != "models" else [{n: x for n, x in m.items() if n != "seconds"} for m in v]
+                for k, v in report.items() if k not in accounting}
+
+    assert numbers(resumed) == numbers(reference)        # memory sizes, perplexities, matrix, per-sequence NLL
     # Every invocation that did work is accounted for (the pre-training is shared, so each is short).
     assert len(resumed["invocations"]) == 3
     assert resumed["wall_seconds"] == sum(i["wall_seconds"] for i in resumed["invocations"])

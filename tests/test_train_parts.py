@@ -242,6 +242,43 @@ def test_bootstrap_intervals_resample_texts_once_per_column():
     assert mean_interval([0.7]) == {"mean": 0.7, "low": 0.7, "high": 0.7, "std": 0.0, "n": 1}
 
 
+def test_paired_perplexity_bootstrap_pairs_sequences_and_matches_the_delta_method():
+    """The paired interval of two policies' group perplexity: identical scores give exactly 0; a shift every
+    sequence shares is resolved however noisy the text is (pairing cancels the text's difficulty), and the
+    width of a noisy difference matches the delta method (SE of exp(mean) differences); point estimates are
+    the reports' group perplexity (mean over domains of exp(mean NLL)); same seed, same numbers."""
+    from statistics import NormalDist
+
+    from jaxcl.eval.metrics import paired_perplexity_bootstrap
+
+    rng = np.random.default_rng(0)
+    base = {d: rng.normal(5.0, 1.0, size=n) for d, n in (("x", 64), ("y", 48))}      # hard and easy texts
+    same = paired_perplexity_bootstrap(base, {d: v.copy() for d, v in base.items()}, resamples=500)
+    assert same["difference"] == 0 and same["low"] == same["high"] == 0 and same["detectable"] == 0
+    assert same["sequences"] == 112
+    assert same["a"] == pytest.approx(np.mean([np.exp(v.mean()) for v in base.values()]))
+    shifted = paired_perplexity_bootstrap({d: v - 0.02 for d, v in base.items()}, base, resamples=2000)
+    assert shifted["high"] < 0 and shifted["relative"] == pytest.approx(np.exp(-0.02) - 1, abs=1e-3)
+    assert shifted["relative_low"] == pytest.approx(shifted["relative_high"], abs=2e-3)   # no text noise left
+    unpaired = paired_perplexity_bootstrap({d: rng.normal(5.0, 1.0, size=len(v)) for d, v in base.items()},
+                                           base, resamples=2000)
+    assert unpaired["high"] - unpaired["low"] > 50 * (shifted["high"] - shifted["low"])
+    noise = {d: v + rng.normal(0.0, 0.3, size=len(v)) for d, v in base.items()}
+    out = paired_perplexity_bootstrap(noise, base, resamples=4000, seed=1)
+    # delta method: d exp(mean a) - exp(mean b) ~ exp(mean) * mean(a - b), averaged over the two domains
+    se = np.sqrt(sum((np.exp(base[d].mean()) * np.std(noise[d] - base[d], ddof=1) / np.sqrt(len(base[d]))) ** 2
+                     for d in base)) / 2
+    z = NormalDist().inv_cdf(0.975) + NormalDist().inv_cdf(0.8)
+    assert out["detectable"] == pytest.approx(z * se, rel=0.15)
+    assert out["high"] - out["low"] == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert out["low"] < out["difference"] < out["high"]
+    assert paired_perplexity_bootstrap(noise, base, resamples=4000, seed=1) == out
+    with pytest.raises(ValueError, match="same domains"):
+        paired_perplexity_bootstrap(base, {"x": base["x"]})
+    with pytest.raises(ValueError, match="'y'"):
+        paired_perplexity_bootstrap(base, {"x": base["x"], "y": base["y"][:5]})
+
+
 def test_retrieval_confusion_counts_routes_and_accumulates_over_seeds():
     from jaxcl.eval import retrieval_confusion
 

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import shutil
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ class SememRun(ContinualRun):
         self.chunk_rows = max(1, sm.chunk_tokens // seq) if sm.chunk_tokens else None
         self.heldout_rows = max(1, sm.heldout_tokens // seq)
         self.eval_rows = max(1, sm.eval_tokens // seq)
+        self.test_rows = max(1, (sm.test_tokens or sm.eval_tokens) // seq)
         for d in self.stream:
             self._chunk_layout(d)                       # every domain has text for its chunks (or a named error)
         self._stream_source = stream_source
@@ -156,7 +158,8 @@ class SememRun(ContinualRun):
         return per - self.heldout_rows, per
 
     def _test_sequences(self) -> dict[str, np.ndarray]:
-        """Every evaluated domain's test split (its first `semem.eval_tokens`), read once for the report."""
+        """Every evaluated domain's test split (its first `semem.test_tokens`, default `semem.eval_tokens`), read
+        once for the report."""
         out, data = {}, self.cfg.data
         for d in self.eval_domains:
             if d in self.domains:
@@ -164,7 +167,7 @@ class SememRun(ContinualRun):
             else:
                 rows = split_rows(data, self.tokenizer, self.tokenizer_spec, (d,), "test", source=self._stream_source,
                                   source_spec=self.cfg.semem.stream_source, key="semem.stream_source")[d]
-            out[d] = rows[:self.eval_rows]
+            out[d] = rows[:self.test_rows]
         return out
 
     def _check_tokenizers(self) -> None:
@@ -182,11 +185,16 @@ class SememRun(ContinualRun):
                                       f"but this run streams text tokenized by {self.tokenizer_spec!r}: all SeMem "
                                       "models must share one tokenizer")
 
+    def model_tag(self, i: int) -> str:
+        """The name of model `i` (0: `model`, then `semem.extra_models`) in the run directory and report."""
+        return f"model{i}-d{self.models[i].d_model}"
+
     # ------------------------------------------------------------------ pre-training (the shared loop)
-    def _pretrain(self, model_cfg: ModelConfig, tag: str) -> str:
+    def pretrained(self, model_cfg: ModelConfig, tag: str) -> str:
         """Pre-train on the mixture of the pre-training domains' pasts with the shared path
         (`jaxcl.train.pretrain`: a cached, resumable run in `semem.pretrain_dir` or the run directory);
-        returns it as an init_from source."""
+        returns its run directory as an init_from source. A benchmark calls it to time the pre-training
+        apart from the stream (`benchmarks/semem_stream.py`); the run then reuses the cached result."""
         from jaxcl.train.pretrain import pretrain
 
         sm = self.cfg.semem
@@ -246,7 +254,7 @@ class SememRun(ContinualRun):
         interrupted invocation (None: from the start); `source`: the checkpoint the LM comes from (None:
         pre-trained here)."""
         sm, seed = self.cfg.semem, self.cfg.run.seed
-        source = source or self._pretrain(model_cfg, tag)
+        source = source or self.pretrained(model_cfg, tag)
         params = self._load_frozen(model_cfg, source)
         scorer = make_lm_scorer(model_cfg)
         fingerprint = params_fingerprint(params)
@@ -280,7 +288,11 @@ class SememRun(ContinualRun):
                                                                                   "n_heads", "d_ff")}
                   | {"params": model_cfg.num_params()},
                   "pretrain_matrix_row": [lm_only[d] for d in self.eval_domains], "lm_only": lm_only,
-                  "records": records, "curves": curves, "matrices": matrices}
+                  "records": records, "curves": curves, "matrices": matrices,
+                  # wall seconds of this model's stream (chunks, calibration, validation) and test evaluation,
+                  # summed over invocations
+                  "seconds": dict(saved["seconds"]) if saved and "seconds" in saved else {"stream": 0.0,
+                                                                                         "test": 0.0}}
 
         def commit(chunks_done: int) -> None:
             self._commit_state(current=result | {"chunks_done": chunks_done, "tokens_seen": tokens_seen,
@@ -298,6 +310,7 @@ class SememRun(ContinualRun):
                 for mem in memories.values():
                     mem.heldout.append(heldout_tokens)
                 continue
+            started = time.monotonic()
             log_freq = np.log(counts).astype(np.float32)
             chunk_tokens = score_sequences(scorer, params, chunk)
             heldout_tokens = score_sequences(scorer, params, heldout)
@@ -305,17 +318,21 @@ class SememRun(ContinualRun):
             evaluate = sm.eval_every == "chunk" or c == sm.chunks_per_domain - 1
             admitted: dict[str, int] = {}
             stats: dict[str, dict[str, Any]] = {}
+            took: dict[str, float] = {"score": time.monotonic() - started}      # where the chunk's time goes
             for name, mem in memories.items():
                 policy = self.policies[name]
                 # Seeded by (run seed, chunk, policy): a resumed chunk draws the same random subset.
                 rng = np.random.default_rng([seed, index, zlib.crc32(name.encode())])
+                t0 = time.monotonic()
                 stats[name] = mem.memorize(chunk_tokens, log_freq, rng=rng,
                                            size=admitted[policy.matches] if policy.matches else None)
+                took[f"memorize {name}"] = time.monotonic() - t0
                 admitted[name] = stats[name]["admitted"]
                 mem.heldout.append(heldout_tokens)
             # The same held-out subset for every policy (seeded by the chunk only), the same initialisation,
             # minibatches and dropout: memories that agree get the same calibrator. Fitted together (one
             # vmapped fit per shape of held-out data).
+            t0 = time.monotonic()
             datas = {name: mem.calibration_data(log_freq, sm.calibrator_max_tokens,
                                                 rng=np.random.default_rng([seed, index]))
                      for name, mem in memories.items()}
@@ -330,6 +347,7 @@ class SememRun(ContinualRun):
                                          batch=sm.calibrator_batch, rng=jax.random.fold_in(jax.random.key(seed), index))
                 for n, cal in zip(names, fitted):
                     memories[n].calibrator = cal
+            took["calibrate (all policies)"] = time.monotonic() - t0
             for name, mem in memories.items():
                 st = stats[name]
                 rec = {"domain": domain, "chunk": c, "tokens_seen": tokens_seen, "memory_size": len(mem),
@@ -338,25 +356,43 @@ class SememRun(ContinualRun):
                        "online_perplexity": math.exp(st["online_nll"]),
                        "temperature": mem.calibrator.temperature}
                 if evaluate:
+                    t0 = time.monotonic()
                     rec["perplexity"] = {d: math.exp(-float(mem.logprobs(eval_tokens[d], log_freq)[0].mean()))
                                          for d in self.eval_domains}
+                    took[f"evaluate {name}"] = time.monotonic() - t0
                     for d in self.eval_domains:
                         curves[name][d].append(rec["perplexity"][d])
                     if c == sm.chunks_per_domain - 1:
                         matrices[name].append([rec["perplexity"][d] for d in self.eval_domains])
                 records[name].append(rec)
                 metrics.write(kind="semem_chunk", model=tag, policy=name, **rec)
+            result["seconds"]["stream"] += time.monotonic() - started
+            metrics.write(kind="semem_chunk_seconds", model=tag, domain=domain, chunk=c,
+                          memory_size=max(len(m) for m in memories.values()),
+                          seconds=took | {"total": time.monotonic() - started})
             commit(index + 1)          # the chunk is complete: its rows, records and calibrators are kept
             bar.update()
             bar.set_postfix({n: len(m) for n, m in memories.items() if n in ("semem", "full")})
         bar.close()
         # The test splits, read once: every policy's perplexity with its final memory and calibrator.
+        # Per-sequence mean NLL is kept too: the paired bootstrap of two policies resamples sequences.
         if "test" not in result:
+            started = time.monotonic()
             log_freq = np.log(counts).astype(np.float32)
-            test_tokens = {d: score_sequences(scorer, params, s) for d, s in self._test_sequences().items()}
+            test_rows = self._test_sequences()
+            test_tokens = {d: score_sequences(scorer, params, s) for d, s in test_rows.items()}
+
+            def per_sequence(logp: np.ndarray, d: str) -> list[float]:
+                return (-logp.reshape(len(test_rows[d]), -1).mean(axis=1)).tolist()
+
             result["lm_only_test"] = {d: math.exp(-float(t.lm_logp.mean())) for d, t in test_tokens.items()}
-            result["test"] = {name: {d: math.exp(-float(mem.logprobs(t, log_freq)[0].mean()))
-                                     for d, t in test_tokens.items()} for name, mem in memories.items()}
+            result["lm_only_test_nll"] = {d: per_sequence(t.lm_logp, d) for d, t in test_tokens.items()}
+            result["test"], result["test_nll"] = {}, {}
+            for name, mem in memories.items():
+                logps = {d: mem.logprobs(t, log_freq)[0] for d, t in test_tokens.items()}
+                result["test"][name] = {d: math.exp(-float(v.mean())) for d, v in logps.items()}
+                result["test_nll"][name] = {d: per_sequence(v, d) for d, v in logps.items()}
+            result["seconds"]["test"] += time.monotonic() - started
         from jaxcl.init_from import parse_init_from, pinned_spec
         from jaxcl.memory.decoding import MEMORY_FILE, save_memory_info
 
@@ -410,7 +446,7 @@ class SememRun(ContinualRun):
         current = state["current"] if state else None
         results = []
         for i, m in enumerate(self.models):
-            tag = f"model{i}-d{m.d_model}"
+            tag = self.model_tag(i)
             if tag in self._done_models:
                 results.append(self._done_models[tag])
                 continue
@@ -477,6 +513,9 @@ class SememRun(ContinualRun):
             models.append({
                 "tag": res["tag"], "architecture": res["architecture"], "lm_only_perplexity": res["lm_only"],
                 "lm_only_test_perplexity": res["lm_only_test"],
+                # per test sequence, mean NLL (nats/token): what paired bootstrap intervals resample
+                "test_nll": res["test_nll"], "lm_only_test_nll": res["lm_only_test_nll"],
+                "seconds": res.get("seconds"),
                 "final_perplexity": final,
                 "average_final_perplexity": avg | {"lm_only": float(np.mean(list(res["lm_only"].values())))},
                 "memory_size": {"semem": semem["memory_size"], "full": full["memory_size"]},
