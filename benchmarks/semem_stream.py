@@ -78,9 +78,31 @@ def pretrain_pieces(cfg, results: Path) -> dict[str, dict]:
 def keep_run(run_dir: Path, dest: Path) -> None:
     """Copy a finished run's report, config and plots (no checkpoints, no datastores) to `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
-    for path in [run_dir / "report.json", run_dir / "config.yaml", *sorted(run_dir.glob("*.png"))]:
+    for path in [run_dir / "report.json", run_dir / "config.yaml", run_dir / "metrics.jsonl",
+                 *sorted(run_dir.glob("*.png"))]:
         if path.exists():
             shutil.copy2(path, dest / path.name)
+
+
+def time_breakdown(metrics: Path) -> dict[str, dict[str, float]]:
+    """Per model, where the stream's wall time went (seconds, summed over chunks): the LM scoring the chunk,
+    each policy's search and admission, the calibrator refits (all policies), the validation evaluations."""
+    out: dict[str, dict[str, float]] = {}
+    if not metrics.exists():
+        return out
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line) if line.endswith("}") else {}
+        if rec.get("kind") != "semem_chunk_seconds":
+            continue
+        parts = out.setdefault(rec["model"], {"score": 0.0, "memorize (all policies)": 0.0,
+                                              "calibrate (all policies)": 0.0, "evaluate (all policies)": 0.0,
+                                              "total": 0.0, "chunks": 0})
+        parts["chunks"] += 1
+        for key, value in rec["seconds"].items():
+            group = ("memorize (all policies)" if key.startswith("memorize ") else
+                     "evaluate (all policies)" if key.startswith("evaluate ") else key)
+            parts[group] += value
+    return out
 
 
 def analyse(report: dict, pretrain: dict[str, dict], ablation: dict | None, resamples: int) -> dict:
@@ -99,7 +121,7 @@ def analyse(report: dict, pretrain: dict[str, dict], ablation: dict | None, resa
                         {d: nll[n][d] for d in domains}) for n in (a, b)}
             return paired_perplexity_bootstrap(side[a], side[b], resamples=resamples)
 
-        entry = {"tag": m["tag"], "architecture": m["architecture"], "chosen": m["chosen"],
+        entry = {"tag": m["tag"], "architecture": m["architecture"], "groups": groups, "chosen": m["chosen"],
                  "chosen_threshold": m["chosen_threshold"], "seconds": m.get("seconds"),
                  "lm_only": m["lm_only"], "policies": {}, "semem_vs_randmem": {}, "vs_full": {}, "vs_lm": {}}
         for name, p in pol.items():
@@ -223,7 +245,8 @@ def plot_quarters(summary: dict, path: Path) -> None:
             doms = list(r["by_domain"])
             ax.plot(range(len(doms)), [r["by_domain"][d]["ratio"] or 0 for d in doms], "o-",
                     label=f"δ = {r['threshold']:g}")
-            ax.set_xticks(range(len(doms)), doms, rotation=30, fontsize=8)
+            ax.set_xticks(range(len(doms)), [d if d in e["groups"]["future"] else f"{d}\n(unseen)" for d in doms],
+                          rotation=30, fontsize=8)
         ax.axhline(0.8, color="red", linestyle="--", label="claim: ≤ 0.8")
         ax.axhline(1.0, color="grey", linestyle=":")
         ax.set_ylabel("admitted rate, last quarter / first quarter")
@@ -329,12 +352,16 @@ def main() -> None:
 
     summary = analyse(report, pretrain, ablation, args.resamples)
     summary |= {"config": args.config, "machine": machine_summary(), "pretraining": pretrain,
+                "stream_seconds": time_breakdown(results / "semem" / "metrics.jsonl"),
                 "ablation_ran": ablation is not None, "semem_wall_seconds": report["wall_seconds"],
                 "invocations": report.get("invocations")}
     if not args.summarize:
         summary["this_invocation_seconds"] = time.monotonic() - started
     print(f"\n{summary['machine']}; {args.config}")
     print_summary(summary)
+    for tag, parts in summary["stream_seconds"].items():
+        print(f"stream {tag}: " + ", ".join(f"{k} {v / 60:.1f} min" if k != "chunks" else f"{v} chunks"
+                                          for k, v in parts.items()))
     for tag, p in pretrain.items():
         print(f"pre-training {tag} ({p['wall_seconds'] / 60:.1f} min): "
               + ", ".join(f"{s}: {v:.1f}" for s, v in zip(p["curve"]["steps"], p["curve"]["perplexity"])))

@@ -290,8 +290,9 @@ class SememConfig:
             raise ConfigError(f"semem.lam must be in [0, 1] and semem.temperature > 0, got {self.lam}, {self.temperature}")
         if not 0.0 < self.past_fraction <= 1.0:
             raise ConfigError(f"semem.past_fraction must be in (0, 1], got {self.past_fraction}")
-        if self.chunk_tokens < 0 or self.calibrator_max_tokens < 0 or self.test_tokens < 0:
-            raise ConfigError("semem.chunk_tokens, semem.calibrator_max_tokens and semem.test_tokens must be >= 0")
+        for key in ("chunk_tokens", "calibrator_max_tokens", "test_tokens"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"semem.{key} must be >= 0, got {getattr(self, key)}")
         if self.calibrator_batch < 1 or self.calibrator_steps < 0:
             raise ConfigError(f"semem.calibrator_batch must be >= 1 and semem.calibrator_steps >= 0, got "
                               f"{self.calibrator_batch}, {self.calibrator_steps}")

@@ -232,6 +232,7 @@ OVERRIDES = [
     ("elle.replay_ratio=1", "elle.replay_ratio"),
     ("semem.k=0", "semem.k"),
     ("semem.lam=2", "semem.lam"),
+    ("semem.test_tokens=-1", "semem.test_tokens must be >= 0, got -1"),
     ("slm.top_k=0", "slm.top_k"),
     ("slm.baselines=[bogus]", "slm.baselines"),
     ("slm.lr=0", "slm.lr"),

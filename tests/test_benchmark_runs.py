@@ -134,3 +134,74 @@ def test_attention_benchmark_sides_agree_with_torch_sdpa(tmp_path):
         out_diff, grad_diff = record[side]["diff_to_torch"]
         assert out_diff < 1e-5 and grad_diff < 1e-4, (side, out_diff, grad_diff)
         assert len(record["seconds_per_call"][side]) == 2
+
+
+def _semem_stream_module():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("semem_stream", ROOT / "benchmarks" / "semem_stream.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _semem_model(tag, params, lm_test, shift, sizes, quarters, chosen="semem@-3"):
+    """A report.json model entry: one future domain `f` and one unseen `u`, 40 test sequences each; SeMem's
+    per-sequence NLL is RandMem's minus `shift` (per δ), full memorization's is RandMem's minus 0.01."""
+    import numpy as np
+
+    rng = np.random.default_rng(params)
+    base = {d: rng.normal(5.0, 0.8, size=40) for d in ("f", "u")}
+    nll = {"full": {d: (v - 0.01).tolist() for d, v in base.items()}}
+    policies = {"full": {"admit": "all", "threshold": None, "memory_size": 1000}}
+    for delta, name in ((-1.5, "semem"), (-3.0, "semem@-3")):
+        suffix = name[len("semem"):]
+        nll[name] = {d: (v - shift[delta]).tolist() for d, v in base.items()}
+        nll["randmem" + suffix] = {d: v.tolist() for d, v in base.items()}
+        policies[name] = {"admit": "selective", "threshold": delta, "memory_size": sizes[delta]}
+        policies["randmem" + suffix] = {"admit": "random", "threshold": delta, "memory_size": sizes[delta]}
+    for name, p in policies.items():
+        ppl = {d: float(np.exp(np.mean(nll[name][d]))) for d in ("f", "u")}
+        q = quarters.get(p["threshold"], (1.0, 1.0))
+        p.update(admitted_rate=p["memory_size"] / 1000, admitted_rate_future=p["memory_size"] / 1000,
+                 valid={"future": ppl["f"], "unseen": ppl["u"], "stream": (ppl["f"] + ppl["u"]) / 2},
+                 test={"future": ppl["f"], "unseen": ppl["u"], "stream": (ppl["f"] + ppl["u"]) / 2},
+                 rate_first_vs_last_quarter={"f": {"first": q[0], "last": q[1]}, "u": {"first": 1.0, "last": 1.0}})
+    return {"tag": tag, "architecture": {"params": params, "d_model": 8, "n_layers": 1},
+            "groups": {"future": ["f"], "unseen": ["u"], "stream": ["f", "u"]}, "policies": policies,
+            "test_nll": nll, "lm_only_test_nll": {d: (v + 0.5).tolist() for d, v in base.items()},
+            "lm_only": {"valid": {"future": lm_test, "unseen": lm_test}, "test": {"future": lm_test, "unseen": lm_test}},
+            "chosen": chosen, "chosen_threshold": policies[chosen]["threshold"] if chosen else None}
+
+
+def test_semem_stream_claims_follow_the_paired_intervals():
+    """`benchmarks/semem_stream.py`'s claims: SeMem below RandMem only where the paired interval's upper bound
+    is below 0; the chosen δ against full memorization's 5 % and 60 %; the quarter ratio; the larger model's
+    admission counted only when it is the better LM (else untested, not failed)."""
+    module = _semem_stream_module()
+    small = _semem_model("model0-d8", 100, 300.0, {-1.5: 0.05, -3.0: 0.0}, {-1.5: 500, -3.0: 300},
+                         {-1.5: (0.6, 0.4), -3.0: (0.5, 0.45)})
+    large = _semem_model("model1-d16", 200, 250.0, {-1.5: 0.05, -3.0: -0.04}, {-1.5: 450, -3.0: 320},
+                         {-1.5: (0.5, 0.3)}, chosen=None)
+    out = module.analyse({"models": [small, large], "pretrain_domains": ["f"]},
+                         {"model0-d8": {"curve": {"perplexity": [400.0]}}}, None, resamples=500)
+    claims = out["claims"]
+    below = claims["model0-d8: SeMem below RandMem of equal size (futures, test, 95 % paired interval)"]
+    assert below["-1.5"]["holds"] and below["-1.5"]["interval"][1] < 0 < below["-1.5"]["detectable"]
+    assert not below["-3"]["holds"] and below["-3"]["difference"] == 0          # the same NLL: no difference
+    worse = claims["model1-d16: SeMem below RandMem of equal size (futures, test, 95 % paired interval)"]["-3"]
+    assert not worse["holds"] and worse["interval"][0] > 0
+    chosen = claims["model0-d8: δ chosen on validation within 5 % of full at ≤ 60 % memory"]
+    assert chosen["memory_fraction"] == 0.3 and chosen["test_ratio"] < 1.05 and chosen["holds"]
+    assert chosen["interval"][0] <= chosen["test_ratio"] <= chosen["interval"][1]
+    assert not claims["model1-d16: δ chosen on validation within 5 % of full at ≤ 60 % memory"]["holds"]
+    rates = claims["model0-d8: admission, last quarter ≤ 0.8 x first quarter of each future domain"]
+    assert rates["semem"]["holds_every_future"] and not rates["semem@-3"]["holds_every_future"]   # 0.67, 0.9
+    assert rates["semem"]["by_domain"]["f"]["ratio"] == pytest.approx(0.4 / 0.6)
+    larger = claims["larger model admits fewer tokens over the whole stream"]
+    assert larger["larger_is_better_lm"] and larger["status"] == "does not hold"      # 320 > 300 at δ = -3
+    assert larger["by_policy"]["semem"]["fewer"] and not larger["by_policy"]["semem@-3"]["fewer"]
+    large["lm_only"]["test"]["future"] = 350.0                                        # now the worse LM
+    out = module.analyse({"models": [small, large], "pretrain_domains": ["f"]}, {}, None, resamples=200)
+    assert out["claims"]["larger model admits fewer tokens over the whole stream"]["status"].startswith("untested")

@@ -29,8 +29,11 @@ on with the next chunk: it ends with the same memories and numbers as a run neve
 
 Writes report.json (the DESIGN.md contract; `matrix` is SeMem's perplexity after each streamed domain
 for the main model, `memory` its per-chunk memory records; per model, every policy's memory size and
-validation / test perplexity, the δ chosen on validation and the acceptance checks), metrics.jsonl,
-memory_growth.png, admitted_rate.png, perplexity_per_chunk.png, perplexity_matrix.png, tradeoff-<model>.png
+validation / test perplexity, the per-sequence test NLL a paired bootstrap resamples (`test_nll`,
+`lm_only_test_nll`), the stream's and the test evaluation's wall seconds, the δ chosen on validation and the
+acceptance checks), metrics.jsonl (`semem_chunk` records, and `semem_chunk_seconds`: where each chunk's
+time went), memory_growth.png, admitted_rate.png, perplexity_per_chunk.png, perplexity_matrix.png,
+tradeoff-<model>.png
 (perplexity vs memory size: the δ sweep against RandMem and full memorization), and per model and policy a
 datastore plus `memory.npz` (final calibrator, the stream's token frequencies, k, the LM's checkpoint):
 `KnnMemory.from_run` and `jaxcl generate RUN --memory` decode with them.
