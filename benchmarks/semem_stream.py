@@ -18,8 +18,9 @@ with another config is refused):
 Then the claims, each comparison a paired bootstrap over the test split's 128-token sequences
 (`jaxcl.eval.metrics.paired_perplexity_bootstrap`), are printed and written to <results>/summary.json with
 the plots semem_vs_randmem.png (SeMem - RandMem per δ and size, with intervals), admission_quarters.png
-(first vs last quarter of every future domain) and pretraining_budget.png. `--summarize` recomputes them
-from <results>/ alone (no run directory needed: the committed files regenerate the docs' tables).
+(first vs last quarter of every domain), memory_growth.png (per model, SeMem's δ sweep and full
+memorization against tokens streamed) and pretraining_budget.png. `--summarize` recomputes them from
+<results>/ alone (no run directory needed: the committed files regenerate the docs' tables).
 """
 
 from __future__ import annotations
@@ -258,6 +259,42 @@ def plot_quarters(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_growth(report: dict, path: Path) -> None:
+    """Memory size against tokens seen, one panel per model: SeMem at each δ and full memorization, with the
+    streamed domains' boundaries (RandMem has SeMem's sizes by construction, so it is not drawn)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        names = sorted((n for n, p in m["policies"].items() if p["admit"] in ("selective", "all")),
+                       key=lambda n: -m["policies"][n]["memory_size"])
+        for name in names:
+            recs = m["memory"][name]
+            p = m["policies"][name]
+            label = "full memorization" if p["admit"] == "all" else f"SeMem δ = {p['threshold']:g}"
+            ax.plot([0] + [r["tokens_seen"] for r in recs], [0] + [r["memory_size"] for r in recs],
+                    "k--" if p["admit"] == "all" else "-", label=label)
+        recs = m["memory"][names[0]]
+        ends = [r for i, r in enumerate(recs) if i + 1 == len(recs) or recs[i + 1]["domain"] != r["domain"]]
+        start = 0
+        for r in ends:
+            ax.axvline(r["tokens_seen"], color="grey", linewidth=0.5)
+            ax.text((start + r["tokens_seen"]) / 2, 0.02, r["domain"], transform=ax.get_xaxis_transform(),
+                    ha="center", fontsize=7, rotation=90)
+            start = r["tokens_seen"]
+        ax.set_xlabel("tokens streamed")
+        ax.set_ylabel("memory entries")
+        ax.set_title(f"{m['tag']}: memory growth over the stream", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_budget(pretrain: dict[str, dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -368,6 +405,7 @@ def main() -> None:
     if pretrain:
         plot_budget(pretrain, results / "pretraining_budget.png")
     plot_intervals(summary, results / "semem_vs_randmem.png")
+    plot_growth(report, results / "memory_growth.png")
     plot_quarters(summary, results / "admission_quarters.png")
     write_json(str(results / "summary.json"), summary)
     print(f"\nwrote {results / 'summary.json'} and plots in {results}/")

@@ -205,3 +205,24 @@ def test_semem_stream_claims_follow_the_paired_intervals():
     large["lm_only"]["test"]["future"] = 350.0                                        # now the worse LM
     out = module.analyse({"models": [small, large], "pretrain_domains": ["f"]}, {}, None, resamples=200)
     assert out["claims"]["larger model admits fewer tokens over the whole stream"]["status"].startswith("untested")
+
+
+def test_committed_semem_measurement_regenerates_its_summary():
+    """The files committed under benchmarks/results/semem-measure/ are enough to recompute every claim the
+    docs report (the same paired intervals, bit for bit), and the report's per-sequence NLL agrees with its
+    own perplexities."""
+    import numpy as np
+
+    module = _semem_stream_module()
+    results = ROOT / "benchmarks" / "results" / "semem-measure"
+    report = json.loads((results / "semem" / "report.json").read_text())
+    committed = json.loads((results / "summary.json").read_text())
+    pretrain = {p.stem[len("pretrain-"):]: json.loads(p.read_text()) for p in sorted(results.glob("pretrain-*.json"))}
+    out = module.analyse(report, pretrain, None, resamples=10000)
+    assert out["claims"] == committed["claims"]
+    assert [m["semem_vs_randmem"] for m in out["models"]] == [m["semem_vs_randmem"] for m in committed["models"]]
+    for m in report["models"]:
+        for name, per_domain in m["test_nll"].items():
+            for d, nll in per_domain.items():
+                assert len(nll) == 64 and m["policies"][name]["test_perplexity"][d] == \
+                    pytest.approx(np.exp(np.mean(nll)), rel=1e-6)
