@@ -207,6 +207,14 @@ def analyse(report: dict, pretrain: dict[str, dict], ablation: dict | None, resa
     return out
 
 
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_intervals(summary: dict, path: Path) -> None:
     """SeMem - RandMem of equal size (test perplexity, futures) per δ and model, with 95 % paired intervals."""
     import matplotlib
@@ -227,9 +235,7 @@ def plot_intervals(summary: dict, path: Path) -> None:
     ax.set_title("SeMem vs RandMem of equal size: below 0 = SeMem better (95 % paired bootstrap)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_quarters(summary: dict, path: Path) -> None:
@@ -254,9 +260,7 @@ def plot_quarters(summary: dict, path: Path) -> None:
         ax.set_title(e["tag"], fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_growth(report: dict, path: Path) -> None:
@@ -290,9 +294,7 @@ def plot_growth(report: dict, path: Path) -> None:
         ax.set_title(f"{m['tag']}: memory growth over the stream", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_budget(pretrain: dict[str, dict], path: Path) -> None:
