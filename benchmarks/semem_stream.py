@@ -201,9 +201,18 @@ def analyse(report: dict, pretrain: dict[str, dict], ablation: dict | None, resa
             "status": ("holds" if all(f["fewer"] for f in fewer.values()) else "does not hold")
             if better else "untested (the larger model is not the better LM on held-out text)"}
     if ablation is not None:
-        a = ablation["models"][0]
-        out["constant_lambda"] = {"memory_size": a["policies"]["semem"]["memory_size"],
-                                  "test": a["policies"]["semem"]["test"], "valid": a["policies"]["semem"]["valid"]}
+        # the same model, δ and test sequences: the per-token calibrator's run against the constant-λ run
+        a, main = ablation["models"][0], models[0]
+        out["constant_lambda"] = {
+            "tag": a["tag"], "threshold": a["policies"]["semem"]["threshold"],
+            "memory_size": a["policies"]["semem"]["memory_size"],
+            "memory_size_with_calibrator": main["policies"]["semem"]["memory_size"],
+            "test": a["policies"]["semem"]["test"], "valid": a["policies"]["semem"]["valid"],
+            "calibrator_minus_constant": {
+                g: paired_perplexity_bootstrap({d: main["test_nll"]["semem"][d] for d in main["groups"][g]},
+                                               {d: a["test_nll"]["semem"][d] for d in main["groups"][g]},
+                                               resamples=resamples)
+                for g in ("future", "unseen") if main["groups"][g]}}
     return out
 
 
@@ -342,6 +351,12 @@ def print_summary(summary: dict) -> None:
                          "yes" if f["high"] < 0 else "no"])
         print_table(["δ", "memory", "SeMem", "RandMem", "SeMem - RandMem", "95 % interval", "detectable",
                      "SeMem lower?"], rows)
+    if "constant_lambda" in summary:
+        c = summary["constant_lambda"]
+        print(f"\nconstant-λ ablation ({c['tag']}, δ = {c['threshold']:g}): memory {c['memory_size']:,} vs "
+              f"{c['memory_size_with_calibrator']:,} with the calibrator; calibrator - constant λ, test perplexity: "
+              + ", ".join(f"{g} {b['difference']:+.2f} [{b['low']:+.2f}, {b['high']:+.2f}]"
+                          for g, b in c["calibrator_minus_constant"].items()))
     print("\nclaims:")
     print(json.dumps(summary["claims"], indent=1, ensure_ascii=False))
 

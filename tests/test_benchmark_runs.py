@@ -218,8 +218,9 @@ def test_committed_semem_measurement_regenerates_its_summary():
     report = json.loads((results / "semem" / "report.json").read_text())
     committed = json.loads((results / "summary.json").read_text())
     pretrain = {p.stem[len("pretrain-"):]: json.loads(p.read_text()) for p in sorted(results.glob("pretrain-*.json"))}
-    out = module.analyse(report, pretrain, None, resamples=10000)
-    assert out["claims"] == committed["claims"]
+    ablation = json.loads((results / "constant-lambda" / "report.json").read_text())
+    out = module.analyse(report, pretrain, ablation, resamples=10000)
+    assert out["claims"] == committed["claims"] and out["constant_lambda"] == committed["constant_lambda"]
     assert [m["semem_vs_randmem"] for m in out["models"]] == [m["semem_vs_randmem"] for m in committed["models"]]
     for m in report["models"]:
         for name, per_domain in m["test_nll"].items():
