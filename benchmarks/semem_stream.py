@@ -182,7 +182,6 @@ def analyse(report: dict, pretrain: dict[str, dict], ablation: dict | None, resa
     if len(out["models"]) > 1:
         by_size = sorted(out["models"], key=lambda e: e["architecture"]["params"])
         small, large = by_size[0], by_size[-1]
-        pre = [d for d in report["pretrain_domains"]]
         better = large["lm_only"]["test"]["future"] < small["lm_only"]["test"]["future"]
         held = {e["tag"]: pretrain[e["tag"]]["curve"]["perplexity"][-1] for e in by_size if e["tag"] in pretrain}
         fewer = {}
@@ -194,7 +193,7 @@ def analyse(report: dict, pretrain: dict[str, dict], ablation: dict | None, resa
             fewer[name] = {"threshold": p["threshold"], "small": a_small, "large": a_large,
                            "ratio": a_large / max(a_small, 1), "fewer": a_large < a_small}
         claims["larger model admits fewer tokens over the whole stream"] = {
-            "small": small["tag"], "large": large["tag"], "pretrain_domains": pre,
+            "small": small["tag"], "large": large["tag"], "pretrain_domains": list(report["pretrain_domains"]),
             "held_out_perplexity_after_pretraining": held,
             "test_perplexity_futures_lm_only": {e["tag"]: e["lm_only"]["test"]["future"] for e in by_size},
             "larger_is_better_lm": better, "by_policy": fewer,
@@ -321,9 +320,7 @@ def plot_budget(pretrain: dict[str, dict], path: Path) -> None:
     ax.set_title("the pre-training budget curve", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def print_summary(summary: dict) -> None:

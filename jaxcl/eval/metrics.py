@@ -107,6 +107,15 @@ def summarize(matrix: Matrix, metric: str, seen: int | Sequence[int] | None = No
             "backward_transfer": backward_transfer(matrix, learned)}
 
 
+def _percentile_interval(values: Any, level: float) -> tuple[float, float]:
+    """The two-sided percentile interval of bootstrap `values` at `level` (e.g. 0.95 -> 2.5th, 97.5th)."""
+    import numpy as np
+
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(np.asarray(values, np.float64), [tail, 100.0 - tail])
+    return float(lo), float(hi)
+
+
 def bootstrap_matrix(correct: Sequence[Sequence[Any]], seen: int | Sequence[int] | None = None,
                      *, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
     """Percentile bootstrap intervals (over test texts) of an accuracy matrix and its summary.
@@ -137,11 +146,8 @@ def bootstrap_matrix(correct: Sequence[Sequence[Any]], seen: int | Sequence[int]
         draw = rng.integers(n, size=(resamples, n))
         for i, v in scored:
             boot[:, i, j] = 100.0 * v[draw].mean(axis=1)
-    tail = 100.0 * (1.0 - level) / 2.0
-
     def interval(values) -> list[float]:
-        lo, hi = np.percentile(np.asarray(values, np.float64), [tail, 100.0 - tail])
-        return [float(lo), float(hi)]
+        return list(_percentile_interval(values, level))
 
     summaries = [summarize([[None if np.isnan(x) else float(x) for x in row] for row in b], "accuracy", seen)
                  for b in boot]
@@ -163,8 +169,7 @@ def mean_interval(values: Sequence[float], *, resamples: int = 10000, level: flo
     if v.size == 0:
         raise ValueError("mean_interval needs at least one value")
     means = v[np.random.default_rng(seed).integers(v.size, size=(resamples, v.size))].mean(axis=1)
-    tail = 100.0 * (1.0 - level) / 2.0
-    lo, hi = np.percentile(means, [tail, 100.0 - tail]) if v.size > 1 else (v[0], v[0])
+    lo, hi = _percentile_interval(means, level) if v.size > 1 else (v[0], v[0])
     return {"mean": float(v.mean()), "low": float(lo), "high": float(hi),
             "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
 
@@ -213,13 +218,12 @@ def paired_perplexity_bootstrap(nll_a: Mapping[str, Any], nll_b: Mapping[str, An
         total += a.size
     n = len(nll_a)
     boot_a, boot_b, point_a, point_b = boot_a / n, boot_b / n, point_a / n, point_b / n
-    tail = 100.0 * (1.0 - level) / 2.0
     diff, rel = boot_a - boot_b, boot_a / boot_b - 1.0
-    lo, hi = np.percentile(diff, [tail, 100.0 - tail])
-    rlo, rhi = np.percentile(rel, [tail, 100.0 - tail])
+    lo, hi = _percentile_interval(diff, level)
+    rlo, rhi = _percentile_interval(rel, level)
     z = NormalDist().inv_cdf(1.0 - (1.0 - level) / 2.0) + NormalDist().inv_cdf(0.8)
-    return {"a": point_a, "b": point_b, "difference": point_a - point_b, "low": float(lo), "high": float(hi),
-            "relative": point_a / point_b - 1.0, "relative_low": float(rlo), "relative_high": float(rhi),
+    return {"a": point_a, "b": point_b, "difference": point_a - point_b, "low": lo, "high": hi,
+            "relative": point_a / point_b - 1.0, "relative_low": rlo, "relative_high": rhi,
             "detectable": float(z * diff.std(ddof=1)), "detectable_relative": float(z * rel.std(ddof=1)),
             "sequences": int(total), "level": level, "resamples": resamples}
 
