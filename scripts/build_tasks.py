@@ -11,10 +11,23 @@ Every label comes from where the text was taken (its provenance), never from a m
   debian_section  the Debian archive section of a package whose description it is (the `Section:` field
                   of bookworm main's Packages index; the English description from its Translation-en)
 
-The first three come from the embedded corpus (jaxcl/data/corpus); pydoc_package from the standard library
-of the interpreter running this script (must be CPython 3.11; its version is recorded); debian_section
-from apt's lists of Debian 12 (bookworm) main, checked against the sha256 sums in SOURCE_SHA256 (a
-machine with other lists gets the exact files from snapshot.debian.org, see NOTICE; `--apt-lists DIR`).
+The first three come from the Debian packages the embedded corpus (jaxcl/data/corpus) was built from, read
+with scripts/build_corpus.py's own extractors (bible-kjv, dict-wn, manpages, manpages-dev, groff-base: see
+that script for `apt-get install`); pydoc_package from the standard library of the interpreter running this
+script (must be CPython 3.11; its version is recorded); debian_section from apt's lists of Debian 12
+(bookworm) main, checked against the sha256 sums in SOURCE_SHA256 (a machine with other lists gets the exact
+files from snapshot.debian.org, see NOTICE; `--apt-lists DIR`).
+
+Held out from pre-training. A downstream score on text the model was pre-trained on measures memorisation,
+so no task text may come from the corpus's train splits (what jaxcl pre-trains on). Every candidate text is
+checked against all five train splits (whitespace-normalised, `jaxcl.data.overlap`): a text of at least
+SPAN characters that shares a SPAN-character span with any of them, or a shorter text that occurs whole in
+its domain's train split, is contaminated. A source document (chapter, entry, page, module) of which at
+least half the texts are contaminated is left out whole (it is, or mostly is, a train document; its few
+clean texts could still be near copies); in the other documents the contaminated texts alone are dropped.
+The sources are larger than the corpus (the corpus's train splits are capped at 2 M characters per domain;
+its valid and test documents are never trained on), so every task keeps every class. The counts dropped
+are recorded in manifest.json, and tests/test_downstream.py checks the shipped files the same way.
 
 Whole source documents (a chapter, a dictionary entry, a man page, a Python module, a Debian source
 package) go to one split only, so no document contributes text to two splits: documents are shuffled per
@@ -24,6 +37,7 @@ dominant class, each split is capped per class (`CAPS`). Texts that occur in two
 are left out. Run from the repository root:
 
     python scripts/build_tasks.py            # rewrites jaxcl/data/tasks/*.jsonl and manifest.json
+    python scripts/build_tasks.py --tasks bible_books,wordnet_pos   # only these (others kept as they are)
 """
 
 from __future__ import annotations
@@ -31,8 +45,11 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import concurrent.futures
+import gzip
 import hashlib
 import json
+import os
 import random
 import re
 import subprocess
@@ -42,8 +59,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-from jaxcl.data.corpus import DOCUMENT_SEPARATOR, SPLITS, load_text  # noqa: E402
+from jaxcl.data.corpus import DOMAINS, SPLITS, load_text  # noqa: E402
+from jaxcl.data.overlap import SpanIndex, normalize  # noqa: E402
+
+import build_corpus  # noqa: E402  (scripts/build_corpus.py: the corpus's own extractors)
 
 OUT = ROOT / "jaxcl" / "data" / "tasks"
 SEED = 0
@@ -53,6 +74,9 @@ MAX_CHARS = 400
 CAPS = {"wordnet_pos": {"train": 1600, "valid": 230, "test": 460},
         "debian_section": {"train": 700, "valid": 100, "test": 200}}
 FRACTIONS = (0.7, 0.1, 0.2)
+SPAN = 80                       # characters of verbatim overlap with a corpus train split that disqualify a text
+TASK_DOMAIN = {"bible_books": "bible", "wordnet_pos": "wordnet", "manpage_section": "manpages",
+               "pydoc_package": "pydoc", "debian_section": None}
 
 BIBLE_GROUPS = {
     "law": "Genesis Exodus Leviticus Numbers Deuteronomy",
@@ -80,10 +104,6 @@ SOURCE_SHA256 = {       # of the decompressed lists (Debian 12.15, InRelease dat
     "translation": "62f59c3cdca9786e4f7adf9002f9f5729a684adcb4667e58e448dec9b5a46c7f"}
 
 
-def all_documents(domain: str) -> list[str]:
-    return [d for split in SPLITS for d in load_text(domain, split).split(DOCUMENT_SEPARATOR) if d.strip()]
-
-
 def clean(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= MAX_CHARS else text[:MAX_CHARS].rsplit(" ", 1)[0]
@@ -95,9 +115,9 @@ def paragraphs(doc: str, min_chars: int = 80) -> list[str]:
 
 # --------------------------------------------------------------------------- per-task extraction
 def bible_books():
-    """(label, doc_id, texts): 3-verse passages of each chapter, labelled with its book's group."""
-    for doc in all_documents("bible"):
-        head, _, body = doc.partition("\n\n")
+    """(label, doc_id, texts): 3-verse passages of each chapter of the KJV, labelled with its book's group."""
+    for doc in build_corpus.extract_bible():
+        head, _, body = build_corpus.clean_text(doc).partition("\n\n")
         book = head.rsplit(" ", 1)[0]
         if book not in BOOK_GROUP:
             raise ValueError(f"unknown Bible book {book!r} in heading {head!r}")
@@ -106,9 +126,21 @@ def bible_books():
         yield BOOK_GROUP[book], head, passages
 
 
+def wordnet_entries() -> list[str]:
+    """Every entry of dict-wn's WordNet 3.0 dictionary (the corpus keeps a deduplicated subset of them)."""
+    index = build_corpus.require_path("/usr/share/dictd/wn.index", "dict-wn")
+    data = gzip.decompress(build_corpus.require_path("/usr/share/dictd/wn.dict.dz", "dict-wn").read_bytes())
+    spans = set()
+    for line in index.read_text(encoding="utf-8").split("\n"):
+        if line and not line.startswith(("00-database", "00database")):
+            _, offset, length = line.split("\t")
+            spans.add((build_corpus._dictd_number(offset), build_corpus._dictd_number(length)))
+    return [build_corpus.clean_text(data[a:a + n].decode("utf-8")) for a, n in sorted(spans)]
+
+
 def wordnet_pos():
     """Each dictionary entry's glosses, labelled with the part of speech they are listed under."""
-    for doc in all_documents("wordnet"):
+    for doc in wordnet_entries():
         head, _, body = doc.partition("\n")
         for pos_block in re.split(r"\n(?=    (?:n|v|adj|adv) 1:)", "\n" + body):
             m = re.match(r"\s*(n|v|adj|adv) 1:", pos_block)
@@ -120,21 +152,14 @@ def wordnet_pos():
 
 
 def manpage_sections():
-    """Paragraphs of each man page (NAME line -> manN/ path in manpages.COPYRIGHT) by section."""
-    copyright_text = (ROOT / "jaxcl" / "data" / "corpus" / "manpages.COPYRIGHT").read_text()
-    sections = collections.defaultdict(set)
-    for m in re.finditer(r"^== man(\d)/(.+)\.\d\S* ", copyright_text, re.M):
-        sections[m.group(2)].add(m.group(1))
-    for doc in all_documents("manpages"):
-        m = re.match(r"NAME\n\s+(.+?) - ", doc)
-        if not m:
-            continue                                    # a continuation of a page cut at 20,000 characters
-        names = [n.strip() for n in m.group(1).split(",")]
-        found = {s for n in names for s in sections.get(n, ())}
-        if len(found) != 1 or (section := found.pop()) not in MAN_SECTIONS:
-            continue                                    # unknown or ambiguous page
-        body = doc.split("\n\n", 1)[1] if "\n\n" in doc else ""
-        yield MAN_SECTIONS[section], names[0], paragraphs(body)
+    """Paragraphs of every man page the corpus may use (manpages, manpages-dev; license-checked by
+    build_corpus.select_manpages), labelled with the section of its manN/ source path."""
+    pages = [p for p in build_corpus.select_manpages() if p.relpath.split("/")[0][3:] in MAN_SECTIONS]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        rendered = list(pool.map(build_corpus.render_manpage, pages))
+    for page, text in zip(pages, rendered):
+        body = text.split("\n\n", 1)[1] if "\n\n" in text else ""     # the NAME paragraph is left out
+        yield MAN_SECTIONS[page.relpath.split("/")[0][3:]], page.relpath, paragraphs(body)
 
 
 def pydoc_packages():
@@ -197,28 +222,58 @@ def debian_sections():
 
 TASKS = {"bible_books": bible_books, "wordnet_pos": wordnet_pos, "manpage_section": manpage_sections,
          "pydoc_package": pydoc_packages, "debian_section": debian_sections}
-SOURCES = {"bible_books": "embedded corpus: bible", "wordnet_pos": "embedded corpus: wordnet",
-           "manpage_section": "embedded corpus: manpages",
+SOURCES = {"bible_books": "Debian bible-kjv-text (the corpus's bible source)",
+           "wordnet_pos": "Debian dict-wn (the corpus's wordnet source)",
+           "manpage_section": "Debian manpages, manpages-dev (the corpus's manpages source)",
            "pydoc_package": f"CPython {sys.version.split()[0]} standard library docstrings",
            "debian_section": "Debian 12 bookworm main: Packages + Translation-en (2026-07-11)"}
+
+
+_INDEX: SpanIndex | None = None
+_TRAIN: dict[str, str] = {}
+
+
+def contaminated(texts: list[str], domain: str | None) -> list[bool]:
+    """Per text: shares a SPAN-character span with any corpus train split, or (shorter than SPAN) occurs whole
+    in its domain's train split (whitespace-normalised)."""
+    global _INDEX
+    if _INDEX is None:
+        _TRAIN.update({d: normalize(load_text(d, "train")) for d in DOMAINS})
+        _INDEX = SpanIndex(_TRAIN.values(), span=SPAN)
+    shared = _INDEX.shared_spans(texts)
+    short = [len(normalize(t)) < SPAN for t in texts]
+    return [bool(shared[i]) or (short[i] and domain is not None and normalize(t) in _TRAIN[domain])
+            for i, t in enumerate(texts)]
 
 
 def split_task(name: str) -> dict:
     by_class: dict[str, list[tuple[str, list[str]]]] = collections.defaultdict(list)
     extracted = [(label, doc_id, texts) for label, doc_id, texts in TASKS[name]()]
     seen = collections.Counter(t for _, _, texts in extracted for t in texts)
+    flat = [t for _, _, texts in extracted for t in texts]
+    bad = dict(zip(flat, contaminated(flat, TASK_DOMAIN[name])))
+    held_out = {"documents_left_out": 0, "texts_dropped": 0, "documents_kept": 0}
     for label, doc_id, texts in extracted:
         texts = [t for t in texts if seen[t] == 1]          # boilerplate shared by documents is left out
-        if texts:
-            by_class[label].append((doc_id, texts))
+        if not texts:
+            continue
+        dirty = sum(bad[t] for t in texts)
+        if 2 * dirty >= len(texts):                         # (mostly) a train document: left out whole
+            held_out["documents_left_out"] += 1
+            continue
+        held_out["texts_dropped"] += dirty
+        held_out["documents_kept"] += 1
+        by_class[label].append((doc_id, [t for t in texts if not bad[t]]))
+    scarce = sorted(label for label, docs in by_class.items() if len(docs) < 3)
+    for label in scarce:       # a class needs a clean document in each split (e.g. man4/man5: 3 and 2 pages left)
+        del by_class[label]
+    held_out["classes_left_out"] = scarce
     labels = sorted(by_class)
     rng = random.Random(f"{SEED}/{name}")
     out = {s: [] for s in SPLITS}
     for label in labels:
         docs = by_class[label]
         rng.shuffle(docs)
-        if len(docs) < 3:
-            raise ValueError(f"task {name}: class {label!r} has only {len(docs)} source documents")
         docs.sort(key=lambda d: -len(d[1]))              # largest first, so every split can reach its share
         total = sum(len(t) for _, t in docs)
         parts = {s: [] for s in SPLITS}
@@ -237,19 +292,32 @@ def split_task(name: str) -> dict:
             out[split] += [{"text": t, "label": labels.index(label)} for t in texts[:cap]]
     for split in SPLITS:
         rng.shuffle(out[split])
-    return {"labels": labels, "splits": out}
+    return {"labels": labels, "splits": out, "held_out": held_out}
 
 
 def main() -> None:
     global APT_LISTS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--apt-lists", type=Path, default=APT_LISTS, help="directory of the bookworm apt lists")
-    APT_LISTS = parser.parse_args().apt_lists
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help="comma-separated tasks to rebuild (the others keep their files and manifest entries)")
+    args = parser.parse_args()
+    APT_LISTS = args.apt_lists
+    chosen = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not chosen or set(chosen) - set(TASKS):
+        raise SystemExit(f"--tasks {args.tasks!r}: choose from {', '.join(TASKS)}")
     OUT.mkdir(parents=True, exist_ok=True)
+    old = json.loads((OUT / "manifest.json").read_text()) if (OUT / "manifest.json").is_file() else {}
     manifest = {}
     for name in TASKS:
+        if name not in chosen:
+            if name not in old:
+                raise SystemExit(f"{name} has no manifest entry to keep: rebuild it too (--tasks)")
+            manifest[name] = old[name]
+            continue
         built = split_task(name)
-        manifest[name] = {"source": SOURCES[name], "labels": built["labels"], "files": {}}
+        manifest[name] = {"source": SOURCES[name], "labels": built["labels"], "files": {},
+                          "held_out_from_corpus_train": {"span_chars": SPAN, **built["held_out"]}}
         for split, rows in built["splits"].items():
             path = OUT / f"{name}.{split}.jsonl"
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -257,7 +325,7 @@ def main() -> None:
             manifest[name]["files"][path.name] = {
                 "examples": len(rows), "per_label": [counts.get(i, 0) for i in range(len(built["labels"]))],
                 "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-        print(name, built["labels"], {s: len(r) for s, r in built["splits"].items()})
+        print(name, built["labels"], {s: len(r) for s, r in built["splits"].items()}, built["held_out"], flush=True)
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
