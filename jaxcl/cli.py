@@ -14,6 +14,10 @@
                                          continue each prompt with the run's (or HF checkpoint's) model, with
                                          its state: a SeMem memory, SLM's DTKR-chosen adapters, an ELLE prompt;
                                          a single prompt's text is printed as it is generated
+    jaxcl downstream RUN_DIR [--stages all|N,...] [--tasks T,...] [--seeds S,...] [--hf DIR] [--no-prompts]
+                     [--seen-only] [--out DIR] [downstream.key=value ...]
+                                         fine-tune every stage checkpoint on the end tasks (a linear head on
+                                         the whole model): the downstream matrix with intervals
     jaxcl grow IN_DIR OUT_DIR [--d-model N] [--n-heads N] [--n-kv-heads N] [--d-ff N] [--n-layers N]
                [--method exact|elle] [--seed S] [--noise-std X] [--allow-inexact]
                                          grow a Hugging Face checkpoint; the result loads in transformers
@@ -209,6 +213,45 @@ def cmd_eval(args) -> int:
     print(f"  {'geo-mean':>16}: {mean:.3f}")
     if jax.process_index() == 0:
         rundir.atomic_write(runner.run_dir / "eval.json", json.dumps({"source": source, "domains": results}, indent=2))
+    return 0
+
+
+def cmd_downstream(args) -> int:
+    """`jaxcl downstream RUN_DIR [...]`: the downstream matrix of a run (jaxcl.downstream.DownstreamRun)."""
+    from jaxcl.downstream import DownstreamRun
+    from jaxcl.errors import ConfigError
+
+    def int_list(text: str, flag: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r}: give comma-separated integers, e.g. {flag} 0,2") from None
+        if not values:
+            raise ConfigError(f"{flag} {text!r}: give at least one integer")
+        return values
+
+    stages = "all" if args.stages.strip() == "all" else int_list(args.stages, "--stages")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    seeds = int_list(args.seeds, "--seeds") if args.seeds else None
+    run = DownstreamRun(args.run_dir, stages=stages, tasks=tasks, seeds=seeds, hf=args.hf,
+                        prompts=False if args.no_prompts else None, seen_only=args.seen_only,
+                        overrides=args.overrides, out=args.out)
+    result = run.run()
+    block = result["variants"].get(run.variant, {})
+    names = [t["name"] for t in result["tasks"]]
+    print(f"downstream accuracy ({run.variant}; seeds {', '.join(map(str, result['seeds']))}; "
+          f"95 % intervals over test texts) -> {run.out / 'downstream.json'}")
+    print(f"  {'':>22}" + "".join(f"{n:>24}" for n in names))
+    for i, row in enumerate(result["rows"]):
+        cells = []
+        for j in range(len(names)):
+            value = block.get("accuracy", {}).get("matrix", [[None] * len(names)] * (i + 1))[i][j]
+            lo_hi = block.get("accuracy", {}).get("intervals", [[None] * len(names)] * (i + 1))[i][j]
+            cells.append(f"{'-':>24}" if value is None else f"{value:>10.1f} [{lo_hi[0]:5.1f}, {lo_hi[1]:5.1f}]")
+        print(f"  {row['label']:>22}" + "".join(cells))
+    average = (block.get("summary") or {}).get("average", {}).get("accuracy")
+    if average:
+        print(f"  final average {average['value']:.2f} [{average['low']:.2f}, {average['high']:.2f}]")
     return 0
 
 
@@ -427,6 +470,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="ELLE: decode with this domain's prompt; SLM: this task's adapter (default: DTKR retrieval)")
     n.add_argument("--no-stream", action="store_true", help="print a single prompt's text at the end, not as it grows")
     n.add_argument("--verbose", action="store_true", help="print the domain each prompt is decoded as (stderr)")
+    d = sub.add_parser("downstream", help="fine-tune a run's stage checkpoints on end tasks: the downstream matrix")
+    d.add_argument("run_dir", help="a jaxcl run directory (sequential, joint or ELLE); with --hf alone, where the "
+                                   "results go")
+    d.add_argument("overrides", nargs="*", default=[], help="downstream.* / mesh.* overrides, e.g. "
+                                                            "downstream.max_train_texts=500")
+    d.add_argument("--stages", default="all", help="all (default) or comma-separated stage indices, e.g. 0,4")
+    d.add_argument("--tasks", default=None, help="comma-separated tasks (default: every task of downstream.tasks)")
+    d.add_argument("--seeds", default=None, help="comma-separated fine-tuning seeds (default: the run's run.seed)")
+    d.add_argument("--hf", default=None, help="a Hugging Face checkpoint directory: the reference row")
+    d.add_argument("--no-prompts", action="store_true", help="ELLE runs: fine-tune without the domain prompts")
+    d.add_argument("--seen-only", action="store_true",
+                   help="only the tasks whose domain each stage has trained (skip forward-transfer cells)")
+    d.add_argument("--out", default=None, help="output directory (default RUN_DIR/downstream)")
     g = sub.add_parser("grow", help="grow a Hugging Face checkpoint (width and depth)")
     g.add_argument("in_dir")
     g.add_argument("out_dir")
@@ -460,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "prepare":
             return cmd_prepare(args)
+        if args.command == "downstream":
+            return cmd_downstream(args)
         return cmd_eval(args)
     except (InputError, OSError, OverflowError, MemoryError, RuntimeError) as e:
         # bad input, a file the system refused, a value too large to hold: one line, no traceback

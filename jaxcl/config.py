@@ -23,7 +23,7 @@ from jaxcl.atomic_io import atomic_write_file
 from jaxcl.models.config import ConfigError, ModelConfig
 
 __all__ = ["ConfigError", "Config", "RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "MeshConfig",
-           "CheckpointConfig", "ElleConfig", "GrowthTarget", "SememConfig", "SlmConfig", "load_config", "config_from_dict",
+           "CheckpointConfig", "DownstreamConfig", "ElleConfig", "GrowthTarget", "SememConfig", "SlmConfig", "load_config", "config_from_dict",
            "config_to_dict", "parse_overrides", "save_config"]
 
 
@@ -392,6 +392,57 @@ class SlmConfig:
                               "(0 = the embeddings)")
 
 
+DEFAULT_DOWNSTREAM_TASKS = {"bible": "bible_books", "wordnet": "wordnet_pos", "manpages": "manpage_section",
+                            "pydoc": "pydoc_package"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DownstreamConfig:
+    """End-task fine-tuning of a run's stage checkpoints (`jaxcl downstream`; jaxcl.downstream).
+
+    Each (stage checkpoint, task, seed) cell fine-tunes a copy of the whole model with a linear
+    classification head for `epochs` passes over at most `max_train_texts` training texts, with AdamW
+    (linear warmup over `warmup_ratio` of the steps, cosine decay to 0, the run's clipping) at the learning
+    rate chosen for the task from `lrs` once, on the stage-0 checkpoint's validation macro-F1, and held fixed.
+    """
+
+    tasks: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_DOWNSTREAM_TASKS))
+                                      # domain -> its end task (shipped, or in task_dir)
+    task_dir: str | None = None       # users' tasks: <task>.{train,valid,test}.jsonl with "text" and "label"
+    max_train_texts: int = 1000       # per task (a fixed seeded subset when the task has more)
+    max_valid_texts: int = 500        # validation texts for the learning-rate choice
+    max_test_texts: int = 0           # 0 = every test text
+    max_len: int = 128                # tokens per text (longer texts keep their first max_len - 1 and the end)
+    pooling: Literal["auto", "last", "mean", "pooler"] = "auto"   # auto: decoder last non-pad token (its EOS),
+                                      # BERT its pooler output ([CLS], tanh) when it has one, else mean
+    epochs: int = 3
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lrs: tuple[float, ...] = (1.0e-4, 3.0e-4, 1.0e-3)   # the grid; one value = no choice
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    prompts: bool = True              # an ELLE run's checkpoints are fine-tuned with the task's domain prompt
+    bootstrap_resamples: int = 1000   # paired bootstrap over test texts (intervals at 95 %)
+
+    def __post_init__(self):
+        _at_least(self, "downstream", max_train_texts=1, max_valid_texts=1, max_test_texts=0, max_len=2, epochs=1,
+                  batch_size=1, eval_batch_size=1, bootstrap_resamples=1)
+        if not self.tasks:
+            raise ConfigError("downstream.tasks is empty: map at least one domain to its task "
+                              "(e.g. downstream.tasks={bible: bible_books})")
+        tasks = list(self.tasks.values())
+        if len(set(tasks)) != len(tasks):
+            raise ConfigError(f"downstream.tasks maps two domains to the same task: {self.tasks}")
+        if not self.lrs or any(not lr > 0 for lr in self.lrs):
+            raise ConfigError(f"downstream.lrs must be a non-empty list of learning rates > 0, got {list(self.lrs)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"downstream.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"downstream.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.task_dir is not None and not self.task_dir.strip():
+            raise ConfigError("downstream.task_dir is empty: give a directory of <task>.<split>.jsonl files (or null)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a `jaxcl run` needs."""
@@ -406,6 +457,7 @@ class Config:
     elle: ElleConfig = ElleConfig()
     semem: SememConfig = SememConfig()
     slm: SlmConfig = SlmConfig()
+    downstream: DownstreamConfig = DownstreamConfig()
     # `model.init_from` in YAML and on the command line (it lives beside the architecture it replaces, but
     # is not part of ModelConfig, which describes an architecture and keys compiled functions): an HF
     # checkpoint directory or a jaxcl run directory (PATH, PATH@STEP, PATH@stageN); see jaxcl.init_from.

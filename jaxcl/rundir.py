@@ -60,6 +60,7 @@ HARMLESS_KEYS: dict[str, str] = {
     "checkpoint.async_save": "whether saving overlaps training; the saved state is the same",
     "checkpoint.resume": "whether this invocation may continue the run: a property of the invocation",
     "mesh": "how the same arrays are laid out on devices; checkpoints restore onto any mesh",
+    "downstream": "end-task fine-tuning settings: read by `jaxcl downstream` after training, never by a run",
     "slm.cache_dir": "a cache of encoder queries, a pure function of the texts and the encoder",
     "data.cache": "where the token cache lives; its tokens are a pure function of the source and the tokenizer",
     "data.prepare_processes": "how many processes tokenize a missing cache; the tokens are the same",

@@ -252,3 +252,62 @@ def retrieval_confusion(chosen: Mapping[int, Any], tasks: Sequence[str], texts: 
             if len(pair) < examples and texts[t][row] not in pair:
                 pair.append(texts[t][row])
     return {"tasks": list(tasks), "counts": counts.tolist(), "examples": pairs}
+
+
+def classification_scores(predictions: Any, labels: Any, n_classes: int, draws: Any = None) -> dict[str, Any]:
+    """Accuracy and macro-F1 (in points) of one or several seeds' predictions, on the texts or on resamples.
+
+    Why: a downstream cell is a few hundred test texts fine-tuned from one or a few seeds; its interval comes
+    from resampling the texts, and comparisons (stage vs stage, method vs method, prompt vs none) stay
+    paired when every score of a task uses the same `draws`.
+
+    `predictions`: `[n]` or `[seeds, n]` class ids; `labels`: `[n]`; `draws`: None (the texts as they are)
+    or `[R, n]` indices into the texts (one bootstrap resample per row). Accuracy is the share of correct
+    texts; macro-F1 is the unweighted mean over the classes that occur in `labels` of
+    F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c) (0 where a resample has none of c at all), as scikit-learn's
+    `f1_score(average="macro", labels=<those classes>)`. Both are averaged over seeds. Returns
+    {"accuracy", "macro_f1"}: floats without `draws`, else `[R]` arrays.
+    """
+    import numpy as np
+
+    pred = np.atleast_2d(np.asarray(predictions, np.int64))
+    y = np.asarray(labels, np.int64)
+    if pred.shape[1] != y.shape[0] or y.ndim != 1 or y.size == 0:
+        raise ValueError(f"predictions {pred.shape} and labels {y.shape} must score the same non-empty set of texts")
+    if (pred < 0).any() or (pred >= n_classes).any() or (y < 0).any() or (y >= n_classes).any():
+        raise ValueError(f"class ids must be in 0..{n_classes - 1}")
+    idx = np.arange(y.size)[None] if draws is None else np.asarray(draws, np.int64)
+    present = np.unique(y)
+    r, c = idx.shape[0], n_classes
+    yy = y[idx]                                                                   # [R, n]
+    acc, f1 = np.zeros(r), np.zeros(r)
+    for p in pred:
+        pp = p[idx]
+        acc += (pp == yy).mean(axis=1)
+        flat = (np.arange(r)[:, None] * c * c + yy * c + pp).ravel()
+        confusion = np.bincount(flat, minlength=r * c * c).reshape(r, c, c)       # [R, true, predicted]
+        tp = np.diagonal(confusion, axis1=1, axis2=2).astype(np.float64)
+        denom = confusion.sum(axis=1) + confusion.sum(axis=2)                      # 2TP + FP + FN
+        per_class = np.where(denom > 0, 2.0 * tp / np.maximum(denom, 1), 0.0)
+        f1 += per_class[:, present].mean(axis=1)
+    acc, f1 = 100.0 * acc / len(pred), 100.0 * f1 / len(pred)
+    if draws is None:
+        return {"accuracy": float(acc[0]), "macro_f1": float(f1[0])}
+    return {"accuracy": acc, "macro_f1": f1}
+
+
+def text_draws(n: int, resamples: int, seed: int | str) -> Any:
+    """`[resamples, n]` bootstrap indices over `n` texts from a generator seeded by `seed` (an int, or a string
+    such as a task name, hashed): the same draws for every score of a task keep comparisons paired."""
+    import hashlib
+
+    import numpy as np
+
+    if isinstance(seed, str):
+        seed = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).integers(n, size=(resamples, n))
+
+
+def percentile_interval(values: Any, level: float = 0.95) -> list[float]:
+    """`[low, high]`: the two-sided percentile interval of bootstrap `values` at `level`."""
+    return list(_percentile_interval(values, level))
