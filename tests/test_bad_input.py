@@ -39,7 +39,7 @@ SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=
          "train.pretrain_steps=2", "train.steps=2", "train.log_every=1", "optim.warmup_steps=1",
          "checkpoint.every=2", "checkpoint.async_save=false"]
 KINDS = ("config file", "override", "data source", "tokenizer", "HF checkpoint", "orbax checkpoint", "run directory",
-         "datastore", "output path", "generate", "command line")
+         "datastore", "output path", "generate", "downstream", "command line")
 
 
 # ----------------------------------------------------------------------------- shared fixtures
@@ -737,6 +737,61 @@ cases("generate", [
     ("RUN@-1", lambda w, tmp: (["generate", f"{w.run}@-1", "--prompt", "x"], ["'@-1' selects no checkpoint"])),
     ("seed negative", _gen("--prompt", "x", "--seed", "-1", expect=["--seed", "0..2**63-1"])),
     ("seed too large", _gen("--prompt", "x", "--seed", str(10 ** 23), expect=["--seed", "0..2**63-1"])),
+])
+
+
+# ----------------------------------------------------------------------------- jaxcl downstream
+def _task_dir(tmp: Path, test_rows: str, name: str = "mytask", test: bool = True) -> str:
+    """A user's task directory: labels a/b in train, `test_rows` as the test split's lines."""
+    d = tmp / "tasks"
+    d.mkdir(exist_ok=True)
+    (d / f"{name}.train.jsonl").write_text('{"text": "one", "label": "a"}\n{"text": "two", "label": "b"}\n')
+    if test:
+        (d / f"{name}.test.jsonl").write_text(test_rows)
+    return str(d)
+
+
+OUTSIDE_LABEL = '{"text": "x", "label": "a"}\n{"text": "y", "label": "c"}\n'
+
+
+def _semem_copy(w, tmp: Path) -> str:
+    run = copy_of(w.run, tmp / "semem-run")
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("method: sequential", "method: semem"))
+    return str(run)
+
+
+cases("downstream", [
+    ("a stage that does not exist", lambda w, tmp: (["downstream", str(w.run), "--stages", "0,5"],
+                                                    ["--stages 5", "stages 0..1"])),
+    ("stages not numbers", lambda w, tmp: (["downstream", str(w.run), "--stages", "last"], ["--stages 'last'"])),
+    ("an unknown task", lambda w, tmp: (["downstream", str(w.run), "--tasks", "klingon"], ["unknown task 'klingon'"])),
+    ("a shipped task no domain maps", lambda w, tmp: (["downstream", str(w.run), "--tasks", "debian_section"],
+                                                      ["'debian_section' exists but no domain", "downstream.tasks."])),
+    ("a domain with no task mapping", lambda w, tmp: (
+        ["downstream", str(w.run), "--tasks", "bible", "downstream.tasks={manpages: manpage_section}"],
+        ["--tasks bible", "domain 'bible' has no task mapping"])),
+    ("no mapping applies to the run", lambda w, tmp: (["downstream", str(w.run), "downstream.tasks={jargon: x}"],
+                                                      ["downstream.tasks maps none of the run's domains"])),
+    ("a label outside the task's label set", lambda w, tmp: (
+        ["downstream", str(w.run), f"downstream.task_dir={_task_dir(tmp, OUTSIDE_LABEL)}",
+         "downstream.tasks={bible: mytask}"],
+        ["mytask.test.jsonl:2", "label 'c' is not in the task's label set"])),
+    ("a task without a test split", lambda w, tmp: (
+        ["downstream", str(w.run), f"downstream.task_dir={_task_dir(tmp, '', test=False)}",
+         "downstream.tasks={bible: mytask}"], ["mytask.test.jsonl does not exist"])),
+    ("a task line that is not JSON", lambda w, tmp: (
+        ["downstream", str(w.run), f"downstream.task_dir={_task_dir(tmp, '{oops')}", "downstream.tasks={bible: mytask}"],
+        ["mytask.test.jsonl:1", "not a JSON object"])),
+    ("not a run directory", lambda w, tmp: (["downstream", str(tmp / "nope")], [str(tmp / "nope"), "does not exist"])),
+    ("a SeMem run", lambda w, tmp: (["downstream", _semem_copy(w, tmp)], ["is a semem run", "frozen"])),
+    ("an override of what the run trained", lambda w, tmp: (["downstream", str(w.run), "train.steps=3"],
+                                                            ["downstream.* and mesh.* overrides only", "train.*"])),
+    ("seeds not numbers", lambda w, tmp: (["downstream", str(w.run), "--seeds", "a"], ["--seeds 'a'"])),
+    ("an empty learning-rate grid", lambda w, tmp: (["downstream", str(w.run), "downstream.lrs=[]"],
+                                                    ["downstream.lrs"])),
+    ("a pooling the model cannot do", lambda w, tmp: (["downstream", str(w.run), "downstream.pooling=pooler"],
+                                                      ["downstream.pooling=pooler", "no pooler"])),
 ])
 
 

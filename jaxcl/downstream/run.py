@@ -146,6 +146,11 @@ class DownstreamRun:
         self.prompts = (self.settings.prompts if prompts is None else prompts) and self.prompted_model
         self.variant = "prompt" if self.prompts else ("no_prompt" if self.prompted_model else "plain")
         self.seen_only = seen_only
+        from jaxcl.downstream.classifier import resolve_pooling
+        from jaxcl.init_from import parse_init_from, source_model_config
+
+        for row in self.rows:                 # a pooling a row's model cannot do fails before anything is written
+            resolve_pooling(source_model_config(parse_init_from(row.spec)), self.settings.pooling)
         self._tokenizers: dict[str, Any] = {}
         self._mesh, self._rules = None, None
 
@@ -164,9 +169,10 @@ class DownstreamRun:
                                                    if k != "tasks"}}      # a tasks override replaces the mapping
         if recorded is not None:
             try:
-                return config_from_dict(_merge(recorded, extra)), True
+                config_from_dict(recorded)
             except ConfigError as e:
                 raise ConfigError(f"{self.run_dir}/config.yaml: {e}") from None
+            return config_from_dict(_merge(recorded, extra)), True      # an override's error names its key
         if self.hf is None:
             what = "does not exist" if not self.run_dir.exists() else "holds no jaxcl run (no config.yaml)"
             raise RunDirError(f"{self.run_dir} {what}: give a run directory of jaxcl run / jaxcl train, or --hf DIR "
