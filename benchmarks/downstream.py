@@ -204,7 +204,7 @@ def plots(summary: dict, out: Path) -> None:
     width = 0.8 / max(1, len(methods))
     for k, m in enumerate(methods):
         per_task = summary["methods"][m]["final_per_task"]
-        values = [per_task.get(t) or np.nan for t in TASKS]
+        values = [np.nan if per_task.get(t) is None else per_task[t] for t in TASKS]
         ax.bar(np.arange(len(TASKS)) + k * width, values, width, label=m)
     ax.set_xticks(np.arange(len(TASKS)) + width * (len(methods) - 1) / 2, TASKS, rotation=15)
     ax.set_ylabel("test accuracy after the last stage (%)")

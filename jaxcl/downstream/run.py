@@ -450,6 +450,8 @@ class DownstreamRun:
             report = {"method": f"{self.method} downstream ({variant})", "metric": "accuracy",
                       "stages": [r["label"].replace("after ", "") for r in result["rows"]],
                       "eval_on": [t["name"] for t in result["tasks"]], "matrix": acc["matrix"],
+                      "highlight": [(i, j) for j in range(len(result["tasks"])) for i in range(len(result["rows"]))
+                                    if result["seen"][i][j] and (i == 0 or not result["seen"][i - 1][j])],
                       "summary": {"final average": summary["value"]} if summary else {},
                       "intervals": {"matrix": acc["intervals"],
                                     **({"final average": [summary["low"], summary["high"]]} if summary else {})}}

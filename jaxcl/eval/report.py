@@ -67,6 +67,8 @@ def plot_matrix(report: dict[str, Any], path: str | Path) -> Path:
     im = ax.imshow(shown, cmap=cmap, aspect="auto")
     intervals = report.get("intervals") or {}
     cells = intervals.get("matrix")
+    # bold: the cells just learned (default the diagonal: stage i trains eval_on[i]); a report may list others
+    highlight = {tuple(c) for c in report.get("highlight", [(i, i) for i in range(min(m.shape))])}
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
             if np.isfinite(m[i, j]):
@@ -75,7 +77,7 @@ def plot_matrix(report: dict[str, Any], path: str | Path) -> Path:
                     label += f"\n[{cells[i][j][0]:.1f}, {cells[i][j][1]:.1f}]"
                 bright = im.norm(shown[i, j]) > 0.6 if cmap == "viridis" else im.norm(shown[i, j]) < 0.4
                 ax.text(j, i, label, ha="center", va="center", color="black" if bright else "white",
-                        fontweight="bold" if i == j else "normal", fontsize=8 if cells else 9)
+                        fontweight="bold" if (i, j) in highlight else "normal", fontsize=8 if cells else 9)
     ax.set_xticks(range(m.shape[1]), report["eval_on"], rotation=30, ha="right")
     ax.set_yticks(range(m.shape[0]), [f"after {s}" for s in report["stages"]])
     ax.set_xlabel("evaluated on")
