@@ -77,7 +77,10 @@ def runs(tmp_path_factory):
     assert cli.main(["run", str(ROOT / "configs" / "demo.yaml"), *TINY, f"run.dir={seq}"]) == 0
     assert cli.main(["run", str(ROOT / "configs" / "elle" / "demo.yaml"), *TINY, f"run.dir={elle}",
                      "elle.schedule=[{n_layers: 2}]", "elle.warmup_steps=1", "elle.micro_batches=2"]) == 0
-    return {"root": root, "seq": seq, "elle": elle}
+    joint = root / "joint"
+    assert cli.main(["train", str(ROOT / "configs" / "demo.yaml"), *TINY, f"run.dir={joint}", "train.pretrain_steps=3",
+                     "train.steps=3"]) == 0
+    return {"root": root, "seq": seq, "elle": elle, "joint": joint}
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +307,16 @@ def test_a_killed_downstream_run_resumes_to_the_same_matrix(runs, seq_matrix, tm
     for m in ("accuracy", "macro_f1"):
         assert got["variants"]["plain"][m] == want["variants"]["plain"][m]
     assert got["variants"]["plain"]["summary"] == want["variants"]["plain"]["summary"]
+
+
+def test_a_joint_run_has_one_row_its_final_model_with_every_task_seen(runs, tmp_path):
+    from jaxcl.downstream import DownstreamRun
+
+    run = DownstreamRun(runs["joint"], overrides=CELLS, tasks=["bible"], out=tmp_path / "j")
+    assert [(r.name, r.stage, r.trained) for r in run.rows] == [("joint", 0, ("bible", "manpages"))]
+    result = run.run()
+    assert result["method"] == "joint" and result["seen"] == [[True]]
+    block = result["variants"]["plain"]
+    assert block["summary"]["final_row"] == "joint" and block["summary"]["average_over"] == ["bible_books"]
+    assert block["summary"]["average"]["accuracy"]["value"] == block["accuracy"]["matrix"][0][0]
+    assert block["summary"]["forgetting"]["accuracy"] == {}                       # one row: nothing to forget
