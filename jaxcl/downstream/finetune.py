@@ -67,6 +67,15 @@ def _compiled_predict(model_cfg: ModelConfig, pooling: str, with_prompts: bool):
     return make_predict(model_cfg, pooling, with_prompts=with_prompts)
 
 
+def _gather(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-host) sharded array as one host array on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 BUCKET = 32      # batches are cut to the longest text rounded up to a multiple of this (at most 4 shapes at 128)
 
 
@@ -83,9 +92,13 @@ def finetune_steps(n_train: int, settings: DownstreamConfig) -> int:
 
 
 def _put(batch: dict[str, np.ndarray], sharding_2d, sharding_1d) -> dict[str, jax.Array]:
+    """The global batch (the same on every process) as global arrays on the mesh (`device_batch`: each process
+    fills only its own devices' shards, so this holds on a multi-host TPU slice too)."""
     if sharding_2d is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
-    return {k: jax.device_put(v, sharding_2d if v.ndim == 2 else sharding_1d) for k, v in batch.items()}
+    from jaxcl.data.stream import device_batch
+
+    return device_batch(batch, sharding_2d)
 
 
 def finetune(model_cfg: ModelConfig, backbone: Any, task: DownstreamTask, *, tokenizer, settings: DownstreamConfig,
@@ -183,8 +196,8 @@ def finetune(model_cfg: ModelConfig, backbone: Any, task: DownstreamTask, *, tok
             batch = _put({"ids": chunk_ids, "mask": chunk_mask,
                           "prompt_ids": np.full((eb,), 0 if prompt_id is None else prompt_id, np.int32)},
                          sharding_2d, sharding_1d)
-            out.append(np.asarray(jax.device_get(predict(params, batch["ids"], batch["mask"],
-                                                         batch["prompt_ids"], class_mask)))[:n])
+            predicted = predict(params, batch["ids"], batch["mask"], batch["prompt_ids"], class_mask)
+            out.append(np.asarray(_gather(predicted))[:n])
         predictions[split] = np.concatenate(out).astype(np.int32)
     return FinetuneResult(predictions, losses, step, truncated,
                           {"train": train_seconds, "evaluate": time.time() - start},

@@ -31,6 +31,10 @@ fine-tuning, written atomically when it finishes: a killed invocation loses at m
 a rerun reuses every finished cell whose checkpoint and settings still match), `grid/` and `grid.json`,
 `downstream.json` (everything above, rebuilt from all cells on disk), `downstream_<variant>.png` heatmaps
 and `tensorboard/`.
+
+Multi-host (a TPU slice): every process runs the same cells on the run's mesh (`mesh.*`; batches sharded over
+the data axes, parameters as the run laid them out); process 0 reads and writes the files and broadcasts what
+to compute and which learning rates were chosen, so the output directory need only be visible to it.
 """
 
 from __future__ import annotations
@@ -73,6 +77,30 @@ class Row:
     step: int | None          # the checkpoint's global step
     trained: tuple[str, ...]  # domains trained by the end of this row
     identity: str             # a cheap fingerprint of the checkpoint files (meta bytes or the HF config + weights)
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def _from_process_0(value: Any) -> Any:
+    """`value` as process 0 has it (a number or a flat array), on every process: what to compute and which
+    rate was chosen are decided where the files are read and written, so every host runs the same cells."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomic write by process 0 (every process computes the same cells; one writes them)."""
+    if _process_index() == 0:
+        rundir.atomic_write(path, text)
 
 
 def params_checksum(params: Any) -> str:
@@ -340,8 +368,9 @@ class DownstreamRun:
         for name, task in self.tasks.items():
             key = self.settings_key(task, self.tokenizer_for(row))
             entry = grid["tasks"].get(name)
-            if entry and entry["key"] == _sha(key) and entry["lrs"] == lrs and entry["identity"] == row.identity:
-                chosen[name] = entry["lr"]
+            reuse = bool(entry and entry["key"] == _sha(key) and entry["lrs"] == lrs and entry["identity"] == row.identity)
+            if bool(_from_process_0(reuse)):
+                chosen[name] = float(_from_process_0(entry["lr"] if reuse else 0.0))
                 continue
             if len(lrs) == 1:
                 chosen[name] = lrs[0]
@@ -352,22 +381,22 @@ class DownstreamRun:
             for lr in lrs:
                 cell_path = self.out / "grid" / name / f"lr{lr:g}.json"
                 cell = self._read_cell(cell_path, row, key, lr)
-                if cell is None:
+                if bool(_from_process_0(cell is None)):
                     if loaded is None:
                         loaded = self.load(row) + (None,)
                         loaded = (loaded[0], loaded[1], params_checksum(loaded[1]))
                     progress.set_postfix_str(f"grid {name} lr={lr:g}")
                     cell = self._finetune_cell(row, loaded[0], loaded[1], loaded[2], task, self.seeds[0], lr,
                                                self.prompt_id(row, task, self.prompts), ("valid",), key)
-                    rundir.atomic_write(cell_path, json.dumps(cell))
-                scores[lr] = cell["macro_f1"]
+                    _write(cell_path, json.dumps(cell))
+                scores[lr] = float(_from_process_0(cell["macro_f1"] if cell is not None else 0.0))
             best = max(lrs, key=lambda lr: (scores[lr], -lr))
             chosen[name] = best
             grid["tasks"][name] = {"lr": best, "lrs": lrs, "key": _sha(key), "identity": row.identity, "row": row.name,
                                    "seed": self.seeds[0], "prompts": self.prompts,
                                    "valid_macro_f1": {f"{lr:g}": scores[lr] for lr in lrs}}
-            rundir.atomic_write(path, json.dumps(grid, indent=2))
-        rundir.atomic_write(path, json.dumps(grid, indent=2))
+            _write(path, json.dumps(grid, indent=2))
+        _write(path, json.dumps(grid, indent=2))
         return chosen
 
     # ------------------------------------------------------------------ the run
@@ -379,7 +408,8 @@ class DownstreamRun:
         """Fine-tune every missing cell, then rebuild downstream.json, the heatmaps and TensorBoard."""
         from tqdm.auto import tqdm
 
-        self.out.mkdir(parents=True, exist_ok=True)
+        if _process_index() == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
         start = time.time()
         cells = self.planned_cells()
         with tqdm(total=len(cells), desc="downstream", dynamic_ncols=True) as progress:
@@ -388,7 +418,7 @@ class DownstreamRun:
             for row, task, seed in cells:
                 key = self.settings_key(task, self.tokenizer_for(row))
                 path = self.cell_path(self.variant, row, task.name, seed)
-                if self._read_cell(path, row, key, lrs[task.name]) is None:
+                if bool(_from_process_0(self._read_cell(path, row, key, lrs[task.name]) is None)):
                     if current is None or current[0] != row:
                         current = None                                   # free the previous row's params
                         model_cfg, params = self.load(row)
@@ -396,13 +426,14 @@ class DownstreamRun:
                     progress.set_postfix_str(f"{row.name} {task.name} seed {seed}")
                     cell = self._finetune_cell(row, current[1], current[2], current[3], task, seed, lrs[task.name],
                                                self.prompt_id(row, task, self.prompts), ("test",), key)
-                    rundir.atomic_write(path, json.dumps(cell))
+                    _write(path, json.dumps(cell))
                 progress.update(1)
         result = self.summarize(lrs)
         result["seconds_this_invocation"] = time.time() - start
-        rundir.atomic_write(self.out / "downstream.json", json.dumps(result, indent=2))
-        self._plots(result)
-        self._tensorboard(result)
+        _write(self.out / "downstream.json", json.dumps(result, indent=2))
+        if _process_index() == 0:
+            self._plots(result)
+            self._tensorboard(result)
         return result
 
     # ------------------------------------------------------------------ results
