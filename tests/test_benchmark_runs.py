@@ -227,3 +227,69 @@ def test_committed_semem_measurement_regenerates_its_summary():
             for d, nll in per_domain.items():
                 assert len(nll) == 64 and m["policies"][name]["test_perplexity"][d] == \
                     pytest.approx(np.exp(np.mean(nll)), rel=1e-6)
+
+
+def _downstream_module():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("bench_downstream", ROOT / "benchmarks" / "downstream.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_downstream_benchmark_claims_from_synthetic_pieces(tmp_path):
+    """`benchmarks/downstream.py`'s summary: final averages, ELLE - baseline and the prompt ablation paired over
+    texts, forgetting = best after learning - final, merged over seeds, from pieces as run_piece leaves them."""
+    from jaxcl.config import DownstreamConfig, config_to_dict
+    from jaxcl.data.classification import load_task
+    from jaxcl.data.corpus import DOMAINS
+
+    module = _downstream_module()
+    settings = config_to_dict(DownstreamConfig(max_test_texts=40))
+    tasks = {d: t for d, t in DownstreamConfig().tasks.items()}
+    labels = {t: load_task(t, "test") for t in tasks.values()}
+    from jaxcl.downstream.tasks import _subset
+
+    labels = {t: _subset(s, 40, f"{t}/test").labels for t, s in labels.items()}
+
+    def piece(method, seed, variants):
+        d = tmp_path / f"{method}-seed{seed}"
+        rows = [{"name": f"stage{i}", "label": f"after {dom}", "spec": "x", "stage": i, "step": i,
+                 "trained": list(DOMAINS[:i + 1]), "identity": "i"} for i, dom in enumerate(DOMAINS)]
+        (d / "downstream").mkdir(parents=True)
+        (d / "downstream" / "downstream.json").write_text(json.dumps({"rows": rows, "settings": settings,
+                                                                       "lr": {t: 1e-3 for t in labels}}))
+        (d / "piece.json").write_text(json.dumps({"method": method, "seed": seed, "seconds": 60.0}))
+        for variant, right_at_end in variants.items():
+            for i, dom in enumerate(DOMAINS):
+                for domain, task in tasks.items():
+                    if DOMAINS.index(domain) > i:
+                        continue
+                    y = labels[task]
+                    right = right_at_end if i == len(DOMAINS) - 1 else 1.0
+                    k = int(round(right * len(y)))
+                    pred = np.concatenate([y[:k], (y[k:] + 1) % 4]).tolist()
+                    cell = d / "downstream" / "cells" / variant / f"stage{i}" / task / f"seed{seed}.json"
+                    cell.parent.mkdir(parents=True, exist_ok=True)
+                    cell.write_text(json.dumps({"row": f"stage{i}", "task": task, "seed": seed, "predictions": pred,
+                                                "accuracy": 100.0 * k / len(y),
+                                                "checkpoint": {"fingerprint": f"{method}{seed}{i}"}}))
+
+    import numpy as np
+
+    for seed in (0, 1):
+        piece("elle", seed, {"prompt": 1.0, "no_prompt": 0.5})
+        piece("sequential", seed, {"plain": 0.0})
+    out = module.analyse(tmp_path, resamples=300)
+    elle, seq = out["methods"]["elle"], out["methods"]["sequential"]
+    assert elle["seeds"] == [0, 1] and elle["variant"] == "prompt"
+    assert elle["final_average"]["accuracy"]["value"] == 100.0 and seq["final_average"]["accuracy"]["value"] == 0.0
+    assert elle["prompt_ablation"]["accuracy"]["value"] == pytest.approx(50.0, abs=1.0)
+    assert out["elle_minus"]["sequential"]["accuracy"] == {"value": 100.0, "low": 100.0, "high": 100.0}
+    assert seq["forgetting"]["accuracy"]["bible_books"]["value"] == 100.0
+    assert elle["forgetting"]["accuracy"]["bible_books"]["value"] == 0.0
+    assert out["total_minutes"] == 4.0
+    module.plots(out, tmp_path)
+    assert (tmp_path / "downstream_final.png").is_file() and (tmp_path / "downstream_forgetting.png").is_file()
