@@ -136,14 +136,19 @@ def test_attention_benchmark_sides_agree_with_torch_sdpa(tmp_path):
         assert len(record["seconds_per_call"][side]) == 2
 
 
-def _semem_stream_module():
+def _benchmark_module(name: str):
+    """benchmarks/<name>.py as a module (the repository root on sys.path, as when it runs as a script)."""
     import sys
 
     sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location("semem_stream", ROOT / "benchmarks" / "semem_stream.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _semem_stream_module():
+    return _benchmark_module("semem_stream")
 
 
 def _semem_model(tag, params, lm_test, shift, sizes, quarters, chosen="semem@-3"):
@@ -229,16 +234,6 @@ def test_committed_semem_measurement_regenerates_its_summary():
                     pytest.approx(np.exp(np.mean(nll)), rel=1e-6)
 
 
-def _downstream_module():
-    import sys
-
-    sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location("bench_downstream", ROOT / "benchmarks" / "downstream.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_downstream_benchmark_claims_from_synthetic_pieces(tmp_path):
     """`benchmarks/downstream.py`'s summary: final averages, ELLE - baseline and the prompt ablation paired over
     texts, forgetting = best after learning - final, merged over seeds, from pieces as run_piece leaves them."""
@@ -246,7 +241,7 @@ def test_downstream_benchmark_claims_from_synthetic_pieces(tmp_path):
     from jaxcl.data.classification import load_task
     from jaxcl.data.corpus import DOMAINS
 
-    module = _downstream_module()
+    module = _benchmark_module("downstream")
     settings = config_to_dict(DownstreamConfig(max_test_texts=40))
     tasks = {d: t for d, t in DownstreamConfig().tasks.items()}
     labels = {t: load_task(t, "test") for t in tasks.values()}
