@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxcl.config import ConfigError, DownstreamConfig
 from jaxcl.data.classification import SHIPPED_TASKS, TaskSplit, load_task
+from jaxcl.eval.metrics import seed_from_text
 
 __all__ = ["DownstreamTask", "resolve_tasks", "read_task_dir"]
 
@@ -51,14 +52,8 @@ def _subset(split: TaskSplit, n: int, seed: str) -> TaskSplit:
     """A fixed seeded choice of `n` examples (all when n <= 0 or the split is smaller), in file order."""
     if n <= 0 or len(split) <= n:
         return split
-    keep = np.sort(np.random.default_rng(_seed_of(seed)).permutation(len(split))[:n])
+    keep = np.sort(np.random.default_rng(seed_from_text(seed)).permutation(len(split))[:n])
     return dataclasses.replace(split, texts=tuple(split.texts[i] for i in keep), labels=split.labels[keep])
-
-
-def _seed_of(text: str) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
 def read_task_dir(directory: str | Path, task: str, max_valid_texts: int) -> dict[str, TaskSplit]:
@@ -116,7 +111,7 @@ def read_task_dir(directory: str | Path, task: str, max_valid_texts: int) -> dic
     if "valid" not in splits:          # a fixed 10 % of train (at most max_valid_texts) becomes validation
         train = splits["train"]
         n_valid = max(1, min(max_valid_texts, len(train) // 10))
-        order = np.random.default_rng(_seed_of(f"valid/{task}")).permutation(len(train))
+        order = np.random.default_rng(seed_from_text(f"valid/{task}")).permutation(len(train))
         held, kept = np.sort(order[:n_valid]), np.sort(order[n_valid:])
         splits["valid"] = TaskSplit(task, "valid", tuple(train.texts[i] for i in held), train.labels[held], names)
         splits["train"] = TaskSplit(task, "train", tuple(train.texts[i] for i in kept), train.labels[kept], names)

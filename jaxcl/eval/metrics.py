@@ -299,13 +299,18 @@ def classification_scores(predictions: Any, labels: Any, n_classes: int, draws: 
 def text_draws(n: int, resamples: int, seed: int | str) -> Any:
     """`[resamples, n]` bootstrap indices over `n` texts from a generator seeded by `seed` (an int, or a string
     such as a task name, hashed): the same draws for every score of a task keep comparisons paired."""
-    import hashlib
-
     import numpy as np
 
     if isinstance(seed, str):
-        seed = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "little")
+        seed = seed_from_text(seed)
     return np.random.default_rng(seed).integers(n, size=(resamples, n))
+
+
+def seed_from_text(text: str) -> int:
+    """A 64-bit generator seed from a name (sha256): fixed draws per task without a seed table."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
 def percentile_interval(values: Any, level: float = 0.95) -> list[float]:
