@@ -23,7 +23,7 @@ from jaxcl.atomic_io import atomic_write_file
 from jaxcl.models.config import ConfigError, ModelConfig
 
 __all__ = ["ConfigError", "Config", "RunConfig", "DataConfig", "OptimConfig", "TrainConfig", "MeshConfig",
-           "CheckpointConfig", "DownstreamConfig", "ElleConfig", "GrowthTarget", "SememConfig", "SlmConfig", "load_config", "config_from_dict",
+           "CheckpointConfig", "DownstreamConfig", "EwcConfig", "LwfConfig", "MemoryConfig", "StrategiesConfig", "ElleConfig", "GrowthTarget", "SememConfig", "SlmConfig", "load_config", "config_from_dict",
            "config_to_dict", "parse_overrides", "save_config"]
 
 
@@ -42,6 +42,8 @@ class RunConfig:
     dir: str | None = None            # default: runs/<name>
     seed: int = 0
     method: str = "sequential"        # sequential | elle | semem | slm
+    strategies: tuple[str, ...] = ()  # continual-learning strategies on the run's loop, composed in this order:
+                                      # ewc, lwf, agem, replay (jaxcl.strategies), or "package.module:Class"
 
     def __post_init__(self):
         name = self.name.strip()
@@ -52,6 +54,8 @@ class RunConfig:
             raise ConfigError("run.dir is empty: give a directory path (or leave it out for runs/<run.name>)")
         if not 0 <= self.seed < 2 ** 63:
             raise ConfigError(f"run.seed must be in 0..2**63-1, got {self.seed}")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ConfigError(f"run.strategies names a strategy twice: {list(self.strategies)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,6 +449,71 @@ class DownstreamConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EwcConfig:
+    """Elastic weight consolidation (Kirkpatrick et al. 2017, PNAS; online: Schwarz et al. 2018, ICML)."""
+
+    strength: float = 1.0e4            # lambda: the penalty is lambda/2 * sum F (theta - theta*)^2
+    fisher_batches: int = 4            # batches of the finished stage's domain the empirical Fisher averages
+    online: bool = True                # online EWC: F <- decay * F + F_new, anchor <- the latest model;
+                                       # false: the sum of one penalty per earlier stage (Kirkpatrick)
+    decay: float = 1.0                 # gamma of online EWC
+
+    def __post_init__(self):
+        if self.strength < 0:
+            raise ConfigError(f"strategies.ewc.strength must be >= 0, got {self.strength}")
+        _at_least(self, "strategies.ewc", fisher_batches=1)
+        if not 0.0 <= self.decay <= 1.0:
+            raise ConfigError(f"strategies.ewc.decay must be in [0, 1], got {self.decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LwfConfig:
+    """Logit distillation from the previous stage's model (LwF: Li & Hoiem 2017, TPAMI)."""
+
+    strength: float = 1.0              # weight of the distillation term beside the task NLL
+    temperature: float = 2.0           # both distributions softened by T; the term is scaled by T^2 (Hinton 2015)
+
+    def __post_init__(self):
+        if self.strength < 0:
+            raise ConfigError(f"strategies.lwf.strength must be >= 0, got {self.strength}")
+        if not self.temperature > 0:
+            raise ConfigError(f"strategies.lwf.temperature must be > 0, got {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """An episodic memory of earlier domains' training sequences (experience replay, A-GEM)."""
+
+    memory_fraction: float = 0.1       # share of each domain's training sequences kept
+    ratio: float = 0.1                 # replay: expected share of micro-batches replaced by memory batches
+    micro_batches: int = 16            # replay: micro-batches per global batch (the replacement granularity)
+    reference_batch_size: int = 0      # A-GEM: memory rows of the reference gradient (0 = data.batch_size)
+
+    def check(self, name: str) -> None:
+        """ConfigError naming `name.key` (the section is shared by strategies.agem and strategies.replay)."""
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ConfigError(f"{name}.memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"{name}.ratio must be in [0, 1), got {self.ratio}")
+        _at_least(self, name, micro_batches=1, reference_batch_size=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategiesConfig:
+    """The knobs of the strategies `run.strategies` turns on (a section no strategy reads is ignored)."""
+
+    ewc: EwcConfig = EwcConfig()
+    lwf: LwfConfig = LwfConfig()
+    agem: MemoryConfig = MemoryConfig()
+    replay: MemoryConfig = MemoryConfig()
+    options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)   # users' strategies, by name
+
+    def __post_init__(self):
+        self.agem.check("strategies.agem")
+        self.replay.check("strategies.replay")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a `jaxcl run` needs."""
 
@@ -459,6 +528,7 @@ class Config:
     semem: SememConfig = SememConfig()
     slm: SlmConfig = SlmConfig()
     downstream: DownstreamConfig = DownstreamConfig()
+    strategies: StrategiesConfig = StrategiesConfig()
     # `model.init_from` in YAML and on the command line (it lives beside the architecture it replaces, but
     # is not part of ModelConfig, which describes an architecture and keys compiled functions): an HF
     # checkpoint directory or a jaxcl run directory (PATH, PATH@STEP, PATH@stageN); see jaxcl.init_from.

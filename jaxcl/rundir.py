@@ -72,7 +72,7 @@ UNUSED_SECTIONS: dict[str, tuple[str, ...]] = {
     "sequential": ("elle", "semem", "slm"),
     "joint": ("elle", "semem", "slm"),
     "elle": ("semem", "slm"),
-    "semem": ("elle", "slm"),
+    "semem": ("elle", "slm", "strategies"),
     "slm": ("elle", "semem"),
 }
 

@@ -12,6 +12,12 @@ if "JAXCL_CACHE_DIR" not in os.environ:                # the token cache of this
     import tempfile
     os.environ["JAXCL_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcl-test-tokens-")
 
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:       # one XLA compilation cache for the session: the pytest
+    import tempfile                                     # workers and the subprocesses tests start (kill/resume,
+                                                        # CLI) reuse what another compiled; results are unchanged
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxcl-test-xla-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -239,6 +239,14 @@ OVERRIDES = [
     ("data.batch_size=99999999999999999999", "data.batch_size=99999999999999999999 is too large"),
     ("model.max_seq_len=9999999999", "model.max_seq_len=9999999999 is too large"),
     ("model.rope_theta=-1", "model.rope_theta must be > 0"),
+    ("run.strategies=[bogus]", "run.strategies: unknown strategy 'bogus'"),
+    ("run.strategies=[os:path]", "run.strategies: 'os:path' is not a jaxcl.train.strategy.Strategy subclass"),
+    ("run.strategies=[no.such.module:X]", "run.strategies: cannot import 'no.such.module:X'"),
+    ("strategies.ewc.strength=-1", "strategies.ewc.strength must be >= 0, got -1.0"),
+    ("strategies.lwf.temperature=0", "strategies.lwf.temperature must be > 0"),
+    ("strategies.agem.memory_fraction=0", "strategies.agem.memory_fraction must be in (0, 1]"),
+    ("strategies.replay.ratio=1", "strategies.replay.ratio must be in [0, 1)"),
+    ("strategies.ewc.lambda=3", "unknown config key(s): strategies.ewc.lambda"),
 ]
 cases("override", [(o, (lambda o, e: lambda w, tmp: (run_argv(tmp, o), [e]))(o, e)) for o, e in OVERRIDES])
 
@@ -253,6 +261,14 @@ def _file(tmp: Path) -> str:
 
 
 cases("override", [
+    ("replay on an ELLE run", lambda w, tmp: (run_argv(tmp, "run.method=elle", "elle.micro_batches=8",
+                                                        "run.strategies=[replay]"), ["replay on an ELLE run"])),
+    ("A-GEM on a SeMem run", lambda w, tmp: (run_argv(tmp, "run.method=semem", "run.strategies=[agem]"),
+                                             ["SeMem keeps its LM frozen"])),
+    ("EWC on a joint run", lambda w, tmp: (["train", DEMO, *SMALL, f"run.dir={tmp / 'run'}", "run.strategies=[ewc]"],
+                                           ["a joint run has one stage"])),
+    ("replay micro-batches", lambda w, tmp: (run_argv(tmp, "run.strategies=[replay]", "strategies.replay.micro_batches=3"),
+                                             ["strategies.replay.micro_batches=3 must divide"])),
     ("an ELLE schedule that shrinks", lambda w, tmp: (
         run_argv(tmp, "run.method=elle", "elle.micro_batches=8", "elle.schedule=[{d_model: 16}]"),
         ["elle.schedule[0]", "shrink"])),

@@ -184,8 +184,8 @@ class _Recording(ElleRun):
         super().__init__(cfg)
         self.batches = []
 
-    def train_step_fn(self, model_cfg, tx, shardings):
-        step = super().train_step_fn(model_cfg, tx, shardings)
+    def train_step_fn(self, model_cfg, tx, shardings, **kw):
+        step = super().train_step_fn(model_cfg, tx, shardings, **kw)
 
         def recorded(state, batch, rng):
             self.batches.append((self.replay["stage"], self.replay["phase"], np.asarray(batch["input_ids"]),

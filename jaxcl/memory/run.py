@@ -79,6 +79,9 @@ class SememRun(ContinualRun):
     method = "semem"
 
     def __init__(self, cfg: Config):
+        if cfg.run.strategies:
+            raise ConfigError(f"run.strategies={list(cfg.run.strategies)}: SeMem keeps its LM frozen while it "
+                              "memorizes, so no training strategy applies; leave run.strategies empty")
         if cfg.data.mixture:
             raise ConfigError("data.mixture: SeMem streams its domains chunk by chunk and pre-trains on the pasts "
                               "jointly; it takes no mixture (remove data.mixture)")

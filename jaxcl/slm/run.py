@@ -85,6 +85,9 @@ class SlmRun:
     method = "slm"
 
     def __init__(self, cfg: Config):
+        if cfg.run.strategies:
+            raise ConfigError(f"run.strategies={list(cfg.run.strategies)}: strategies do not run on SLM's path yet "
+                              "(only on the sequential and ELLE loops); leave run.strategies empty")
         self.cfg, self.scfg = cfg, cfg.slm
         self.run_dir = cfg.run_dir()
         cache = Path(self.scfg.cache_dir) if self.scfg.cache_dir else None

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 
 from jaxcl.config import CheckpointConfig
 from jaxcl.errors import CheckpointError, reading, root_message
+from jaxcl.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,17 @@ def restore_params(directory: str | Path, step: int, shapes: Any, shardings: Any
     return out["state"]["params"]
 
 
+def _saved_tree(state: Any) -> Any:
+    """What is written for `state`: a TrainState as the dict of its fields, without `strategy` when no strategy
+    keeps device state (so checkpoints of runs without strategies keep the layout they always had)."""
+    if not isinstance(state, TrainState):
+        return state
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if state.strategy:
+        tree["strategy"] = state.strategy
+    return tree
+
+
 class Checkpointer:
     """`save(step, state, meta)` / `restore(step, abstract_state)`; steps are global and increasing.
 
@@ -132,7 +144,7 @@ class Checkpointer:
         changed the lists inside it.
         """
         meta = json.loads(json.dumps(meta))
-        saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_saved_tree(state)),
                                                                 meta=ocp.args.JsonSave(meta)), force=force)
         if saved:
             log.info("checkpoint %d -> %s", step, self.directory)
@@ -151,8 +163,11 @@ class Checkpointer:
         """State placed on the shardings in `abstract_state` (may differ from the saving mesh), and meta."""
         with _reading(self.directory, step):
             out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+                state=ocp.args.StandardRestore(_saved_tree(abstract_state)), meta=ocp.args.JsonRestore()))
+        state = out["state"]
+        if isinstance(abstract_state, TrainState):
+            state = TrainState(**state) if "strategy" in state else TrainState(**state, strategy={})
+        return state, out["meta"]
 
     def reached_preemption(self, step: int) -> bool:
         """True when the TPU runtime announced a preemption (all hosts agree on the step)."""

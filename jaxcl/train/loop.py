@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxcl import rundir
 from jaxcl.config import Config, ConfigError, TrainConfig, config_to_dict
@@ -38,6 +39,7 @@ from jaxcl.train.checkpoint import Checkpointer, abstract_like
 from jaxcl.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxcl.train.state import TrainState, create_train_state, state_shardings
 from jaxcl.train.step import DEFAULT_BATCH_KEYS, make_eval_step, make_loss_fn, make_train_step
+from jaxcl.train.strategy import resolve_strategies
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,13 @@ class ContinualRun:
         self._optimizers: dict[int, Any] = {}
         self._stop: dict = {"signal": None}
         self._ckpt: Checkpointer | None = None
+        self.strategies = resolve_strategies(cfg)      # jaxcl.train.strategy: run.strategies, in order
+        self._strategy_carry: dict[str, Any] = {}     # strategies' device state handed from one stage to the next
+        if self.strategies and len(self.stages) < 2:
+            raise ConfigError(f"run.strategies={list(cfg.run.strategies)}: a {self.method} run has one stage, and "
+                              "strategies act between stages; leave run.strategies empty")
+        for strategy in self.strategies:
+            strategy.check(self)
 
     # ------------------------------------------------------------------ data
     def _tokenize(self, source) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -213,18 +222,70 @@ class ContinualRun:
         """The run's optimizer for a stage of `steps` steps; one object per length, so that train steps
         compiled for it are shared (ELLE's warmup and the stage after it use the same schedule)."""
         if steps not in self._optimizers:
-            self._optimizers[steps] = make_optimizer(self.cfg.optim, steps)
+            transforms = [t for t in (s.gradient_transformation(self) for s in self.strategies) if t is not None]
+            base = make_optimizer(self.cfg.optim, steps)
+            self._optimizers[steps] = optax.chain(*transforms, base) if transforms else base
         return self._optimizers[steps]
 
-    def train_step_fn(self, model_cfg: ModelConfig, tx, shardings: TrainState):
+    def train_step_fn(self, model_cfg: ModelConfig, tx, shardings: TrainState, with_strategies: bool = False):
         """The jitted train step for an architecture and optimizer object (compiled once per pair; the
-        shardings are a function of both on this run's mesh)."""
-        key = (model_cfg, id(tx))
+        shardings are a function of both on this run's mesh); `with_strategies`: with the strategies' loss
+        terms and reference batch (stages >= 1)."""
+        key = (model_cfg, id(tx), with_strategies)
         if key not in self._train_steps:
+            terms = [(s.name, t) for s in self.strategies if with_strategies
+                     for t in [s.loss_term(self, model_cfg)] if t is not None]
+            reference = with_strategies and any(s.uses_reference_batch for s in self.strategies)
             step = make_train_step(model_cfg, tx, self.mesh, shardings, self.rules, loss_fn=self.loss_fn(model_cfg),
-                                   batch_keys=self.batch_keys(model_cfg))
+                                   batch_keys=self.batch_keys(model_cfg), terms=terms, reference=reference)
             self._train_steps[key] = (tx, step)      # keeps tx alive, so its id is never reused
         return self._train_steps[key][1]
+
+    # ------------------------------------------------------------------ strategies (jaxcl.train.strategy)
+    def strategies_active(self, stage: int) -> bool:
+        """Strategies act from stage 1 on (stage 0 has no earlier domain)."""
+        return bool(self.strategies) and stage >= 1
+
+    def _strategy_shardings(self, state: dict[str, Any], param_shardings: Any) -> dict[str, Any]:
+        """Every mirror is sharded exactly like the params it mirrors."""
+        return {name: {m: param_shardings for m in mirrors} for name, mirrors in state.items()}
+
+    def _strategy_abstract(self, mirrors: dict[str, list[str]], model_cfg: ModelConfig) -> dict[str, Any]:
+        shapes = abstract_params(model_cfg)
+        return {name: {m: shapes for m in ms} for name, ms in mirrors.items()}
+
+    def _begin_strategies(self, stage: int, model_cfg: ModelConfig, state: TrainState,
+                          shardings: TrainState) -> tuple[TrainState, TrainState]:
+        """The strategies' device state for training `stage`, in the TrainState and its shardings."""
+        if not self.strategies_active(stage):
+            return state, shardings
+        sstate = {}
+        for s in self.strategies:
+            out = s.begin_stage(self, stage, model_cfg, state.params, self._strategy_carry.get(s.name),
+                                shardings.params)
+            if out:
+                sstate[s.name] = out
+        sstate = jax.device_put(sstate, self._strategy_shardings(sstate, shardings.params))
+        return state.replace(strategy=sstate), shardings.replace(
+            strategy=self._strategy_shardings(sstate, shardings.params))
+
+    def _end_strategies(self, stage: int, model_cfg: ModelConfig, state: TrainState,
+                        shardings: TrainState) -> tuple[TrainState, TrainState]:
+        """After `stage`: each strategy's state for the next stage (e.g. the Fisher of the finished
+        stage), its FLOPs added to the stage's; the returned TrainState carries it into the stage-end
+        checkpoint. Nothing is computed after the last stage."""
+        if not self.strategies or stage == len(self.stages) - 1:
+            return state, shardings
+        carry = {}
+        for s in self.strategies:
+            out, flops = s.end_stage(self, stage, model_cfg, state.params, state.strategy.get(s.name),
+                                     shardings.params)
+            self.stage_flops[stage] += flops
+            if out:
+                carry[s.name] = out
+        self._strategy_carry = carry
+        return state.replace(strategy=carry), shardings.replace(
+            strategy=self._strategy_shardings(carry, shardings.params))
 
     def stop_requested(self) -> bool:
         """Whether a preemption signal arrived (agreed across processes); pending saves are flushed first
@@ -318,6 +379,8 @@ class ContinualRun:
                                                          # state has been read (a damaged checkpoint changes nothing)
             self.stage_flops = list(meta.get("stage_flops", []))
             self.load_method_state(meta.get("method_state", {}))
+            for s in self.strategies:
+                s.load_host_state(meta.get("strategies", {}).get(s.name, {}))
             log.info("resuming from checkpoint %d (stage %d, step %d)", latest, meta["stage"], meta["stage_step"])
         else:
             truncate_to = None
@@ -340,7 +403,11 @@ class ContinualRun:
                 shardings = state_shardings(restore_cfg, restore_tx, self.mesh, self.rules)
                 shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
                                                              opt_state=restore_tx.init(p)), abstract_params(restore_cfg))
+                mirrors = meta.get("strategy_mirrors", {})
+                shapes = shapes.replace(strategy=self._strategy_abstract(mirrors, restore_cfg))
+                shardings = shardings.replace(strategy=self._strategy_shardings(mirrors, shardings.params))
                 restored, _ = ckpt.restore(latest, abstract_like(shapes, shardings))
+                self._strategy_carry = {} if resume_here else dict(restored.strategy)
                 metrics.truncate(truncate_to)
                 truncate_to = None
                 params = restored.params
@@ -358,6 +425,7 @@ class ContinualRun:
                 model_cfg, params = self.stage_model(stage, model_cfg, params)
                 state, shardings = create_train_state(model_cfg, tx, jax.random.key(cfg.run.seed), self.mesh,
                                                       self.rules, params=params)
+                state, shardings = self._begin_strategies(stage, model_cfg, state, shardings)
             else:
                 state = restored
             if stage == first_stage:
@@ -366,6 +434,7 @@ class ContinualRun:
             state, preempted = self._train_stage(stage, domain, steps, model_cfg, tx, state, shardings, stream, ckpt,
                                                  metrics, stop, matrix, initial, architectures)
             params = state.params
+            state, shardings = self._end_strategies(stage, model_cfg, state, shardings)
             row = self.evaluate(model_cfg, params, shardings.params)
             for d, v in row.items():
                 metrics.write(kind="eval", stage=domain, stage_index=stage, domain=d,
@@ -373,7 +442,7 @@ class ContinualRun:
             matrix.append([row[d]["perplexity"] for d in self.domains])
             architectures.append(_architecture(model_cfg))
             ckpt.save(self._global_step(stage, steps), state,
-                      self._meta(stage, steps, True, model_cfg, stream, matrix, initial, architectures))
+                      self._meta(stage, steps, True, model_cfg, stream, matrix, initial, architectures, state.strategy))
             log.info("after stage %d (%s): %s", stage, domain,
                      ", ".join(f"{d}={row[d]['perplexity']:.2f}" for d in self.domains))
             if preempted:      # the signal came on the stage's last step: the stage is saved as completed
@@ -387,10 +456,12 @@ class ContinualRun:
     def _train_stage(self, stage, domain, steps, model_cfg, tx, state, shardings, stream, ckpt, metrics, stop,
                      matrix, initial, architectures) -> TrainState:
         cfg = self.cfg
-        train_step = self.train_step_fn(model_cfg, tx, shardings)
+        active = self.strategies_active(stage)
+        train_step = self.train_step_fn(model_cfg, tx, shardings, with_strategies=active)
         while len(self.stage_flops) <= stage:
             self.stage_flops.append(0.0)
-        flops = self.step_flops(model_cfg)
+        flops = self.step_flops(model_cfg) + (sum(s.step_flops(self, model_cfg) for s in self.strategies)
+                                              if active else 0.0)
         schedule = learning_rate_schedule(cfg.optim, steps)
         sharding = batch_sharding(self.mesh, self.rules)
         rng = jax.random.fold_in(jax.random.key(cfg.run.seed), stage)
@@ -399,7 +470,10 @@ class ContinualRun:
         t_last, tokens_since = time.time(), 0.0
         for step in range(first, steps):
             batch = self.domain_batch(domain, self.next_batch(stage, stream), model_cfg)
-            state, m = train_step(state, device_batch(batch, sharding), rng)
+            if active:
+                state, m = self._strategy_step(train_step, stage, step, model_cfg, state, batch, rng, sharding)
+            else:
+                state, m = train_step(state, device_batch(batch, sharding), rng)
             tokens_since += cfg.data.batch_size * cfg.data.seq_len
             self.stage_flops[stage] += flops
             bar.update()
@@ -412,9 +486,11 @@ class ContinualRun:
                 self.train_seconds += now - t_last
                 t_last, tokens_since = now, 0.0
                 bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+                penalties = {k: float(v) for k, v in m.items() if k.startswith("penalty/") or k == "reference_cosine"}
                 metrics.write(kind="train", stage=domain, stage_index=stage, step=done,
                               global_step=self._global_step(stage, done), loss=float(m["loss"]),
-                              grad_norm=float(m["grad_norm"]), lr=float(schedule(step)), tokens_per_s=rate)
+                              grad_norm=float(m["grad_norm"]), lr=float(schedule(step)), tokens_per_s=rate,
+                              **penalties)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
                 for d, v in self.evaluate(model_cfg, state.params, shardings.params).items():
                     metrics.write(kind="eval_step", stage=domain, stage_index=stage, domain=d, step=done,
@@ -425,7 +501,8 @@ class ContinualRun:
             periodic = cfg.checkpoint.every and done % cfg.checkpoint.every == 0
             if periodic or preempted:
                 ckpt.save(self._global_step(stage, done), state,
-                          self._meta(stage, done, False, model_cfg, stream, matrix, initial, architectures))
+                          self._meta(stage, done, False, model_cfg, stream, matrix, initial, architectures,
+                                     state.strategy))
             if preempted:
                 ckpt.wait()
                 bar.close()
@@ -434,12 +511,28 @@ class ContinualRun:
         bar.close()
         return state, first < steps and preempted
 
-    def _meta(self, stage, stage_step, completed, model_cfg, stream, matrix, initial, architectures):
+    def _strategy_step(self, train_step, stage, step, model_cfg, state, batch, rng, sharding):
+        """One step with the strategies: their batch composition (in `run.strategies` order) and, if one
+        takes it, the reference batch (the same on every process: pure functions of seed, stage, step)."""
+        for s in self.strategies:
+            batch = s.compose_batch(self, stage, step, batch)
+        args = [state, device_batch(batch, sharding), rng]
+        if any(s.uses_reference_batch for s in self.strategies):
+            references = [r for r in (s.reference_batch(self, stage, step, model_cfg) for s in self.strategies
+                                      if s.uses_reference_batch) if r is not None]
+            reference = references[0] if references else batch     # empty memory: the task's own gradient
+            args.append(device_batch(reference, sharding))
+        return train_step(*args)
+
+    def _meta(self, stage, stage_step, completed, model_cfg, stream, matrix, initial, architectures,
+              strategy_tree=None):
         return {"stage": stage, "stage_step": stage_step, "completed": completed, "method": self.method,
                 "stages": list(self.stages), "domains": list(self.domains),
                 "model": config_to_dict(model_cfg), "stream": stream.state(), "matrix": matrix, "initial": initial,
                 "architectures": architectures, "train_seconds": self.train_seconds,
                 "stage_flops": self.stage_flops, "method_state": self.method_state(),
+                "strategies": {s.name: s.host_state() for s in self.strategies},
+                "strategy_mirrors": {name: sorted(tree) for name, tree in (strategy_tree or {}).items()},
                 "config": config_to_dict(self.cfg),
                 "metrics_offset": self._metrics_log.offset(), "invocations": self._invocations()}
 

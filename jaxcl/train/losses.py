@@ -19,12 +19,18 @@ def causal_lm_nll(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.A
     gradient would pad and scatter them back; each position's value is the same either way.
     """
     targets = jnp.roll(input_ids, -1, axis=1)                  # position t predicts token t+1
+    weights = causal_lm_weights(input_ids, attention_mask)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets) * weights
+    return jnp.sum(nll), jnp.sum(weights), nll[:, :-1]
+
+
+def causal_lm_weights(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    """[batch, seq] float32: 1 where position t is scored (it and t+1 are real tokens, t is not last), else 0."""
     last = jnp.arange(input_ids.shape[1]) < input_ids.shape[1] - 1
     weights = jnp.broadcast_to(last, input_ids.shape).astype(jnp.float32)
     if attention_mask is not None:
         weights = weights * (attention_mask * jnp.roll(attention_mask, -1, axis=1)).astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets) * weights
-    return jnp.sum(nll), jnp.sum(weights), nll[:, :-1]
+    return weights
 
 
 def masked_lm_nll(logits: jax.Array, labels: jax.Array, label_mask: jax.Array):

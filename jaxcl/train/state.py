@@ -18,11 +18,14 @@ from jaxcl.parallel import logical_to_sharding
 
 @struct.dataclass
 class TrainState:
-    """step (int32 scalar), params (plain dict), opt_state (optax state mirroring params)."""
+    """step (int32 scalar), params (plain dict), opt_state (optax state mirroring params), strategy
+    (`{strategy name: {mirror: params-shaped tree}}`: the device state of the run's strategies,
+    `jaxcl.train.strategy`; empty without strategies)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
+    strategy: Any = struct.field(default_factory=dict)
 
 
 def _boxed_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
