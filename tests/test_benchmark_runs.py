@@ -288,3 +288,12 @@ def test_downstream_benchmark_claims_from_synthetic_pieces(tmp_path):
     assert out["total_minutes"] == 4.0
     module.plots(out, tmp_path)
     assert (tmp_path / "downstream_final.png").is_file() and (tmp_path / "downstream_forgetting.png").is_file()
+
+
+def test_the_committed_downstream_summary_is_what_the_committed_pieces_give():
+    """`benchmarks/results/downstream/summary.json` (what docs/downstream.md quotes) regenerates exactly from the
+    committed pieces (their cells' predictions) with the benchmark's own analysis."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "downstream"
+    committed = json.loads((results / "summary.json").read_text())
+    assert committed["methods"], "no committed downstream pieces"
+    assert json.loads(json.dumps(_benchmark_module("downstream").analyse(results))) == committed

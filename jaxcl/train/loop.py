@@ -70,7 +70,8 @@ class ContinualRun:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.run_dir = cfg.run_dir()
+        self.strategies = resolve_strategies(cfg)      # jaxcl.train.strategy: run.strategies, in order (checked
+        self.run_dir = cfg.run_dir()                   # against the run once its data is open, below)
         self.mesh = make_mesh(cfg.mesh)
         self.rules = resolve_rules(cfg.mesh.rules)
         self.tokenizer_spec = tokenizer_spec(cfg)
@@ -103,7 +104,6 @@ class ContinualRun:
         self._optimizers: dict[int, Any] = {}
         self._stop: dict = {"signal": None}
         self._ckpt: Checkpointer | None = None
-        self.strategies = resolve_strategies(cfg)      # jaxcl.train.strategy: run.strategies, in order
         self._strategy_carry: dict[str, Any] = {}     # strategies' device state handed from one stage to the next
         if self.strategies and len(self.stages) < 2:
             raise ConfigError(f"run.strategies={list(cfg.run.strategies)}: a {self.method} run has one stage, and "
