@@ -13,6 +13,10 @@ Runs, each through jaxcl's own runners (same data, tokenizer, optimizer, evaluat
   sequential-final  sequential fine-tuning of the final-size model (no replay, no prompts)
   replay-final      the final-size model with ELLE's replay (experience replay), no growth or prompts
   replay-small      the initial small model with ELLE's replay, fixed size (no growth or prompts)
+  ewc-final, lwf-final, agem-final
+                    sequential fine-tuning of the final-size model with one strategy (jaxcl.strategies,
+                    its knobs from the config's `strategies:` section); each strategy's extra compute (the
+                    Fisher pass, the teacher forward, the reference gradient) is paid from the same budget
 Every baseline gets, stage by stage, as many steps as fit in the training FLOPs ELLE spends on that
 stage (warmups included), so all runs use the same compute per stage. Prints AP (final average
 perplexity over the domains) and AP+ (average increase of old domains' perplexity since they were
@@ -62,6 +66,12 @@ def comparison_configs(base) -> dict:
                                    run=dataclasses.replace(base.run, method=method),
                                    train=dataclasses.replace(base.train, stage_steps=equal_steps(model_cfg)))
 
+    def with_strategy(name):
+        cfg = with_steps(final, ElleConfig(), method="sequential")
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, strategies=(name,)))
+        return dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, stage_steps=strategy_stage_steps(cfg, final, elle_flops)))
+
     adaptive_every = base.elle.adaptive_every or ADAPTIVE_EVERY_FALLBACK
     return {
         "elle-uniform": dataclasses.replace(base, elle=dataclasses.replace(base.elle, adaptive_every=0)),
@@ -69,7 +79,31 @@ def comparison_configs(base) -> dict:
         "sequential-final": with_steps(final, ElleConfig(), method="sequential"),
         "replay-final": with_steps(final, replay_only),
         "replay-small": with_steps(base.model, replay_only),
+        **{f"{name}-final": with_strategy(name) for name in STRATEGY_ROWS},
     }, domains
+
+
+STRATEGY_ROWS = ("ewc", "lwf", "agem")
+
+
+def strategy_stage_steps(cfg, model_cfg, stage_flops) -> tuple[int, ...]:
+    """Steps per stage that fit `stage_flops` (ELLE's) for a sequential run of `model_cfg` with
+    `cfg.run.strategies`: stage 0 trains plainly and pays for the strategies' stage-end work (EWC's
+    Fisher); later stages pay their per-step extra (a teacher forward, a reference gradient) and, but the
+    last, their stage-end work. The costs are the strategies' own (`step_flops`, `end_stage_flops`)."""
+    import types
+
+    from jaxcl.train.loop import train_step_flops
+    from jaxcl.train.strategy import resolve_strategies
+
+    view = types.SimpleNamespace(cfg=cfg)
+    strategies = resolve_strategies(cfg)
+    per_step = train_step_flops(model_cfg, cfg.data.batch_size, cfg.data.seq_len)
+    extra = sum(s.step_flops(view, model_cfg) for s in strategies)
+    end = sum(s.end_stage_flops(view, model_cfg) for s in strategies)
+    last = len(stage_flops) - 1
+    return tuple(max(1, round((f - (end if i < last else 0.0)) / (per_step + (extra if i else 0.0))))
+                 for i, f in enumerate(stage_flops))
 
 
 def main() -> None:

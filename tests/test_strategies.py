@@ -298,3 +298,28 @@ def test_lwf_and_agem_on_a_growing_elle_run(tmp_path):
     stage1 = [r for r in _records(tmp_path / "both") if r.get("kind") == "train" and r["stage_index"] == 1]
     assert stage1[0]["penalty/lwf"] == pytest.approx(0.0, abs=1e-6) and stage1[-1]["penalty/lwf"] > 0
     assert all(-1 <= r["reference_cosine"] <= 1 for r in stage1)
+
+
+def test_strategy_rows_of_the_equal_flops_benchmark_spend_elles_budget(tmp_path):
+    """`benchmarks/elle_equal_flops.py`'s ewc-final and lwf-final rows: every stage's measured training FLOPs
+    (the Fisher pass and the teacher forwards included) within one step of what ELLE plans for it."""
+    import sys
+
+    from jaxcl.elle.run import planned_stage_flops
+    from jaxcl.train.loop import ContinualRun, train_step_flops
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.elle_equal_flops import comparison_configs
+    finally:
+        sys.path.remove(str(ROOT))
+    base = _cfg(tmp_path, "run.method=elle", "elle.schedule=[{n_layers: 3}]", "elle.warmup_steps=2",
+                "elle.micro_batches=4", "train.pretrain_steps=8", "train.steps=8")
+    runs, _ = comparison_configs(base)
+    budget = planned_stage_flops(base, 2)
+    for name in ("ewc-final", "lwf-final"):
+        cfg = dataclasses.replace(runs[name], run=dataclasses.replace(runs[name].run, dir=str(tmp_path / name)))
+        report = ContinualRun(cfg).run()
+        step = train_step_flops(cfg.model, 8, 32) * (4 / 3 if name == "lwf-final" else 1)
+        for spent, planned in zip(report["train_flops"], budget):
+            assert abs(spent - planned) <= step, (name, report["train_flops"], budget)

@@ -91,8 +91,6 @@ class EWC(Strategy):
 
     def end_stage(self, run: Any, stage: int, model_cfg: Any, params: Any, state: dict[str, Any] | None,
                   shardings: Any) -> tuple[dict[str, Any], float]:
-        from jaxcl.train.loop import train_step_flops
-
         s = self.settings
         new = empirical_fisher(run, stage, model_cfg, params, shardings, s.fisher_batches)
         params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
@@ -105,8 +103,15 @@ class EWC(Strategy):
             fisher = jax.tree.map(jnp.add, state["fisher"], new)
             anchor = jax.tree.map(lambda f0, a0, n, p, f: jnp.where(f > 0, (f0 * a0 + n * p) / jnp.where(f > 0, f, 1.0), p),
                                   state["fisher"], state["anchor"], new, params, fisher)
-        flops = s.fisher_batches * train_step_flops(model_cfg, run.cfg.data.batch_size, run.cfg.data.seq_len)
-        return private_copy({"fisher": fisher, "anchor": anchor}, {"fisher": shardings, "anchor": shardings}), flops
+        return (private_copy({"fisher": fisher, "anchor": anchor}, {"fisher": shardings, "anchor": shardings}),
+                self.end_stage_flops(run, model_cfg))
+
+    def end_stage_flops(self, run: Any, model_cfg: Any) -> float:
+        """The Fisher pass: a forward and a backward per sequence of `fisher_batches` batches."""
+        from jaxcl.train.loop import train_step_flops
+
+        return self.settings.fisher_batches * train_step_flops(model_cfg, run.cfg.data.batch_size,
+                                                               run.cfg.data.seq_len)
 
 
 __all__ = ["EWC", "empirical_fisher", "ewc_penalty", "make_fisher_fn"]

@@ -85,7 +85,12 @@ class Strategy:
         return None
 
     def step_flops(self, run: Any, model_cfg: Any) -> float:
-        """Extra training FLOPs of one step (a teacher forward, a reference gradient), counted in the budget."""
+        """Extra training FLOPs of one step (a teacher forward, a reference gradient), counted in the budget.
+        Reads only `run.cfg` (equal-FLOPs planners call it before any run exists)."""
+        return 0.0
+
+    def end_stage_flops(self, run: Any, model_cfg: Any) -> float:
+        """Training FLOPs `end_stage` spends after a stage (EWC's Fisher pass); reads only `run.cfg`."""
         return 0.0
 
     # ------------------------------------------------------------ host side, between stages
