@@ -30,9 +30,8 @@ REFERENCE = 3      # the phase of the reference draws (distinct from ELLE's warm
 
 
 def tree_dot(a: Any, b: Any) -> jax.Array:
-    """Sum over every leaf of the elementwise product (float32)."""
-    return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)) for x, y in
-               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    """Sum over every leaf of the elementwise product (`optax.tree.vdot`; jaxcl's params are float32)."""
+    return optax.tree.vdot(a, b)
 
 
 def agem_projection() -> optax.GradientTransformationExtraArgs:

@@ -91,8 +91,8 @@ def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
         if reference:
             ref = jax.grad(lambda p: loss_fn(p, reference_batch, jax.random.fold_in(rng, 2))[0])(state.params)
             extra["reference_grads"] = ref
-            dot = sum(jnp.vdot(g, r) for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)))
-            metrics["reference_cosine"] = dot / jnp.maximum(optax.tree.norm(grads) * optax.tree.norm(ref), 1e-30)
+            metrics["reference_cosine"] = optax.tree.vdot(grads, ref) / jnp.maximum(
+                optax.tree.norm(grads) * optax.tree.norm(ref), 1e-30)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         metrics.update({"loss": loss, "nll_sum": nll_sum, "tokens": n, "grad_norm": optax.tree.norm(grads)})
