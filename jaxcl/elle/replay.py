@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-
 from jaxcl.strategies.memory import ReplayMemory, memory_rows, replay_plan, stage_rng
 
 
