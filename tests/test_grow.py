@@ -223,6 +223,38 @@ def test_elle_method_is_deterministic_and_noise_touches_only_new_slices():
     assert logits(new_cfg, a, np.zeros((1, 4), int)).shape == (1, 4, 40)
 
 
+@pytest.mark.parametrize("cfg,target,method", [
+    (ModelConfig(family="gpt2", vocab_size=12, d_model=6, n_layers=2, n_heads=2, d_ff=8, max_seq_len=6),
+     dict(d_model=12, n_heads=3, d_ff=10, n_layers=3), "exact"),
+    (ModelConfig(family="llama", vocab_size=12, d_model=8, n_heads=4, n_kv_heads=2, head_dim=2, n_layers=1, d_ff=8),
+     dict(d_model=10, n_heads=6, n_kv_heads=3, d_ff=10, n_layers=2), "exact"),
+    (ModelConfig(family="gpt2", vocab_size=12, d_model=6, n_layers=2, n_heads=2, d_ff=8, max_seq_len=6),
+     dict(d_model=9, n_heads=3, d_ff=12, n_layers=3), "elle"),
+], ids=["gpt2-exact", "llama-gqa-exact", "gpt2-elle-noise"])
+def test_grow_importance_gives_each_copy_its_sources_value(cfg, target, method):
+    """Reference from the growth's Jacobian: a grown coordinate whose Jacobian row has exactly one non-zero
+    entry (a copy, a split copy, a rescaled coordinate) gets that source's importance, every other one (random,
+    zero, one and mean fills, zeroed projections of inserted layers) 0; the index maps (ELLE's random ones
+    included) are the ones `grow` draws from the same rng."""
+    from jax.flatten_util import ravel_pytree
+
+    from jaxcl.transforms import grow_importance
+
+    rng, noise = jax.random.key(3), 0.01 if method == "elle" else 0.0
+    flat, unravel = ravel_pytree(perturbed_params(cfg, 0))
+    grown = lambda x: ravel_pytree(grow(unravel(x), cfg, rng=rng, method=method, noise_std=noise, **target)[0])[0]
+    jac = np.asarray(jax.jacfwd(grown)(flat))                                       # [new, old]
+    importance = np.random.RandomState(1).uniform(1.0, 2.0, flat.shape).astype(np.float32)
+    out = ravel_pytree(grow_importance(unravel(jnp.asarray(importance)), cfg, rng=rng, method=method,
+                                       noise_std=noise, **target))[0]
+    single = (jac != 0).sum(axis=1) == 1
+    expected = np.where(single, importance[np.argmax(jac != 0, axis=1)], 0.0)
+    np.testing.assert_array_equal(np.asarray(out), expected)
+    assert (np.asarray(out) >= 0).all() and single.sum() > flat.size      # copies exist: the test has teeth
+    if method == "exact":
+        assert (~single).sum() > 0                                          # and new coordinates
+
+
 @pytest.mark.parametrize("target,message", [
     (dict(d_model=8), "d_model=8 would shrink the model"),
     (dict(n_layers=1), "n_layers=1 would shrink"),

@@ -12,7 +12,8 @@ import optax
 import pytest
 
 from jaxcl.config import load_config
-from jaxcl.models import ModelConfig, init_params
+from jaxcl.models import ModelConfig, abstract_params, init_params
+from jaxcl.transforms import grown_config
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=64",
@@ -280,16 +281,17 @@ def test_a_users_strategy_in_one_file(tmp_path, plain):
         sys.path.remove(str(ROOT / "docs" / "examples"))
 
 
-def test_lwf_and_agem_on_a_growing_elle_run(tmp_path):
+def test_lwf_agem_and_ewc_on_a_growing_elle_run(tmp_path):
     """On ELLE (growth, domain prompts, warmup, its own replay): stage 0 is ELLE's own; from stage 1 the teacher
-    is the grown, warmed-up model the stage starts from (its distillation term starts at 0) and A-GEM's
-    reference rows carry their domains' prompts."""
+    and EWC's anchor are the grown, warmed-up model the stage starts from (both terms start at 0), EWC's Fisher
+    went through the growth (non-negative, as in tests/test_grow.py) and A-GEM's reference rows carry their
+    domains' prompts."""
     from jaxcl.elle.run import ElleRun
 
     elle = ["run.method=elle", "elle.schedule=[{d_model: 48, n_heads: 3}]", "elle.warmup_steps=2",
             "elle.micro_batches=4", "elle.adaptive_every=0", "train.log_every=1"]
     plain = ElleRun(_cfg(tmp_path / "plain", *elle)).run()
-    run = ElleRun(_cfg(tmp_path / "both", *elle, "run.strategies=[lwf,agem]", "strategies.lwf.strength=5"))
+    run = ElleRun(_cfg(tmp_path / "both", *elle, "run.strategies=[lwf,agem,ewc]", "strategies.lwf.strength=5"))
     batch = run.strategies[1].reference_batch(run, 1, 0, run.cfg.model.replace(num_prompts=2, prompt_length=1))
     assert batch["prompt_ids"].tolist() == [0] * 8                          # stage 1's memory: domain 0's rows
     report = run.run()
@@ -297,6 +299,12 @@ def test_lwf_and_agem_on_a_growing_elle_run(tmp_path):
     assert report["architectures"][1]["d_model"] == 48
     stage1 = [r for r in _records(tmp_path / "both") if r.get("kind") == "train" and r["stage_index"] == 1]
     assert stage1[0]["penalty/lwf"] == pytest.approx(0.0, abs=1e-6) and stage1[-1]["penalty/lwf"] > 0
+    assert stage1[0]["penalty/ewc"] == 0.0 and stage1[-1]["penalty/ewc"] > 0
+    old_cfg = run._grown_from[1]
+    new_cfg = grown_config(old_cfg, method=run.cfg.elle.grow_method, d_model=48, n_heads=3)
+    fisher = run.grow_importance(1, _tree(np.random.default_rng(0), abstract_params(old_cfg), positive=True))
+    assert all((np.asarray(x) >= 0).all() for x in jax.tree.leaves(fisher))
+    assert jax.tree.map(np.shape, fisher) == jax.tree.map(np.shape, abstract_params(new_cfg))
     assert all(-1 <= r["reference_cosine"] <= 1 for r in stage1)
 
 

@@ -27,7 +27,7 @@ from jaxcl.models import ModelConfig, abstract_params, param_axes
 from jaxcl.parallel import batch_sharding, logical_to_sharding
 from jaxcl.train.loop import ContinualRun, MetricsLog, Preempted, _progress, steps_of_stage, train_step_flops
 from jaxcl.train.state import create_train_state
-from jaxcl.transforms import add_prompts, grow, grown_config
+from jaxcl.transforms import add_prompts, grow, grow_importance, grown_config
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class ElleRun(ContinualRun):
         self.replay: dict[str, Any] = {}         # weights / perplexity at last update / tokens replayed since
         self.warmup_tokens: list[int] = []       # training tokens of each stage's warmup (not in train_tokens)
         self._metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self._grown_from: dict[int, ModelConfig] = {}   # stage -> the architecture it grew from (this process)
 
     # ------------------------------------------------------------------ model between stages
     def stage_model(self, stage: int, model_cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
@@ -87,18 +88,38 @@ class ElleRun(ContinualRun):
     def _param_shardings(self, model_cfg: ModelConfig) -> Any:
         return logical_to_sharding(param_axes(model_cfg), self.mesh, self.rules, shapes=abstract_params(model_cfg))
 
+    def _growth(self, stage: int) -> tuple[dict[str, int], jax.Array]:
+        """(target sizes, rng) of the growth that starts `stage`: `grow` and `grow_importance` share them."""
+        return (target_sizes(self.cfg.elle.schedule[stage - 1]),
+                jax.random.fold_in(jax.random.key(self.cfg.run.seed), 1_000 + stage))
+
     def _grow(self, stage: int, model_cfg: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
         """Grow to this stage's architecture inside one jit that lays the result out on the new shardings."""
         e = self.cfg.elle
-        target = target_sizes(e.schedule[stage - 1])
+        target, rng = self._growth(stage)
         new_cfg = grown_config(model_cfg, method=e.grow_method, **target)
-        rng = jax.random.fold_in(jax.random.key(self.cfg.run.seed), 1_000 + stage)
         grown = jax.jit(lambda p, r: grow(p, model_cfg, **target, rng=r, method=e.grow_method,
                                           noise_std=e.noise_std)[0],
                         out_shardings=self._param_shardings(new_cfg))(params, rng)
+        self._grown_from[stage] = model_cfg
         log.info("stage %d: grew %s -> %s (%.2f M -> %.2f M params, method=%s)", stage, _arch(model_cfg),
                  _arch(new_cfg), model_cfg.num_params() / 1e6, new_cfg.num_params() / 1e6, e.grow_method)
         return new_cfg, grown
+
+    def grows_at(self, stage: int) -> bool:
+        return bool(self.cfg.elle.schedule) and stage >= 1
+
+    def grow_importance(self, stage: int, tree: Any) -> Any:
+        """`tree` (float32, laid out like the params before `stage`'s growth) carried through that growth by
+        `jaxcl.transforms.grow_importance` (same targets, rng and method as the params): copies keep their
+        source's value, new coordinates get 0; laid out on the grown model's shardings."""
+        e = self.cfg.elle
+        old_cfg = self._grown_from[stage]
+        target, rng = self._growth(stage)
+        new_cfg = grown_config(old_cfg, method=e.grow_method, **target)
+        return jax.jit(lambda t, r: grow_importance(t, old_cfg, **target, rng=r, method=e.grow_method,
+                                                    noise_std=e.noise_std),
+                       out_shardings=self._param_shardings(new_cfg))(tree, rng)
 
     def _warmup(self, stage: int, model_cfg: ModelConfig, params: Any) -> Any:
         """Function-recovering warmup: train on the previous domain's memory (plus replay of older ones)

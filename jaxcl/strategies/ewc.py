@@ -15,6 +15,12 @@ at the model the stage ended with. Across stages:
     its gradient is exactly the sum of the per-stage penalties' gradients).
 
 The Fisher pass costs one forward and backward per sequence (counted in the stage's training FLOPs).
+
+Across growth (an ELLE run with `elle.schedule`): at a stage that grows, the Fisher is carried through the
+same growth by `jaxcl.transforms.grow_importance` (copied, split and rescaled coordinates keep their
+source's importance, new coordinates get 0), and the anchor is the model the stage starts from (grown and
+warmed up), so the penalty is 0 at the stage's first step. Both variants reset their anchor there: a
+per-stage anchor of the smaller model has no counterpart for the new coordinates.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxcl.config import Config, ConfigError
+from jaxcl.config import Config
 from jaxcl.parallel import replicated
 from jaxcl.strategies.common import private_copy, stage_batches
 from jaxcl.train.strategy import Strategy
@@ -76,10 +82,14 @@ class EWC(Strategy):
         super().__init__(cfg)
         self.settings = cfg.strategies.ewc
 
-    def check(self, run: Any) -> None:
-        if run.method == "elle" and run.cfg.elle.schedule:
-            raise ConfigError("run.strategies: ewc on an ELLE run that grows (elle.schedule) is not supported yet: "
-                              "its Fisher would have to follow the growth; use elle.schedule=[]")
+    def begin_stage(self, run: Any, stage: int, model_cfg: Any, params: Any, state: dict[str, Any] | None,
+                    shardings: Any) -> dict[str, Any]:
+        """After growth: the Fisher through the growth, the anchor = the stage's starting params."""
+        if not state or not run.grows_at(stage):
+            return state or {}
+        fisher = run.grow_importance(stage, state["fisher"])
+        anchor = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+        return private_copy({"fisher": fisher, "anchor": anchor}, {"fisher": shardings, "anchor": shardings})
 
     def loss_term(self, run: Any, model_cfg: Any):
         strength = self.settings.strength

@@ -242,6 +242,16 @@ class ContinualRun:
         return self._train_steps[key][1]
 
     # ------------------------------------------------------------------ strategies (jaxcl.train.strategy)
+    def grows_at(self, stage: int) -> bool:
+        """Whether `stage_model` changes the architecture at `stage` (ELLE's growth); strategies whose state
+        mirrors the params carry it through with `grow_importance` or rebuild it from the stage's params."""
+        return False
+
+    def grow_importance(self, stage: int, tree: Any) -> Any:
+        """A per-coordinate tree of the model before `stage` carried through `stage`'s growth (copies keep
+        their source's value, new coordinates get 0). Only runs that grow implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not grow its model")
+
     def strategies_active(self, stage: int) -> bool:
         """Strategies act from stage 1 on (stage 0 has no earlier domain)."""
         return bool(self.strategies) and stage >= 1

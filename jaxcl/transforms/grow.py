@@ -24,6 +24,9 @@ at any target width and depth: logits agree to float32 round-off. The constructi
 
 Everything is jnp on plain dicts with static shapes, so `grow` jits (including with the grown
 model's `out_shardings`) and works on any Flax/NNX state laid out like `jaxcl.models`.
+
+`grow_importance` carries a per-coordinate tree (a diagonal Fisher, for EWC across growth) through the
+same growth: every grown coordinate takes its source's value, and coordinates with no single source get 0.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ def _grow_axis(x: jax.Array, axis: int, size: int, fill: str, rand: "_RandomSour
     elif fill == "one":
         new = jnp.ones(shape, x.dtype)
     else:
-        new = rand.normal(shape, std)
+        new = rand.fill(shape, std)
     return _append(x, axis, new)
 
 
@@ -158,10 +161,13 @@ class _RandomSource:
     One RNG kernel per growth instead of one per filled tensor: with a threefry kernel per fill,
     compiling even a small growth took seconds. `pool_size=None` records how much is requested
     (run under `jax.eval_shape`); a second source with that size serves the same requests.
+
+    With `transport=True` (`grow_importance`) every draw is made exactly as in the real growth (so index
+    maps and depth choices are the same) but `fill` returns zeros: new coordinates carry no importance.
     """
 
-    def __init__(self, rng: jax.Array, pool_size: int | None = None):
-        self.rng, self.count, self.offset, self.requested = rng, 0, 0, 0
+    def __init__(self, rng: jax.Array, pool_size: int | None = None, transport: bool = False):
+        self.rng, self.count, self.offset, self.requested, self.transport = rng, 0, 0, 0, transport
         self.pool = None if pool_size is None else jax.random.normal(jax.random.fold_in(rng, 0), (pool_size,))
 
     def __call__(self) -> jax.Array:
@@ -177,15 +183,22 @@ class _RandomSource:
         self.offset += n
         return out
 
+    def fill(self, shape: Sequence[int], std: float) -> jax.Array:
+        """Values for new coordinates (random fills, copy noise): `normal`, or zeros when transporting."""
+        out = self.normal(shape, std)
+        return jnp.zeros_like(out) if self.transport else out
+
 
 # ----------------------------------------------------------------------------- exact growth
 def _exact_width(params: Params, cfg: ModelConfig, new: ModelConfig, keys: _RandomSource) -> Params:
     d, D, std = cfg.d_model, new.d_model, cfg.initializer_range
     write = "mean" if cfg.family == "gpt2" else "zero"       # what a residual write puts in new coordinates
-    scale = math.sqrt(d / D)
+    scale, one = math.sqrt(d / D), "one"
+    if keys.transport:          # importances: rescaled coordinates keep their source's, new ones get 0
+        write, scale, one = "zero", 1.0, "zero"
 
     def norm(p):
-        out = {"scale": _grow_axis(p["scale"] * scale, -1, D, "one")}
+        out = {"scale": _grow_axis(p["scale"] * scale, -1, D, one)}
         if "bias" in p:
             out["bias"] = _grow_axis(p["bias"], -1, D, "zero")
         return out
@@ -228,7 +241,7 @@ def _exact_attention(attn: Params, cfg: ModelConfig, new: ModelConfig, keys: _Ra
     std = cfg.initializer_range
     H, H2, K2, hd, hd2 = cfg.n_heads, new.n_heads, new.n_kv_heads, cfg.head_dim, new.head_dim
     old_group, new_group = cfg.n_heads // cfg.n_kv_heads, H2 // K2
-    q_scale = math.sqrt(hd2 / hd)            # keeps q.k / sqrt(head_dim) unchanged when head_dim grows
+    q_scale = 1.0 if keys.transport else math.sqrt(hd2 / hd)   # keeps q.k / sqrt(head_dim) unchanged
     out: Params = {}
 
     # q: [L, d, H, hd] -> [L, D, H2, hd2]
@@ -287,18 +300,48 @@ def grow(params: Params, cfg: ModelConfig, *, d_model: int | None = None, n_head
     integer multiple, or with added layers, cannot preserve the function and raises `ConfigError`
     unless `allow_inexact=True`.
     """
-    new_cfg = grown_config(cfg, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff,
-                           n_layers=n_layers, method=method, allow_inexact=allow_inexact)
+    new_cfg, sources = _target(cfg, dict(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff,
+                                         n_layers=n_layers), method, depth_sources, allow_inexact)
+    return _compiled_growth(cfg, new_cfg, method, sources, float(noise_std))(params, rng), new_cfg
+
+
+def _target(cfg: ModelConfig, sizes: dict[str, int | None], method: str, depth_sources: Sequence[int] | None,
+            allow_inexact: bool) -> tuple[ModelConfig, tuple[int, ...] | None]:
+    """(grown config, validated depth sources) for `grow` and `grow_importance`."""
+    new_cfg = grown_config(cfg, **sizes, method=method, allow_inexact=allow_inexact)
     sources = None if depth_sources is None else tuple(int(s) for s in depth_sources)
     if sources is not None:
         _sweep_counts(cfg.n_layers, new_cfg.n_layers - cfg.n_layers, jnp.zeros(cfg.n_layers), sources)  # validate
-    return _compiled_growth(cfg, new_cfg, method, sources, float(noise_std))(params, rng), new_cfg
+    return new_cfg, sources
+
+
+def grow_importance(importance: Params, cfg: ModelConfig, *, d_model: int | None = None,
+                    n_heads: int | None = None, n_kv_heads: int | None = None, d_ff: int | None = None,
+                    n_layers: int | None = None, rng: jax.Array, method: str = "exact",
+                    depth_sources: Sequence[int] | None = None, noise_std: float = 0.0,
+                    allow_inexact: bool = False) -> Params:
+    """Carry a per-coordinate tree (e.g. EWC's diagonal Fisher, float32, laid out like `params` of `cfg`)
+    through the growth that `grow` makes with the same arguments, `rng` included.
+
+    Every grown coordinate that is its old coordinate, a copy of one (duplicated layers, heads, kv
+    heads, FFN units, hidden units) or a rescaled or split copy (the exact growth's norm scales and q,
+    ELLE's split input sides) takes that source's value unchanged; coordinates with no single source
+    (random, zero, one and mean fills, and the exact growth's zeroed output projections of inserted
+    layers) get 0. So a non-negative tree stays non-negative. The index maps and depth choices are
+    drawn exactly as in `grow` (same draws from `rng`), which is what ties the two together. Used by
+    `jaxcl.strategies.ewc` on an ELLE run that grows (the issue's rule: new coordinates are unimportant,
+    copies inherit their source's importance). Raises what `grow` raises for an unreachable target.
+    """
+    new_cfg, sources = _target(cfg, dict(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff,
+                                         n_layers=n_layers), method, depth_sources, allow_inexact)
+    return _compiled_growth(cfg, new_cfg, method, sources, float(noise_std), True)(importance, rng)
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled_growth(cfg: ModelConfig, new_cfg: ModelConfig, method: str, sources: tuple[int, ...] | None,
-                     noise_std: float):
-    """The jitted transform for one (model, target, method); cached, so repeated growths skip tracing."""
+                     noise_std: float, transport: bool = False):
+    """The jitted transform for one (model, target, method); cached, so repeated growths skip tracing.
+    `transport`: `grow_importance`'s variant (same draws; fills give 0, no rescaling or splitting)."""
 
     def transform(params: Params, keys: _RandomSource) -> Params:
         counts = _sweep_counts(cfg.n_layers, new_cfg.n_layers - cfg.n_layers, keys.normal((cfg.n_layers,), 1.0),
@@ -320,7 +363,7 @@ def _compiled_growth(cfg: ModelConfig, new_cfg: ModelConfig, method: str, source
             recorder = _RandomSource(rng)
             jax.eval_shape(lambda p: transform(p, recorder), params)
             pool_size.append(recorder.requested)
-        return transform(params, _RandomSource(rng, pool_size[0]))
+        return transform(params, _RandomSource(rng, pool_size[0], transport))
 
     # One jitted program (op-by-op dispatch of hundreds of small ops is slow); inside a caller's jit it inlines.
     return jax.jit(run)

@@ -23,7 +23,8 @@ Params = dict[str, Any]
 
 
 def index_map(rand, n_old: int, n_new: int, uniform: bool) -> tuple[jax.Array, jax.Array]:
-    """(g `[n_new]` old index of every new unit, divisor c(g) `[n_new]`); `rand` serves normal draws."""
+    """(g `[n_new]` old index of every new unit, divisor c(g) `[n_new]`); `rand` serves normal draws.
+    When `rand.transport` (`grow_importance`) the divisor is 1: a split copy keeps its source's value."""
     if uniform:
         extra = jnp.arange(n_new - n_old) % n_old
     else:    # uniform choice among old units, from standard normals through their CDF
@@ -31,6 +32,8 @@ def index_map(rand, n_old: int, n_new: int, uniform: bool) -> tuple[jax.Array, j
         extra = jnp.minimum((u * n_old).astype(jnp.int32), n_old - 1)
     g = jnp.concatenate([jnp.arange(n_old), extra]).astype(jnp.int32)
     counts = jnp.bincount(g, length=n_old)
+    if rand.transport:
+        return g, jnp.ones((n_new,), jnp.float32)
     return g, counts[g].astype(jnp.float32)
 
 
@@ -48,7 +51,7 @@ def split(x: jax.Array, g: jax.Array, divisor: jax.Array, axis: int, rand=None, 
     n_old = x.shape[axis]
     if noise_std > 0 and g.shape[0] > n_old:
         old, new = jnp.split(y, [n_old], axis=axis)
-        y = jnp.concatenate([old, new + rand.normal(new.shape, noise_std)], axis=axis)
+        y = jnp.concatenate([old, new + rand.fill(new.shape, noise_std)], axis=axis)
     return y
 
 
@@ -106,7 +109,7 @@ def grow_copy_width(params: Params, cfg: ModelConfig, new: ModelConfig, rand, *,
             recorder = _RandomSource(key)
             jax.eval_shape(lambda lay: _widen_layer(lay, recorder), layer)
             layer_pool.append(recorder.requested)
-        return _widen_layer(layer, _RandomSource(key, layer_pool[0]))
+        return _widen_layer(layer, _RandomSource(key, layer_pool[0], rand.transport))
 
     def _widen_layer(layer: Params, layer_rand) -> Params:
         group = cfg.n_heads // cfg.n_kv_heads
