@@ -347,14 +347,18 @@ class SlmConfig:
                                           # (own mean, pooled shrunk covariance; jaxcl.slm.dtkr.gaussian_task)
     gaussian_shrinkage: float = 0.01      # task_choice=gaussian: covariance shrinkage towards a scaled identity
     head: Literal["retrieved", "union"] = "retrieved"
-    baselines: tuple[str, ...] = ("sequential", "replay", "multitask")
+    baselines: tuple[str, ...] = ("sequential", "replay", "multitask")   # also ewc, lwf, olora: the strategies
+                                          # of jaxcl.strategies on this path (jaxcl.slm.strategies; knobs: strategies.*)
     replay_per_task: int = 32             # examples kept per old task by the replay baseline
     cache_dir: str | None = "runs/.cache/slm"   # query cache (None: in memory only)
 
     def __post_init__(self):
-        bad = sorted(set(self.baselines) - {"sequential", "replay", "multitask"})
+        bad = sorted(set(self.baselines) - {"sequential", "replay", "multitask", "ewc", "lwf", "olora"})
         if bad:
-            raise ConfigError(f"slm.baselines: unknown {bad} (choose from sequential, replay, multitask)")
+            raise ConfigError(f"slm.baselines: unknown {bad} (choose from sequential, replay, multitask, ewc, lwf, olora)")
+        if self.mode == "lm" and set(self.baselines) & {"ewc", "lwf", "olora"}:
+            raise ConfigError(f"slm.baselines={list(self.baselines)}: the strategy rows (ewc, lwf, olora) run in "
+                              "classification mode only")
         if len(set(self.tasks)) != len(self.tasks):
             raise ConfigError(f"slm.tasks lists a task twice: {list(self.tasks)}")
         for i, order in enumerate(self.orders):
@@ -499,6 +503,17 @@ class MemoryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OLoRAConfig:
+    """O-LoRA (Wang et al. 2023): per-task low-rank increments kept orthogonal to the earlier tasks'."""
+
+    strength: float = 0.5              # lambda_1: weight of sum ||A_i^T A_t||_F^2 (the paper's default 0.5)
+
+    def __post_init__(self):
+        if self.strength < 0:
+            raise ConfigError(f"strategies.olora.strength must be >= 0, got {self.strength}")
+
+
+@dataclasses.dataclass(frozen=True)
 class StrategiesConfig:
     """The knobs of the strategies `run.strategies` turns on (a section no strategy reads is ignored)."""
 
@@ -506,6 +521,7 @@ class StrategiesConfig:
     lwf: LwfConfig = LwfConfig()
     agem: MemoryConfig = MemoryConfig()
     replay: MemoryConfig = MemoryConfig()
+    olora: OLoRAConfig = OLoRAConfig()
     options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)   # users' strategies, by name
 
     def __post_init__(self):

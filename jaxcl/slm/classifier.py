@@ -11,6 +11,8 @@ input, or a fixed shared set), which columns may be predicted, and which entries
   - SLM: task t trains only its own slots and columns; at evaluation the slots are retrieved from the
     text alone and the head is restricted to the columns of the task the retrieval chose (or the union).
   - sequential / replay / multitask: one shared set of K slots and all seen columns (class-incremental).
+  - strategy rows (`jaxcl.slm.strategies`: ewc, lwf, olora): the sequential setup (olora: per-task slots)
+    plus a strategy's loss term on the trainable tree (`train_step(..., terms=, strategy=)`).
 Updates are masked with `jaxcl.slm.jare.masked_apply`, so everything outside a task's mask stays
 bit-identical. Nothing here ever receives a task id at evaluation: `predict` takes token ids and the
 text's query only.
@@ -131,13 +133,20 @@ class ContinualClassifier:
         return jax.tree.map(jnp.asarray, {"bank": bank, "head": head})
 
     # ------------------------------------------------------------------ public steps
-    def train_step(self, ids, mask, labels, slots, weights, allowed_cols, update_mask) -> float:
-        """One masked optimizer step; labels are head columns; returns the loss."""
-        self.trainable, self.opt_state, loss = self._train_step(
-            self.backbone, self.trainable, self.opt_state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels),
-            jnp.asarray(slots), jnp.asarray(weights), jnp.asarray(allowed_cols), update_mask, model=self.model,
-            tx=self.tx)
-        return loss
+    def train_step(self, ids, mask, labels, slots, weights, allowed_cols, update_mask, *, old_cols=None,
+                   terms: tuple = (), strategy: dict | None = None, rng: jax.Array | None = None):
+        """One masked optimizer step; labels are head columns; returns the loss (cross-entropy only).
+
+        `terms`: strategies' loss terms ((name, fn(trainable, batch, outputs, state, rng)), ...; static, so
+        build them once per run), `strategy` their states by name; `old_cols` [C] bool the columns learned
+        before this task (what `outputs["logits"]` keeps for distillation). With terms the return value is
+        (loss, {name: penalty})."""
+        batch = classification_batch(ids, mask, labels, slots, weights, allowed_cols,
+                                     np.zeros_like(np.asarray(allowed_cols), bool) if old_cols is None else old_cols)
+        self.trainable, self.opt_state, loss, penalties = self._train_step(
+            self.backbone, self.trainable, self.opt_state, batch, update_mask, strategy or {},
+            jax.random.key(0) if rng is None else rng, model=self.model, tx=self.tx, terms=tuple(terms))
+        return (loss, penalties) if terms else loss
 
     def retrieve_for_training(self, task: int, queries: np.ndarray) -> tuple[jax.Array, jax.Array]:
         """DTKR among `task`'s own slots (task identity is known while training, never at evaluation)."""
@@ -162,16 +171,21 @@ class ContinualClassifier:
         return self.shape.per_example and self.shape.mix == "task" and self.shape.head == "retrieved"
 
     def predict(self, ids: np.ndarray, mask: np.ndarray, queries: np.ndarray, *, use_retrieval: bool = True,
-                fixed_slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                fixed_slots: np.ndarray | None = None,
+                fixed_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(head column [b], chosen task [b], retrieved slots [G, K]) for one batch of texts.
 
         Inputs are the text's tokens and its query only; which task the text came from is never passed.
+        Without retrieval the slots are `fixed_slots` [M] (default the first top_k) mixed by `fixed_weights`
+        [M] (default 1/top_k each; O-LoRA: every seen task's slots), and every seen column may be predicted.
         """
         fixed = np.arange(self.shape.top_k) if fixed_slots is None else np.asarray(fixed_slots)
+        weights = (np.full(fixed.shape, 1.0 / self.shape.top_k, np.float32) if fixed_weights is None
+                   else np.asarray(fixed_weights, np.float32))
         cols, task, slots = self._predict(self.backbone, self.trainable, self.keys, jnp.asarray(ids),
                                           jnp.asarray(mask), jnp.asarray(queries), jnp.asarray(self.col_task),
-                                          jnp.asarray(fixed, jnp.int32), jnp.asarray(use_retrieval),
-                                          model=self.model, shape=self.shape)
+                                          jnp.asarray(fixed, jnp.int32), jnp.asarray(weights),
+                                          use_retrieval=bool(use_retrieval), model=self.model, shape=self.shape)
         return np.asarray(cols), np.asarray(task), np.asarray(slots)
 
 
@@ -185,33 +199,53 @@ def _logits(model, backbone, trainable, ids, mask, slots, weights):
     return pooled @ trainable["head"]["kernel"] + trainable["head"]["bias"]               # [b, C_max]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "tx"), donate_argnums=(1, 2))
-def _train_step(backbone, trainable, opt_state, ids, mask, labels, slots, weights, allowed_cols, update_mask, *,
-                model, tx):
+def classification_batch(ids, mask, labels, slots, weights, allowed_cols, old_cols) -> dict[str, jax.Array]:
+    """One training batch as the classification loss reads it: ids / mask [b, s], labels (head columns) [b],
+    slots / mix_weights [G, K] (G = 1 or b), allowed / old [C] or [b, C] bool."""
+    return {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask), "labels": jnp.asarray(labels, jnp.int32),
+            "slots": jnp.asarray(slots, jnp.int32), "mix_weights": jnp.asarray(weights, jnp.float32),
+            "allowed": jnp.asarray(allowed_cols, bool), "old": jnp.asarray(old_cols, bool)}
+
+
+def classification_loss(model, backbone, trainable, batch):
+    """(mean cross-entropy over the allowed columns, (sum, n, outputs)) for `classification_batch`.
+
+    `outputs` is what a strategy's loss term reads (`jaxcl.train.strategy`): `logits` [b, C] kept on the
+    columns learned before this task (`old`; -1e9 elsewhere: what LwF distils), `weights` [b] (every text
+    scored) and the batch's own entries (what `jaxcl.slm.strategies` feeds a teacher)."""
+    logits = _logits(model, backbone, trainable, batch["ids"], batch["mask"], batch["slots"], batch["mix_weights"])
+    nll = optax.softmax_cross_entropy_with_integer_labels(jnp.where(batch["allowed"], logits, -1e9), batch["labels"])
+    outputs = {**batch, "logits": jnp.where(batch["old"], logits, -1e9), "weights": jnp.ones(nll.shape, jnp.float32)}
+    return nll.mean(), (nll.sum(), jnp.asarray(nll.shape[0], jnp.float32), outputs)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tx", "terms"), donate_argnums=(1, 2))
+def _train_step(backbone, trainable, opt_state, batch, update_mask, strategy, rng, *, model, tx, terms):
     def loss_fn(t):
-        logits = jnp.where(allowed_cols, _logits(model, backbone, t, ids, mask, slots, weights), -1e9)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        loss, (_, _, outputs) = classification_loss(model, backbone, t, batch)
+        penalties = {name: term(t, batch, outputs, strategy.get(name), rng) for name, term in terms}
+        return loss + sum(penalties.values()), (loss, penalties)
 
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
+    (_, (loss, penalties)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
-    return jare.masked_apply(trainable, updates, update_mask), opt_state, loss
+    return jare.masked_apply(trainable, updates, update_mask), opt_state, loss, penalties
 
 
-@functools.partial(jax.jit, static_argnames=("model", "shape"))
-def _predict(backbone, trainable, keys, ids, mask, queries, col_task, fixed_slots, use_retrieval, *, model, shape):
+@functools.partial(jax.jit, static_argnames=("model", "shape", "use_retrieval"))
+def _predict(backbone, trainable, keys, ids, mask, queries, col_task, fixed_slots, fixed_weights, *, use_retrieval,
+             model, shape):
     """Predicted head column [b], chosen task [b] and retrieved slots [G, K] from text inputs only."""
-    r_slots, r_weights, r_task = dtkr.retrieve_from_text(queries, keys, shape.top_k, shape.per_example,
-                                                         shape.max_tasks, shape.mix, shape.task_choice)
-    k = shape.top_k
-    slots = jnp.where(use_retrieval, r_slots, jnp.broadcast_to(fixed_slots[None, :], r_slots.shape))
-    weights = jnp.where(use_retrieval, r_weights, jnp.full(r_weights.shape, 1.0 / k))
-    task = jnp.where(use_retrieval, r_task, dtkr.chosen_task(slots, weights, keys.slot_task, shape.max_tasks))
-    task = jnp.broadcast_to(task, (ids.shape[0],))
     seen = col_task[None, :] != FREE
-    if shape.head == "retrieved":
-        allowed = jnp.where(use_retrieval, col_task[None, :] == task[:, None], seen)
+    if use_retrieval:
+        slots, weights, task = dtkr.retrieve_from_text(queries, keys, shape.top_k, shape.per_example,
+                                                       shape.max_tasks, shape.mix, shape.task_choice)
+        task = jnp.broadcast_to(task, (ids.shape[0],))
+        allowed = col_task[None, :] == task[:, None] if shape.head == "retrieved" else seen
     else:
-        allowed = jnp.broadcast_to(seen, (ids.shape[0], col_task.shape[0]))
+        slots, weights = fixed_slots[None, :], fixed_weights[None, :]
+        task = jnp.broadcast_to(dtkr.chosen_task(slots, weights, keys.slot_task, shape.max_tasks), (ids.shape[0],))
+        allowed = seen
+    allowed = jnp.broadcast_to(allowed, (ids.shape[0], col_task.shape[0]))
     logits = jnp.where(allowed, _logits(model, backbone, trainable, ids, mask, slots, weights), -jnp.inf)
     return jnp.argmax(logits, axis=-1), task, slots
 

@@ -6,7 +6,7 @@ For each task in `slm.tasks`: train the task's DTKR keys on its training queries
 the pool, then train the task's JARe slots and head columns (everything else masked), then evaluate
 every task seen so far on its test split from the text alone. The baselines (sequential fine-tuning,
 experience replay, multitask) run through the same `ContinualClassifier` with one shared slot set and the
-union head. Outputs: config.yaml, metrics.jsonl, report.json (matrix, summary, retrieval_accuracy,
+union head; so do the strategy rows (ewc, lwf, olora: `jaxcl.slm.strategies`). Outputs: config.yaml, metrics.jsonl, report.json (matrix, summary, retrieval_accuracy,
 baselines) and accuracy-matrix heatmaps.
 
 The run directory follows `jaxcl.rundir`: a finished run is returned untouched, a changed config is
@@ -35,6 +35,8 @@ from jaxcl.eval.report import build_report, format_matrix, plot_matrix, write_re
 from jaxcl.slm import dtkr
 from jaxcl.slm.classifier import ContinualClassifier, LearnerShape
 from jaxcl.slm.encoder import SentenceEncoder, resolve_encoder_dir
+from jaxcl.slm.strategies import ROWS as STRATEGY_ROWS
+from jaxcl.slm.strategies import OLoRARun, SlmStrategyRun, single_device_shardings
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 64
@@ -86,8 +88,8 @@ class SlmRun:
 
     def __init__(self, cfg: Config):
         if cfg.run.strategies:
-            raise ConfigError(f"run.strategies={list(cfg.run.strategies)}: strategies do not run on SLM's path yet "
-                              "(only on the sequential and ELLE loops); leave run.strategies empty")
+            raise ConfigError(f"run.strategies={list(cfg.run.strategies)}: on SLM's path strategies are baseline rows "
+                              "beside SLM (slm.baselines=[sequential, ewc, lwf, olora, ...]); leave run.strategies empty")
         self.cfg, self.scfg = cfg, cfg.slm
         self.run_dir = cfg.run_dir()
         cache = Path(self.scfg.cache_dir) if self.scfg.cache_dir else None
@@ -151,14 +153,18 @@ class SlmRun:
         return rng.choice(n, size=self.scfg.batch_size, replace=n < self.scfg.batch_size)
 
     def _train_stage(self, learner, method: str, stage: int, name: str, sources: list[tuple[int, _Data, np.ndarray]],
-                     steps: int, slm: bool, metrics, rng: np.random.Generator) -> None:
-        """`sources`: (task index, data, example weight pool) mixed uniformly per batch row."""
+                     steps: int, slm: bool, metrics, rng: np.random.Generator, row: "_StrategyRow | None" = None) -> None:
+        """`sources`: (task index, data, example weight pool) mixed uniformly per batch row; `row`: a strategy
+        row's view, loss terms and state (terms only from the second task on)."""
         learner.reset_optimizer()
         if slm:
             task = sources[0][0]
             slots, cols = learner.keys.task_slots(task), learner.columns(task)
             allowed = np.zeros(self.scfg.max_classes, bool)
             allowed[cols] = True
+        elif row is not None and row.view.per_task_slots:      # O-LoRA: the task's own slots and columns
+            slots, cols = row.view.training_slots(stage)[0], learner.columns(stage)
+            allowed = learner.col_task != -1
         else:
             slots = np.arange(self.scfg.top_k)
             cols = np.flatnonzero(learner.col_task != -1)
@@ -176,17 +182,26 @@ class SlmRun:
                 labels.append(learner.global_labels(task, data.labels[i:i + 1])[0])
             if slm:
                 r_slots, r_weights = learner.retrieve_for_training(sources[0][0], np.stack(queries))
+            elif row is not None:
+                r_slots, r_weights = (x[None, :] for x in row.view.training_slots(stage))
             else:
                 r_slots, r_weights = np.arange(k)[None, :], np.full((1, k), 1.0 / k, np.float32)
-            loss = learner.train_step(np.stack(ids), np.stack(mask), np.array(labels, np.int32), r_slots, r_weights,
-                                      allowed, update_mask)
+            inputs = (np.stack(ids), np.stack(mask), np.array(labels, np.int32), r_slots, r_weights, allowed, update_mask)
+            penalties = {}
+            if row is not None and row.terms:
+                loss, penalties = learner.train_step(*inputs, old_cols=row.old_cols, terms=row.terms, strategy=row.state,
+                                                     rng=jax.random.fold_in(jax.random.key(self.cfg.run.seed), step))
+            else:
+                loss = learner.train_step(*inputs)
             if step % 10 == 0 or step == steps - 1:
                 metrics.write(kind="train", method=method, stage=name, step=step,
-                              global_step=stage * steps + step, loss=float(loss))
+                              global_step=stage * steps + step, loss=float(loss),
+                              **{f"penalty/{k_}": float(v) for k_, v in penalties.items()})
             bar.update()
         bar.close()
 
-    def _evaluate(self, learner, task: int, data: _Data, slm: bool, reuse: dict | None = None) -> dict[str, float]:
+    def _evaluate(self, learner, task: int, data: _Data, slm: bool, reuse: dict | None = None,
+                  fixed: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
         """Accuracy (prediction = the right task's right column) and retrieval accuracy, text inputs only.
 
         `reuse` ({(row, chosen task): (column, owners of the retrieved slots)} for this split, SLM only, when
@@ -211,7 +226,9 @@ class SlmRun:
             n = len(rows)
             pad = EVAL_BATCH - n
             ids, mask, queries = (np.pad(x[rows], ((0, pad), (0, 0))) for x in (data.ids, data.mask, data.queries))
-            cols, picked, slots = learner.predict(ids, mask, queries, use_retrieval=slm)
+            cols, picked, slots = learner.predict(ids, mask, queries, use_retrieval=slm,
+                                                  **({} if fixed is None else {"fixed_slots": fixed[0],
+                                                                               "fixed_weights": fixed[1]}))
             owners = np.asarray(learner.keys.slot_task)[slots[:n] if len(slots) > 1 else slots]
             if len(slots) > 1:
                 for j, i in enumerate(rows):
@@ -236,7 +253,9 @@ class SlmRun:
     def _run_method(self, method: str, metrics) -> dict[str, Any]:
         s = self.scfg
         slm = method == "slm"
-        learner = self._learner({"slm": 0, "sequential": 1, "replay": 2, "multitask": 3}[method])
+        # strategy rows start from the sequential row's initialisation (at strength 0 they train like it)
+        learner = self._learner({"slm": 0, "sequential": 1, "replay": 2, "multitask": 3}.get(method, 1))
+        strategy_row = _StrategyRow(self.cfg, method, learner) if method in STRATEGY_ROWS else None
         rng = np.random.default_rng(self.cfg.run.seed)
         matrix, valid_matrix, key_losses = [], [], {}
         reuse: dict[tuple[str, str], dict] = {}      # SLM: predictions per (text, chosen task), see _evaluate
@@ -266,7 +285,11 @@ class SlmRun:
                     for t in range(stage):     # a fixed buffer of the first examples of every old task
                         old = self.data[self.tasks[t]]["train"]
                         sources.append((t, old, np.arange(min(s.replay_per_task, len(old)))))
-            self._train_stage(learner, method, stage, name, sources, steps, slm, metrics, rng)
+            if strategy_row is not None:
+                strategy_row.begin(stage, self.data[name]["train"])
+            self._train_stage(learner, method, stage, name, sources, steps, slm, metrics, rng, strategy_row)
+            if strategy_row is not None and stage < len(stages) - 1:
+                strategy_row.end(stage)
             seen = len(self.tasks) if method == "multitask" else stage + 1
             row, vrow = [], []
             correct.append([None] * len(self.tasks))
@@ -276,7 +299,8 @@ class SlmRun:
                     continue
                 reusable = slm and learner.predictions_reusable
                 result = self._evaluate(learner, t, self.data[other]["test"], slm,
-                                        reuse.setdefault((other, "test"), {}) if reusable else None)
+                                        reuse.setdefault((other, "test"), {}) if reusable else None,
+                                        None if strategy_row is None else strategy_row.eval_slots(seen))
                 correct[-1][t], chosen[t] = result.pop("correct"), result.pop("chosen")
                 row.append(result["accuracy"])
                 if slm and "valid" in self.data[other]:      # SLM's choices are made on validation text
@@ -391,6 +415,48 @@ class SlmRun:
             print(f"{m}: " + ", ".join(f"{k}={v:.2f}" for k, v in r["summary"].items()))
         print(f"outputs in {self.run_dir}/")
         return report
+
+
+class _StrategyRow:
+    """One strategy row of `slm.baselines` (ewc, lwf, olora): the strategy object of `jaxcl.strategies`, the
+    view it reads (`jaxcl.slm.strategies`), its loss terms (built once: one compile) and its state per task."""
+
+    def __init__(self, cfg: Config, method: str, learner: ContinualClassifier):
+        from jaxcl.train.strategy import strategy_class
+
+        self.learner = learner
+        self.strategy = strategy_class(method)(cfg)
+        self.view = (OLoRARun if method == "olora" else SlmStrategyRun)(cfg, learner, [])
+        self.strategy.check(self.view)
+        self.shardings = single_device_shardings(learner.trainable)
+        term = self.strategy.loss_term(self.view, learner.model_cfg)
+        self._terms = () if term is None else ((self.strategy.name, term),)
+        self.terms, self.state, self.carry, self.old_cols = (), {}, None, None
+
+    def begin(self, stage: int, train: Any) -> None:
+        """Before task `stage` (its columns are added): the strategy's state from the previous task's."""
+        learner = self.learner
+        self.old_cols = (learner.col_task != -1) & (learner.col_task != stage)
+        self.view.tasks.append((train, learner.columns(stage), self.old_cols))
+        if stage == 0:
+            self.terms, self.state = (), {}
+            return
+        state = self.strategy.begin_stage(self.view, stage, learner.model_cfg, learner.trainable, self.carry,
+                                          self.shardings)
+        self.state = {self.strategy.name: state} if state else {}
+        self.terms = self._terms
+
+    def end(self, stage: int) -> None:
+        """After task `stage` (not the last): what the strategy carries to the next task (EWC's Fisher)."""
+        self.carry, _ = self.strategy.end_stage(self.view, stage, self.learner.model_cfg, self.learner.trainable,
+                                                self.state.get(self.strategy.name), self.shardings)
+
+    def eval_slots(self, seen: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """O-LoRA evaluates with every seen task's increments summed; the other rows with the shared slots."""
+        if not self.view.per_task_slots:
+            return None
+        parts = [self.view.training_slots(t) for t in range(seen)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 __all__ = ["SlmRun"]

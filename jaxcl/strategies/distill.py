@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl.config import Config
-from jaxcl.models import build
 from jaxcl.strategies.common import private_copy
 from jaxcl.train.strategy import Strategy
 
@@ -27,7 +26,8 @@ def distillation_kl(teacher_logits: jax.Array, student_logits: jax.Array, weight
                     temperature: float) -> jax.Array:
     """T^2 * the weighted mean over positions of KL(p_teacher || p_student) at temperature T.
 
-    logits [batch, seq, vocab], weights [batch, seq] (1 = scored) -> float32 scalar."""
+    logits [..., classes] (an LM: [batch, seq, vocab]; SLM's classifier: [batch, classes]), weights [...] (1 =
+    scored) -> float32 scalar."""
     t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
     kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
@@ -49,12 +49,10 @@ class LwF(Strategy):
         return {"teacher": private_copy(params, shardings)}
 
     def loss_term(self, run: Any, model_cfg: Any):
-        model, strength, temperature = build(model_cfg), self.settings.strength, self.settings.temperature
+        forward, strength, temperature = run.forward_logits(model_cfg), self.settings.strength, self.settings.temperature
 
         def term(params, batch, outputs, state, rng):
-            teacher = jax.lax.stop_gradient(state["teacher"])
-            logits = model.apply({"params": teacher}, outputs["input_ids"], outputs["attention_mask"],
-                                 deterministic=True, prompt_ids=outputs["prompt_ids"]).logits
+            logits = forward(jax.lax.stop_gradient(state["teacher"]), outputs)
             return strength * distillation_kl(logits, outputs["logits"], outputs["weights"], temperature)
 
         return term

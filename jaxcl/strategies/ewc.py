@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxcl.config import Config
 from jaxcl.parallel import replicated
-from jaxcl.strategies.common import private_copy, stage_batches
+from jaxcl.strategies.common import private_copy
 from jaxcl.train.strategy import Strategy
 
 
@@ -44,8 +44,9 @@ def ewc_penalty(params: Any, fisher: Any, anchor: Any) -> jax.Array:
 
 def make_fisher_fn(loss_fn, mesh, param_shardings):
     """fisher_sum(params, batch) -> sum over the batch's sequences of (grad NLL_i)^2, a params-shaped float32
-    tree sharded like the params. `loss_fn` is the run's (jaxcl.train.step.make_loss_fn), called on one
-    sequence at a time, deterministically (no dropout)."""
+    tree sharded like the params. `loss_fn` is the run's (jaxcl.train.step.make_loss_fn, or SLM's
+    classification loss), called on one sequence at a time, deterministically (no dropout). `mesh=None`
+    (SLM's single-device path): a plain jit."""
 
     def per_sequence(params, acc, row):
         one = {k: v[None] for k, v in row.items()}
@@ -57,6 +58,8 @@ def make_fisher_fn(loss_fn, mesh, param_shardings):
         acc, _ = jax.lax.scan(lambda a, row: (per_sequence(params, a, row), None), acc, batch)
         return acc
 
+    if mesh is None:
+        return jax.jit(fisher_sum)
     return jax.jit(fisher_sum, in_shardings=(param_shardings, replicated(mesh)), out_shardings=param_shardings)
 
 
@@ -65,10 +68,10 @@ def empirical_fisher(run: Any, stage: int, model_cfg: Any, params: Any, param_sh
     """The diagonal empirical Fisher (above) of `stage` at `params`: float32, sharded like the params."""
     fisher_sum = make_fisher_fn(run.loss_fn(model_cfg), run.mesh, param_shardings)
     total, n = None, 0
-    for batch in stage_batches(run, stage, model_cfg, n_batches):
+    for batch in run.strategy_batches(stage, model_cfg, n_batches):
         part = fisher_sum(params, {k: jnp.asarray(v) for k, v in batch.items()})
         total = part if total is None else jax.tree.map(jnp.add, total, part)
-        n += len(batch["input_ids"])
+        n += len(next(iter(batch.values())))        # every entry leads with the batch axis
     return jax.tree.map(lambda f: f / n, total)
 
 

@@ -32,7 +32,7 @@ from jaxcl.data.stream import MixtureStream, SequenceStream, cached_domains, dev
 from jaxcl.data.tokenizer import load_tokenizer
 from jaxcl.init_from import check_tokenizer_fits, load_params, tokenizer_spec
 from jaxcl.eval.report import build_report, format_matrix, plot_matrix, plot_training_curves, write_report
-from jaxcl.models import ModelConfig, abstract_params, init_params
+from jaxcl.models import ModelConfig, abstract_params, build, init_params
 from jaxcl.parallel import batch_sharding, describe_mesh, make_mesh, resolve_rules, sharding_table
 from jaxcl.rundir import Invocations, MetricsFile
 from jaxcl.train.checkpoint import Checkpointer, abstract_like
@@ -208,6 +208,26 @@ class ContinualRun:
     def loss_fn(self, model_cfg: ModelConfig):
         return make_loss_fn(model_cfg, self.cfg.train.objective, mask_token_id=self.tokenizer.mask_id,
                             mlm_probability=self.cfg.train.mlm_probability)
+
+    def forward_logits(self, model_cfg: ModelConfig):
+        """fn(params, outputs) -> the logits [batch, seq, vocab] of `params` on the inputs a loss saw (`outputs`
+        of `loss_fn`: its input ids, attention mask and prompt ids), deterministically. A strategy's second
+        model (LwF's teacher) reads the batch through it, whichever loop it runs on."""
+        model = build(model_cfg)
+
+        def forward(params, outputs):
+            return model.apply({"params": params}, outputs["input_ids"], outputs["attention_mask"],
+                               deterministic=True, prompt_ids=outputs["prompt_ids"]).logits
+
+        return forward
+
+    def strategy_batches(self, stage: int, model_cfg: ModelConfig, n: int):
+        """The first `n` global batches of `stage`'s training stream (numpy; a fresh copy of the stream, so
+        the run's position is untouched), with the domain's prompt: what EWC's Fisher pass reads."""
+        name = self.stages[stage]
+        stream = self.make_stream(stage, name)
+        for _ in range(n):
+            yield self.domain_batch(name, stream.next_batch(), model_cfg)
 
     def eval_step_fn(self, model_cfg: ModelConfig, param_shardings: Any):
         """The jitted (params, batch) -> (nll_sum, tokens) used for perplexities (one per architecture,

@@ -40,6 +40,7 @@ REGISTRY: dict[str, str] = {
     "lwf": "jaxcl.strategies.distill:LwF",
     "agem": "jaxcl.strategies.agem:AGEM",
     "replay": "jaxcl.strategies.replay:ExperienceReplay",
+    "olora": "jaxcl.strategies.olora:OLoRA",
 }
 
 LossTerm = Callable[..., Any]    # (params, batch, outputs, state, rng) -> scalar
