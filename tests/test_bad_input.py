@@ -247,6 +247,8 @@ OVERRIDES = [
     ("strategies.agem.memory_fraction=0", "strategies.agem.memory_fraction must be in (0, 1]"),
     ("strategies.replay.ratio=1", "strategies.replay.ratio must be in [0, 1)"),
     ("strategies.ewc.lambda=3", "unknown config key(s): strategies.ewc.lambda"),
+    ("strategies.olora.strength=-0.5", "strategies.olora.strength must be >= 0, got -0.5"),
+    ("slm.baselines=[agem]", "slm.baselines: unknown ['agem']"),
 ]
 cases("override", [(o, (lambda o, e: lambda w, tmp: (run_argv(tmp, o), [e]))(o, e)) for o, e in OVERRIDES])
 
@@ -267,6 +269,10 @@ cases("override", [
                                              ["SeMem keeps its LM frozen"])),
     ("EWC on a joint run", lambda w, tmp: (["train", DEMO, *SMALL, f"run.dir={tmp / 'run'}", "run.strategies=[ewc]"],
                                            ["a joint run has one stage"])),
+    ("O-LoRA on a full-parameter run", lambda w, tmp: (run_argv(tmp, "run.strategies=[olora]"),
+                                                        ["olora needs SLM's per-task low-rank increments"])),
+    ("strategies through run.strategies on SLM", lambda w, tmp: (
+        run_argv(tmp, "run.method=slm", "run.strategies=[ewc]"), ["on SLM's path strategies are baseline rows"])),
     ("replay micro-batches", lambda w, tmp: (run_argv(tmp, "run.strategies=[replay]", "strategies.replay.micro_batches=3"),
                                              ["strategies.replay.micro_batches=3 must divide"])),
     ("an ELLE schedule that shrinks", lambda w, tmp: (
