@@ -157,7 +157,7 @@ def test_bad_slm_configs_are_named(tmp_path, csv_root):
     with pytest.raises(ConfigError, match="slm.top_k=5"):
         make_config(tmp_path, csv_root, "slm.top_k=5")
     with pytest.raises(ConfigError, match="slm.baselines"):
-        make_config(tmp_path, csv_root, "slm.baselines=[ewc]")
+        make_config(tmp_path, csv_root, "slm.baselines=[agem]")           # ewc, lwf, olora are rows now
     with pytest.raises(ConfigError, match="slm.replay_per_task=0"):
         make_config(tmp_path, csv_root, "slm.baselines=[replay]", "slm.replay_per_task=0")
     with pytest.raises(ConfigError, match="slm.query_layers"):
