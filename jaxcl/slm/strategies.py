@@ -84,10 +84,7 @@ class SlmStrategyRun:
         return False
 
     # ------------------------------------------------------------------ the slot layout
-    @property
-    def per_task_slots(self) -> bool:
-        """O-LoRA gives every task its own slots; every other row shares the first top_k."""
-        return False
+    per_task_slots = False        # O-LoRA (OLoRARun) gives every task its own slots; the other rows share the first top_k
 
     def training_slots(self, task: int) -> tuple[np.ndarray, np.ndarray]:
         """(slots [K], mixing weights [K]) task `task` trains with."""
