@@ -1,7 +1,8 @@
 """SLM and its baselines over balanced task orders and seeds (the paper averages over task orders).
 
     python benchmarks/slm_orders.py [--config configs/slm/demo.yaml] [--orders 4] [--seeds 0,1,2]
-                                    [--baseline-seeds 0] [--baselines-from DIR] [--out runs/slm-orders]
+                                    [--baseline-seeds 0] [--baselines-from DIR | --slm-from DIR]
+                                    [--out runs/slm-orders]
                                     [key=value ...]
 
 A single task order measures forgetting for one pairing of tasks: an old task forgets only when a
@@ -19,6 +20,14 @@ retrieval accuracy, each with a 95 % percentile-bootstrap interval over runs
 checks; then one row per run with SLM's forgetting and its 95 % interval over test texts (from the
 run's report, `bootstrap_matrix`). Writes orders.json and orders.png into --out. Finished runs (a
 report.json whose saved config matches) are not repeated; --rerun forces them.
+
+--slm-from DIR: SLM (and the baselines that run ran) is taken from DIR's finished runs of the same (order,
+seed), and only this config's `slm.baselines` run (`SlmRun.run_baselines`: each row saved in
+RUN/baselines/<row>.json as it finishes, reused after a kill), in the runs of --baseline-seeds. DIR's runs must
+have this config in every key but `slm.baselines` and the `strategies` section (which only the strategy rows
+read). Adding EWC / LwF / O-LoRA rows beside finished SLM runs, or choosing a strategy's strength on
+validation (`valid avg` in the output: the final validation average of the rows that evaluate validation, SLM
+and the strategy rows), thus costs the new rows only.
 
 --baselines-from DIR: the baselines are taken from DIR's finished runs of the same (order, seed) instead of
 being run again, when those runs' configs equal this benchmark's in every key but `slm.baselines` and the
@@ -49,15 +58,44 @@ def _methods(report: dict) -> dict[str, dict]:
     matrices, so reports written before a metrics fix are read right)."""
     from jaxcl.eval.metrics import seen_domains, summarize
 
-    def entry(stages, matrix, retrieval=None, intervals=None):
+    def entry(stages, matrix, retrieval=None, intervals=None, valid=None):
         return {"summary": summarize(matrix, report["metric"], seen_domains(stages, report["eval_on"])),
-                "matrix": matrix, "retrieval": retrieval, "intervals": intervals}
+                "matrix": matrix, "retrieval": retrieval, "intervals": intervals, "valid": final_valid(valid)}
 
     out = {"slm": entry(report["stages"], report["matrix"], report.get("retrieval_accuracy"),
-                        report.get("intervals"))}
+                        report.get("intervals"), report.get("valid_matrix"))}
     for name, base in report.get("baselines", {}).items():
-        out[name] = entry(base["stages"], base["matrix"], intervals=base.get("intervals"))
+        out[name] = entry(base["stages"], base["matrix"], intervals=base.get("intervals"),
+                          valid=base.get("valid_matrix"))
     return out
+
+
+def final_valid(valid_matrix: list | None) -> float | None:
+    """The mean validation accuracy over every task after the last stage (what strengths are chosen on), or
+    None when the run did not evaluate validation on all of them."""
+    if not valid_matrix or any(v is None for v in valid_matrix[-1]):
+        return None
+    return sum(valid_matrix[-1]) / len(valid_matrix[-1])
+
+
+def borrowed_slm(cfg, source: Path) -> dict:
+    """The report of the finished SLM run in `source`, whose config must equal `cfg` apart from `slm.baselines`
+    and the `strategies` section (read only by the strategy rows); SystemExit naming the differing keys
+    otherwise."""
+    from jaxcl.config import config_to_dict, load_config
+    from jaxcl.rundir import incompatible_keys
+
+    report_path = source / "report.json"
+    if not report_path.is_file():
+        sys.exit(f"--slm-from: {source} has no finished run (report.json)")
+    old = load_config(source / "config.yaml")
+    aligned = dataclasses.replace(old, slm=dataclasses.replace(old.slm, baselines=cfg.slm.baselines),
+                                  strategies=cfg.strategies)
+    changed = incompatible_keys(config_to_dict(aligned), cfg, "slm")
+    if changed:
+        sys.exit(f"--slm-from: {source} ran a different config ({', '.join(changed)}); its SLM would not be "
+                 "comparable")
+    return json.loads(report_path.read_text())
 
 
 def borrowed_baselines(cfg, source: Path) -> dict:
@@ -104,6 +142,9 @@ def summary(runs: dict[str, dict]) -> dict[str, dict]:
         out[method] = {k: mean_interval([r["summary"][k] for r in results])
                        for k in ("average", "forgetting", "backward_transfer")}
         out[method]["worst_forgetting"] = max(r["summary"]["forgetting"] for r in results)
+        valid = [r["valid"] for r in results if r["valid"] is not None]
+        if valid:
+            out[method]["valid_average"] = mean_interval(valid)
         retr = [r["retrieval"] for r in results if r["retrieval"] is not None]
         if retr:
             out[method]["retrieval"] = mean_interval(retr)
@@ -117,9 +158,11 @@ def _ci(stat: dict | None) -> str:
 
 
 def summary_rows(stats: dict[str, dict]) -> list[list]:
-    """One row per method: mean [95 % interval over runs] of accuracy, gap to multitask, forgetting, BWT."""
+    """One row per method: mean [95 % interval over runs] of accuracy, gap to multitask, forgetting, BWT,
+    retrieval (SLM) and the final validation average (rows that evaluate validation)."""
     return [[method, s["average"]["n"], _ci(s["average"]), _ci(s.get("gap_to_multitask")), _ci(s["forgetting"]),
-             f"{s['worst_forgetting']:.2f}", _ci(s["backward_transfer"]), _ci(s.get("retrieval"))]
+             f"{s['worst_forgetting']:.2f}", _ci(s["backward_transfer"]), _ci(s.get("retrieval")),
+             _ci(s.get("valid_average"))]
             for method, s in stats.items()]
 
 
@@ -209,6 +252,25 @@ def _plot(runs: dict[str, dict], stats: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def slm_with_new_baselines(cfg, base, source: Path, run_dir: Path, with_baselines: bool,
+                           finished_only: bool) -> dict | None:
+    """--slm-from: the finished SLM run in `source` with `base.slm.baselines` run in `run_dir` (only those
+    rows, `SlmRun.run_baselines`) and added to its baselines, when `with_baselines`; None for --finished-only
+    when a row is missing."""
+    from jaxcl.slm.run import SlmRun
+
+    cfg = dataclasses.replace(cfg, slm=dataclasses.replace(cfg.slm, baselines=base.slm.baselines))
+    report = borrowed_slm(cfg, source)
+    report = {**report, "slm_from": str(source)}
+    if not (with_baselines and base.slm.baselines):
+        return report
+    if finished_only and not all((run_dir / "baselines" / f"{b}.json").is_file() for b in base.slm.baselines):
+        return None
+    print(f"=== {run_dir.name}: {', '.join(base.slm.baselines)} beside {source}", flush=True)
+    rows = SlmRun(cfg).run_baselines()
+    return {**report, "baselines": {**report.get("baselines", {}), **rows}}
+
+
 def main() -> None:
     parser = run_comparison_parser(__doc__, "configs/slm/demo.yaml", "runs/slm-orders", "0")
     parser.add_argument("--orders", type=int, default=0, help="how many balanced orders (default: all)")
@@ -219,7 +281,12 @@ def main() -> None:
     parser.add_argument("--baselines-from", default=None, type=Path,
                         help="take the baselines from this directory's finished runs (same config up to the SLM "
                              "task-choice keys) instead of running them")
+    parser.add_argument("--slm-from", default=None, type=Path,
+                        help="take SLM from this directory's finished runs (same config up to slm.baselines and "
+                             "the strategies section) and run only slm.baselines")
     args = parser.parse_args()
+    if args.slm_from and args.baselines_from:
+        parser.error("--slm-from runs the baselines; --baselines-from borrows them: choose one")
 
     from jaxcl.config import load_config
 
@@ -244,6 +311,12 @@ def main() -> None:
                 slm=dataclasses.replace(base.slm, tasks=tuple(order),
                                         baselines=base.slm.baselines if with_baselines and not args.baselines_from
                                         else ()))
+            if args.slm_from:
+                runs[key] = slm_with_new_baselines(cfg, base, args.slm_from / key, run_dir, with_baselines,
+                                                   args.finished_only)
+                if runs[key] is None:
+                    del runs[key]
+                continue
             if args.finished_only and not (run_dir / "report.json").is_file():
                 continue
             borrowed = None
@@ -261,7 +334,8 @@ def main() -> None:
     print(f"\n{machine_summary()}; config {args.config} {' '.join(args.overrides)}; "
           f"{len(orders)} balanced orders x seeds {seeds} (baselines: seeds {baseline_seeds})")
     print_table(["method", "runs", "avg acc [95 % CI]", "acc - multitask (paired)", "forgetting [95 % CI]",
-                 "forgetting worst", "BWT [95 % CI]", "retrieval % [95 % CI]"], summary_rows(stats))
+                 "forgetting worst", "BWT [95 % CI]", "retrieval % [95 % CI]", "valid avg [95 % CI]"],
+                summary_rows(stats))
     print()
     print_table(["run", "order", "SLM avg acc", "SLM forgetting", "95 % CI (texts)", "SLM forgetting (valid)",
                  "SLM retrieval %", "baselines' forgetting"],
@@ -272,6 +346,7 @@ def main() -> None:
     (out / "orders.json").write_text(json.dumps(
         {"config": args.config, "overrides": args.overrides, "seeds": seeds, "baseline_seeds": baseline_seeds,
          "baselines_from": str(args.baselines_from) if args.baselines_from else None,
+         "slm_from": str(args.slm_from) if args.slm_from else None,
          "orders": orders, "summary": stats, "acceptance": checks, "runs": run_rows(runs), "reports": runs},
         indent=2))
     _plot(runs, stats, out / "orders.png")

@@ -88,6 +88,36 @@ def test_slm_orders_summary_intervals_and_acceptance():
     rows = module.run_rows(runs)
     assert rows[0][4] == "[0.00, 1.00]" and rows[0][7:] == ["multitask 0.00", "sequential 70.00"]
     assert len(module.summary_rows(stats)) == 3
+    assert "valid_average" not in stats["slm"]
+    # strengths are chosen on the final validation average (rows with a complete last validation row)
+    runs["order0-seed0"]["valid_matrix"] = [[70.0, None], [60.0, 50.0]]
+    runs["order1-seed0"]["valid_matrix"] = [[70.0, None], [60.0, None]]
+    assert module.summary(runs)["slm"]["valid_average"]["mean"] == 55.0
+    assert module.summary(runs)["slm"]["valid_average"]["n"] == 1
+
+
+def test_slm_orders_borrows_slm_only_from_the_same_config(tmp_path):
+    """--slm-from: a finished SLM run is borrowed when only slm.baselines and the strategies section differ
+    (what only the baseline rows read); any other difference is refused naming the key."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("slm_orders", ROOT / "benchmarks" / "slm_orders.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = load_config(ROOT / "configs" / "slm" / "demo.yaml", [f"run.dir={tmp_path / 'run'}"])
+    (tmp_path / "old").mkdir()
+    save_config(cfg, tmp_path / "old" / "config.yaml")
+    with pytest.raises(SystemExit, match="has no finished run"):
+        module.borrowed_slm(cfg, tmp_path / "old")
+    (tmp_path / "old" / "report.json").write_text(json.dumps({"matrix": [[1.0]]}))
+    new = load_config(ROOT / "configs" / "slm" / "demo.yaml",
+                      [f"run.dir={tmp_path / 'run'}", "slm.baselines=[ewc,olora]", "strategies.ewc.strength=7"])
+    assert module.borrowed_slm(new, tmp_path / "old")["matrix"] == [[1.0]]
+    other = dataclasses.replace(new, slm=dataclasses.replace(new.slm, steps=new.slm.steps + 1))
+    with pytest.raises(SystemExit, match="slm.steps"):
+        module.borrowed_slm(other, tmp_path / "old")
 
 
 def test_a_timing_run_on_an_unsteady_machine_is_marked_suspect(monkeypatch):

@@ -1,5 +1,6 @@
 """End to end: `jaxcl run` with method=slm on tiny benchmark-format CSVs (real MiniLM encoder)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -388,7 +389,7 @@ def test_strategy_rows_on_slms_path(tmp_path, csv_root, tiny_encoder, monkeypatc
     monkeypatch.setattr(slm_run.SlmRun, "_train_stage", recording_train_stage)
     monkeypatch.setattr(slm_run._StrategyRow, "end", recording_end)
     cfg = make_config(tmp_path, csv_root, "slm.baselines=[sequential,ewc,lwf,olora]", "strategies.ewc.strength=0",
-                      "strategies.lwf.strength=5", "slm.steps=3", "slm.slots_per_task=2", "slm.top_k=2",
+                      "slm.valid_from_train=3", "strategies.lwf.strength=5", "slm.steps=3", "slm.slots_per_task=2", "slm.top_k=2",
                       encoder=tiny_encoder)
     rows = run_config(cfg)["baselines"]
     assert rows["ewc"]["matrix"] == rows["sequential"]["matrix"]
@@ -407,3 +408,15 @@ def test_strategy_rows_on_slms_path(tmp_path, csv_root, tiny_encoder, monkeypatc
     before, after = banks["olora", 1]
     assert np.array_equal(before[:, 0:2], after[:, 0:2]) and not np.array_equal(before[:, 2:4], after[:, 2:4])
     assert all(0 <= v <= 100 for v in rows["olora"]["matrix"][1])
+
+    # the baselines alone (SlmRun.run_baselines, benchmarks/slm_orders.py --slm-from): the same row as in the
+    # full run, its validation matrix too (strengths are chosen on it), saved as it finishes and reused
+    alone = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(tmp_path / "alone")),
+                                slm=dataclasses.replace(cfg.slm, baselines=("lwf",)))
+    (lwf,) = slm_run.SlmRun(alone).run_baselines().values()
+    assert lwf["matrix"] == rows["lwf"]["matrix"] and lwf["valid_matrix"] == rows["lwf"]["valid_matrix"]
+    assert all(v is not None for v in lwf["valid_matrix"][1])
+    assert json.loads((tmp_path / "alone" / "baselines" / "lwf.json").read_text())["matrix"] == lwf["matrix"]
+    monkeypatch.setattr(slm_run.SlmRun, "_run_method", lambda *a: pytest.fail("a finished row ran again"))
+    assert slm_run.SlmRun(alone).run_baselines()["lwf"]["matrix"] == lwf["matrix"]
+    assert not (tmp_path / "alone" / "report.json").exists()

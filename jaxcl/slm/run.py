@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -303,9 +305,11 @@ class SlmRun:
                                         None if strategy_row is None else strategy_row.eval_slots(seen))
                 correct[-1][t], chosen[t] = result.pop("correct"), result.pop("chosen")
                 row.append(result["accuracy"])
-                if slm and "valid" in self.data[other]:      # SLM's choices are made on validation text
+                # SLM's choices are made on validation text, and so are the strategy rows' strengths
+                if (slm or strategy_row is not None) and "valid" in self.data[other]:
                     vrow.append(self._evaluate(learner, t, self.data[other]["valid"], slm,
-                                               reuse.setdefault((other, "valid"), {}) if reusable else None
+                                               reuse.setdefault((other, "valid"), {}) if reusable else None,
+                                               None if strategy_row is None else strategy_row.eval_slots(seen)
                                                )["accuracy"])
                 else:
                     vrow.append(None)
@@ -367,6 +371,47 @@ class SlmRun:
         print(f"outputs in {self.run_dir}/")
         self.learner = slm["learner"]
         return report
+
+    def run_baselines(self) -> dict[str, dict[str, Any]]:
+        """Only the rows of `slm.baselines` (classification mode), without SLM: for adding baseline rows
+        (e.g. ewc, lwf, olora) beside SLM runs that have finished already (`benchmarks/slm_orders.py
+        --slm-from`), or for choosing a strategy's strength on validation without paying for SLM.
+
+        Each row is trained and evaluated exactly as in `run` (same initialisation, batches and
+        evaluation: the row's matrices equal those of a full run of the same config) and written to
+        RUN_DIR/baselines/<row>.json as it finishes (atomically); a rerun reuses the finished rows and runs
+        the others. The run directory follows `jaxcl.rundir` (config.yaml saved, a changed config refused).
+        A directory holding a finished full run returns that run's baselines.
+
+        Returns {row: {"stages", "matrix", "valid_matrix", "summary", "intervals"}}: matrices in accuracy
+        points, rows = after each stage, columns = tasks (None where not seen yet); `valid_matrix` holds the
+        validation accuracies for the strategy rows (None for sequential / replay / multitask).
+        Raises ConfigError when slm.mode is not classification or slm.baselines is empty.
+        """
+        if self.scfg.mode != "classification":
+            raise ConfigError(f"slm.mode={self.scfg.mode}: only classification runs its baselines alone")
+        if not self.scfg.baselines:
+            raise ConfigError("slm.baselines is empty: a baselines-only run needs at least one row")
+        finished = rundir.begin(self.run_dir, self.cfg, self.method)
+        keys = ("stages", "matrix", "valid_matrix", "summary", "intervals")
+        if finished is not None:
+            return {m: finished["baselines"][m] for m in self.scfg.baselines}
+        folder = self.run_dir / "baselines"
+        metrics = rundir.MetricsFile(self.run_dir / "metrics.jsonl")
+        out = {}
+        for m in self.scfg.baselines:
+            path = folder / f"{m}.json"
+            if path.is_file():
+                out[m] = rundir.read_report(path)
+                print(f"{m}: finished in {path}", flush=True)
+                continue
+            started = time.perf_counter()
+            result = self._run_method(m, metrics)
+            out[m] = {k: result[k] for k in keys} | {"wall_seconds": time.perf_counter() - started}
+            folder.mkdir(exist_ok=True)
+            rundir.atomic_write(path, json.dumps(out[m], indent=2))
+            print(f"{m}: " + ", ".join(f"{k}={v:.2f}" for k, v in result["summary"].items()), flush=True)
+        return out
 
     def _save_state(self, learner: ContinualClassifier) -> None:
         """The trained learner, for `jaxcl export` (`jaxcl.slm.state`): bank, keys, head, and per task its slots
