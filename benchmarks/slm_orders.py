@@ -1,7 +1,7 @@
 """SLM and its baselines over balanced task orders and seeds (the paper averages over task orders).
 
     python benchmarks/slm_orders.py [--config configs/slm/demo.yaml] [--orders 4] [--seeds 0,1,2]
-                                    [--baseline-seeds 0] [--baselines-from DIR | --slm-from DIR]
+                                    [--baseline-seeds 0] [--baselines-from DIR] [--slm-from DIR]
                                     [--out runs/slm-orders]
                                     [key=value ...]
 
@@ -28,6 +28,10 @@ have this config in every key but `slm.baselines` and the `strategies` section (
 read). Adding EWC / LwF / O-LoRA rows beside finished SLM runs, or choosing a strategy's strength on
 validation (`valid avg` in the output: the final validation average of the rows that evaluate validation, SLM
 and the strategy rows), thus costs the new rows only.
+
+With both --slm-from and --baselines-from, the rows --baselines-from's runs ran (other than this config's)
+are added as well: e.g. the sequential and multitask rows of one benchmark beside another's SLM and new
+strategy rows, in one table.
 
 --baselines-from DIR: the baselines are taken from DIR's finished runs of the same (order, seed) instead of
 being run again, when those runs' configs equal this benchmark's in every key but `slm.baselines` and the
@@ -98,29 +102,34 @@ def borrowed_slm(cfg, source: Path) -> dict:
     return json.loads(report_path.read_text())
 
 
-def borrowed_baselines(cfg, source: Path) -> dict:
-    """The baselines `cfg.slm.baselines` of the finished run in `source`, whose config must equal `cfg` in
-    everything that changes what is trained (`jaxcl.rundir.incompatible_keys`, the run-directory rule) apart
-    from `BASELINE_NEUTRAL` and the list `slm.baselines`; SystemExit naming the differing keys otherwise, or
-    the baselines the source did not run."""
+def borrowed_baselines(cfg, source: Path, names: list[str] | None = None) -> dict:
+    """The baselines `names` (default `cfg.slm.baselines`; "*" = every row the source ran) of the finished run
+    in `source`, whose config must equal `cfg` in everything that changes what is trained
+    (`jaxcl.rundir.incompatible_keys`, the run-directory rule) apart from `BASELINE_NEUTRAL`, the list
+    `slm.baselines` and, when no borrowed row is a strategy row, the `strategies` section; SystemExit naming
+    the differing keys otherwise, or the baselines the source did not run."""
     from jaxcl.config import config_to_dict, load_config
     from jaxcl.rundir import incompatible_keys
+    from jaxcl.slm.strategies import ROWS
 
     report_path = source / "report.json"
     if not report_path.is_file():
         sys.exit(f"--baselines-from: {source} has no finished run (report.json)")
+    ran = json.loads(report_path.read_text()).get("baselines") or {}
+    names = list(ran) if names == ["*"] else list(cfg.slm.baselines if names is None else names)
     old = load_config(source / "config.yaml")
     neutral = {k: getattr(cfg.slm, k) for k in BASELINE_NEUTRAL}
     aligned = dataclasses.replace(old, slm=dataclasses.replace(old.slm, baselines=cfg.slm.baselines, **neutral))
+    if not set(names) & set(ROWS):
+        aligned = dataclasses.replace(aligned, strategies=cfg.strategies)
     changed = incompatible_keys(config_to_dict(aligned), cfg, "slm")
     if changed:
         sys.exit(f"--baselines-from: {source} ran a different config ({', '.join(changed)}); its baselines would "
                  "not be comparable")
-    ran = json.loads(report_path.read_text()).get("baselines") or {}
-    missing = [b for b in cfg.slm.baselines if b not in ran]
+    missing = [b for b in names if b not in ran]
     if missing:
         sys.exit(f"--baselines-from: {source} did not run the baselines {missing}")
-    return {b: ran[b] for b in cfg.slm.baselines}
+    return {b: ran[b] for b in names}
 
 
 def summary(runs: dict[str, dict]) -> dict[str, dict]:
@@ -253,10 +262,10 @@ def _plot(runs: dict[str, dict], stats: dict[str, dict], path: Path) -> None:
 
 
 def slm_with_new_baselines(cfg, base, source: Path, run_dir: Path, with_baselines: bool,
-                           finished_only: bool) -> dict | None:
+                           finished_only: bool, old_rows: Path | None = None) -> dict | None:
     """--slm-from: the finished SLM run in `source` with `base.slm.baselines` run in `run_dir` (only those
-    rows, `SlmRun.run_baselines`) and added to its baselines, when `with_baselines`; None for --finished-only
-    when a row is missing."""
+    rows, `SlmRun.run_baselines`) and added to its baselines, when `with_baselines`; with `old_rows`
+    (--baselines-from) also every other row that run ran. None for --finished-only when a row is missing."""
     from jaxcl.slm.run import SlmRun
 
     cfg = dataclasses.replace(cfg, slm=dataclasses.replace(cfg.slm, baselines=base.slm.baselines))
@@ -264,6 +273,11 @@ def slm_with_new_baselines(cfg, base, source: Path, run_dir: Path, with_baseline
     report = {**report, "slm_from": str(source)}
     if not (with_baselines and base.slm.baselines):
         return report
+    if old_rows is not None:
+        old = borrowed_baselines(cfg, old_rows, ["*"])
+        report["baselines"] = {**report.get("baselines", {}),
+                               **{k: v for k, v in old.items() if k not in base.slm.baselines}}
+        report["baselines_from"] = str(old_rows)
     if finished_only and not all((run_dir / "baselines" / f"{b}.json").is_file() for b in base.slm.baselines):
         return None
     print(f"=== {run_dir.name}: {', '.join(base.slm.baselines)} beside {source}", flush=True)
@@ -285,8 +299,6 @@ def main() -> None:
                         help="take SLM from this directory's finished runs (same config up to slm.baselines and "
                              "the strategies section) and run only slm.baselines")
     args = parser.parse_args()
-    if args.slm_from and args.baselines_from:
-        parser.error("--slm-from runs the baselines; --baselines-from borrows them: choose one")
 
     from jaxcl.config import load_config
 
@@ -313,7 +325,8 @@ def main() -> None:
                                         else ()))
             if args.slm_from:
                 runs[key] = slm_with_new_baselines(cfg, base, args.slm_from / key, run_dir, with_baselines,
-                                                   args.finished_only)
+                                                   args.finished_only,
+                                                   args.baselines_from / key if args.baselines_from else None)
                 if runs[key] is None:
                     del runs[key]
                 continue

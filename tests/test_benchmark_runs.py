@@ -118,6 +118,12 @@ def test_slm_orders_borrows_slm_only_from_the_same_config(tmp_path):
     other = dataclasses.replace(new, slm=dataclasses.replace(new.slm, steps=new.slm.steps + 1))
     with pytest.raises(SystemExit, match="slm.steps"):
         module.borrowed_slm(other, tmp_path / "old")
+    # the old rows beside them (--baselines-from with --slm-from): the strategies section matters only to
+    # strategy rows
+    (tmp_path / "old" / "report.json").write_text(json.dumps({"baselines": {"sequential": 1, "ewc": 2}}))
+    with pytest.raises(SystemExit, match="strategies.ewc.strength"):
+        module.borrowed_baselines(new, tmp_path / "old", ["*"])
+    assert module.borrowed_baselines(new, tmp_path / "old", ["sequential"]) == {"sequential": 1}
 
 
 def test_a_timing_run_on_an_unsteady_machine_is_marked_suspect(monkeypatch):
