@@ -231,11 +231,19 @@ class _StopAt:
 
 def test_a_composed_sharded_run_resumes_to_the_same_result(tmp_path):
     """EWC + LwF + A-GEM + replay on 8 devices (data 2 x fsdp 2 x tensor 2): preempted at the end of stage 0
-    (the carried Fisher) and in the middle of stage 1 (mirrors restored), resumed: the same report."""
+    (the carried Fisher), then `jaxcl run` SIGKILLed at a random moment after a checkpoint inside stage 1
+    (mirrors and the strategies' host state restored from the last checkpoint, the steps after it redone),
+    resumed: the same report as an uninterrupted run."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
     from jaxcl.train.checkpoint import Checkpointer
     from jaxcl.train.loop import ContinualRun, MetricsLog, Preempted
 
-    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.pretrain_steps=4", "train.steps=6",
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.pretrain_steps=4", "train.steps=8",
             "run.strategies=[ewc,lwf,agem,replay]", "strategies.ewc.strength=1e5", "checkpoint.every=2"]
     reference = ContinualRun(_cfg(tmp_path / "ref", *mesh)).run()
     assert reference["matrix"][1] != reference["matrix"][0]
@@ -244,19 +252,33 @@ def test_a_composed_sharded_run_resumes_to_the_same_result(tmp_path):
         pass
 
     cfg = _cfg(tmp_path / "cut", *mesh)
-    for stop_at, completed in (((0, 4), True), ((1, 3), False)):
-        run = Interrupted(cfg)
-        run.stop_at = stop_at
-        stop = {"signal": None}
-        ckpt = Checkpointer(tmp_path / "cut" / "checkpoints", cfg.checkpoint)
-        with pytest.raises(Preempted):
-            run._stop = stop
-            run._run(ckpt, MetricsLog(tmp_path / "cut" / "metrics.jsonl"), stop)
-        ckpt.close()
-        meta = Checkpointer(tmp_path / "cut" / "checkpoints").restore_meta(
-            Checkpointer(tmp_path / "cut" / "checkpoints").latest_step())
-        assert (meta["stage"], meta["completed"]) == (stop_at[0], completed)
-        assert meta["strategy_mirrors"] == {"ewc": ["anchor", "fisher"], **({} if completed else {"lwf": ["teacher"]})}
+    run = Interrupted(cfg)
+    run.stop_at = (0, 4)
+    stop = {"signal": None}
+    ckpt = Checkpointer(tmp_path / "cut" / "checkpoints", cfg.checkpoint)
+    with pytest.raises(Preempted):
+        run._stop = stop
+        run._run(ckpt, MetricsLog(tmp_path / "cut" / "metrics.jsonl"), stop)
+    ckpt.close()
+    meta = Checkpointer(tmp_path / "cut" / "checkpoints").restore_meta(4)
+    assert (meta["stage"], meta["completed"]) == (0, True)
+    assert meta["strategy_mirrors"] == {"ewc": ["anchor", "fisher"]}
+
+    # the CLI goes on from the stage-0 checkpoint and is killed between checkpoints of stage 1
+    proc = subprocess.Popen([sys.executable, "-m", "jaxcl.cli", "run", "configs/demo.yaml", *TINY, *mesh,
+                             f"run.dir={tmp_path / 'cut'}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    steps = lambda: sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit())
+    deadline = time.time() + 300
+    while time.time() < deadline and max(steps()) < 6 and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.15))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert max(steps()) >= 6 and not (tmp_path / "cut" / "report.json").exists(), steps()
+    meta = Checkpointer(tmp_path / "cut" / "checkpoints").restore_meta(max(steps()))
+    assert meta["stage"] == 1 and (meta["completed"] or meta["strategy_mirrors"] == {
+        "ewc": ["anchor", "fisher"], "lwf": ["teacher"]}), meta
     resumed = ContinualRun(cfg).run()
     assert resumed["matrix"] == reference["matrix"]
     assert resumed["train_flops"] == pytest.approx(reference["train_flops"])
