@@ -1,7 +1,8 @@
 """ELLE vs. its baselines at equal training compute on the embedded 5-domain stream, over seeds.
 
     python benchmarks/elle_equal_flops.py [--config configs/elle/compare.yaml] [--seeds 0,1,2]
-                                          [--out runs/elle-compare] [--only NAMES] [key=value ...]
+                                          [--out runs/elle-compare] [--only NAMES] [--results DIR]
+                                          [--commit] [--from DIR ...] [key=value ...]
 
 The default configuration is configs/elle/demo.yaml with 600 updates per new domain (about 30 min
 per run on 2 CPU cores); `--config configs/elle/demo.yaml` gives the demo's 150-update stages.
@@ -23,6 +24,18 @@ perplexity over the domains) and AP+ (average increase of old domains' perplexit
 learned), mean and standard deviation over seeds, with ratios to the config's own ELLE variant and
 the number of seeds in which that variant beats each run on both; writes compare.json and
 compare.png into --out. Finished runs (a report.json in their directory) are not repeated.
+
+Across sessions (run directories do not survive them): --results DIR keeps each finished run's config.yaml
+and report.json in DIR/seed<s>/<name>/ as it finishes (with --commit, git-committed at once), and a run
+found there is never run again. --from DIR (repeatable) also takes finished runs from other benchmarks'
+results: `benchmarks/downstream.py`'s pieces (DIR/<method>-seed<s>/) are its elle / sequential / replay
+pre-training runs, the same configs as elle-adaptive / sequential-final / replay-final here. A run taken
+from elsewhere must have this benchmark's config in everything that changes what is trained
+(`jaxcl.rundir.incompatible_keys`: run.name, run.dir, checkpointing, downstream settings may differ); a
+different one is an error naming the keys, never silently mixed in.
+
+Intervals: AP and AP+ per run as the mean over seeds with a 95 % percentile-bootstrap interval over seeds
+(`jaxcl.eval.metrics.mean_interval`), and each run's difference to the reference paired within seeds.
 """
 
 from __future__ import annotations
@@ -106,10 +119,64 @@ def strategy_stage_steps(cfg, model_cfg, stage_flops) -> tuple[int, ...]:
                  for i, f in enumerate(stage_flops))
 
 
+# benchmarks/downstream.py's pre-training runs: which of this benchmark's runs each method's piece is
+DOWNSTREAM_PIECES = {"elle-adaptive": "elle", "sequential-final": "sequential", "replay-final": "replay"}
+
+
+def finished_elsewhere(cfg, name: str, seed: int, sources: list[Path]) -> tuple[dict, Path] | None:
+    """(report, directory) of a finished run of `cfg` in one of `sources` (this benchmark's results layout
+    DIR/seed<s>/<name>/, or a downstream piece DIR/<method>-seed<s>/), None when none holds it; SystemExit
+    when one holds it with a config that trains something else."""
+    from jaxcl.rundir import incompatible_keys, read_report, recorded_config
+
+    for source in sources:
+        candidates = [source / f"seed{seed}" / name]
+        if name in DOWNSTREAM_PIECES:
+            candidates.append(source / f"{DOWNSTREAM_PIECES[name]}-seed{seed}")
+        for where in candidates:
+            if not (where / "report.json").is_file():
+                continue
+            changed = incompatible_keys(recorded_config(where) or {}, cfg, cfg.run.method)
+            if changed:
+                sys.exit(f"{where} holds {name} seed {seed} with another config ({', '.join(changed)}): "
+                         "use the same --config and overrides, or leave that directory out")
+            return read_report(where / "report.json"), where
+    return None
+
+
+def keep_result(run_dir: Path, results: Path, name: str, seed: int, commit: bool) -> Path:
+    """Copy a finished run's config.yaml and report.json to results/seed<s>/<name>/ (atomically: a
+    directory renamed into place), and with `commit` git-commit it."""
+    import shutil
+    import subprocess
+
+    done = results / f"seed{seed}" / name
+    tmp = done.with_name(done.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for file in ("config.yaml", "report.json"):
+        shutil.copy2(run_dir / file, tmp / file)
+    shutil.rmtree(done, ignore_errors=True)
+    tmp.rename(done)
+    if commit:
+        root = Path(__file__).resolve().parents[1]
+        subprocess.run(["git", "add", str(done)], cwd=root, check=True)
+        subprocess.run(["git", "commit", "-q", "-m", f"benchmarks/elle_equal_flops.py: {name} seed {seed} finished",
+                        "--", str(done)], cwd=root, check=True)
+    return done
+
+
 def main() -> None:
     parser = run_comparison_parser(__doc__, "configs/elle/compare.yaml", "runs/elle-compare", "0,1,2")
     parser.add_argument("--only", default="", help="comma list of run names to run (default: all)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="keep every finished run's config and report here (and reuse them)")
+    parser.add_argument("--commit", action="store_true", help="git-commit each run kept in --results at once")
+    parser.add_argument("--from", dest="sources", type=Path, action="append", default=[],
+                        help="take finished runs from this directory (repeatable; e.g. benchmarks/results/downstream)")
     args = parser.parse_args()
+    if args.commit and args.results is None:
+        parser.error("--commit needs --results DIR")
 
     from jaxcl.config import load_config
 
@@ -125,11 +192,18 @@ def main() -> None:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(
                 cfg.run, name=f"{base.run.name}-{name}-seed{seed}", dir=str(run_dir)))
             wanted = not only or name in only
+            found = None if args.rerun else finished_elsewhere(
+                cfg, name, seed, ([args.results] if args.results else []) + list(args.sources))
+            if found is not None:
+                reports.setdefault(name, {})[seed] = {**found[0], "taken_from": str(found[1])}
+                continue
             if not wanted and not (run_dir / "report.json").exists():
                 continue
             banner = f"=== seed {seed} {name}: stage steps {list(cfg.train.stage_steps) or 'as configured'}"
             reports.setdefault(name, {})[seed] = finished_or_run(cfg, run_dir, rerun=args.rerun and wanted,
                                                                  banner=banner)
+            if args.results:
+                keep_result(run_dir, args.results, name, seed, args.commit)
 
     reference = "elle-uniform" if base.elle.adaptive_every == 0 else "elle-adaptive"
     rows = _summary_rows(reports, reference)
@@ -137,13 +211,42 @@ def main() -> None:
           f"ratios and wins against {reference} (the config's own replay weighting)")
     print_table(["run", "final L/D", "AP mean", "AP std", "AP+ mean", "AP+ std", "train TFLOPs",
                  "train s (mean)", "AP / ref", "AP+ / ref", f"seeds {reference} wins both"], rows)
+    intervals = interval_rows(reports, reference)
+    print()
+    print_table(["run", "seeds", "AP [95 % CI over seeds]", f"AP - {reference} (paired)",
+                 "AP+ [95 % CI over seeds]", f"AP+ - {reference} (paired)"],
+                [[r["run"], r["seeds"], *[_ci(r[k]) for k in ("ap", "ap_diff", "ap_plus", "ap_plus_diff")]]
+                 for r in intervals])
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(
         {"config": args.config, "overrides": args.overrides, "seeds": seeds, "reference": reference,
-         "table": rows, "reports": {name: {str(s): r for s, r in per.items()} for name, per in reports.items()}},
+         "table": rows, "intervals": intervals, "reports": {name: {str(s): r for s, r in per.items()} for name, per in reports.items()}},
         indent=2))
     _plot(reports, domains, out / "compare.png")
     print(f"outputs in {out}/: compare.json, compare.png and one run directory per seed and method")
+
+
+def interval_rows(reports: dict[str, dict[int, dict]], reference: str) -> list[dict]:
+    """Per run: AP and AP+ (mean with a 95 % percentile-bootstrap interval over seeds,
+    `jaxcl.eval.metrics.mean_interval`) and their differences to `reference`, paired within the seeds both
+    ran (None for the reference itself or without a common seed)."""
+    from jaxcl.eval.metrics import mean_interval
+
+    ref = reports.get(reference, {})
+    out = []
+    for name, per_seed in reports.items():
+        row = {"run": name, "seeds": sorted(per_seed)}
+        common = [s for s in sorted(per_seed) if s in ref]
+        for key, metric in (("ap", "average"), ("ap_plus", "forgetting")):
+            row[key] = mean_interval([per_seed[s]["summary"][metric] for s in sorted(per_seed)])
+            row[f"{key}_diff"] = (mean_interval([per_seed[s]["summary"][metric] - ref[s]["summary"][metric]
+                                                 for s in common]) if common and name != reference else None)
+        out.append(row)
+    return out
+
+
+def _ci(stat: dict | None) -> str:
+    return "-" if stat is None else f"{stat['mean']:.2f} [{stat['low']:.2f}, {stat['high']:.2f}]"
 
 
 def _summary_rows(reports: dict[str, dict[int, dict]], reference: str) -> list[list]:

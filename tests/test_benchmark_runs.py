@@ -353,3 +353,47 @@ def test_the_committed_downstream_summary_is_what_the_committed_pieces_give():
     committed = json.loads((results / "summary.json").read_text())
     assert committed["methods"], "no committed downstream pieces"
     assert_same_results(json.loads(json.dumps(_benchmark_module("downstream").analyse(results))), committed)
+
+
+def test_elle_equal_flops_takes_finished_runs_from_results_and_downstream_pieces(tmp_path):
+    """benchmarks/elle_equal_flops.py across sessions: a run kept in --results or a downstream piece of the
+    same config is taken (run.name / run.dir may differ), another config is refused naming the key; AP and
+    AP+ come with intervals over seeds and paired differences to the reference."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("elle_equal_flops", ROOT / "benchmarks" / "elle_equal_flops.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"run.dir={tmp_path / 'run'}"])
+    piece = tmp_path / "downstream" / "sequential-seed0"
+    piece.mkdir(parents=True)
+    save_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="other", dir="elsewhere")),
+                piece / "config.yaml")
+    (piece / "report.json").write_text(json.dumps({"summary": {"average": 5.0, "forgetting": 1.0}}))
+    assert module.finished_elsewhere(cfg, "sequential-final", 0, [tmp_path / "results"]) is None
+    report, where = module.finished_elsewhere(cfg, "sequential-final", 0,
+                                              [tmp_path / "results", tmp_path / "downstream"])
+    assert where == piece and report["summary"]["average"] == 5.0
+    assert module.finished_elsewhere(cfg, "sequential-final", 1, [tmp_path / "downstream"]) is None
+    assert module.finished_elsewhere(cfg, "ewc-final", 0, [tmp_path / "downstream"]) is None
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=cfg.train.steps + 1))
+    with pytest.raises(SystemExit, match="train.steps"):
+        module.finished_elsewhere(longer, "sequential-final", 0, [tmp_path / "downstream"])
+    # kept in --results as it finishes, then found there
+    kept = module.keep_result(piece, tmp_path / "results", "sequential-final", 0, commit=False)
+    assert kept == tmp_path / "results" / "seed0" / "sequential-final"
+    assert not kept.with_name("sequential-final.partial").exists()
+    assert module.finished_elsewhere(cfg, "sequential-final", 0, [tmp_path / "results"])[1] == kept
+
+    def rep(ap, plus):
+        return {"summary": {"average": ap, "forgetting": plus}}
+
+    rows = module.interval_rows({"elle-uniform": {0: rep(10.0, 2.0), 1: rep(12.0, 4.0)},
+                                 "sequential-final": {0: rep(30.0, 20.0), 1: rep(34.0, 30.0), 2: rep(1.0, 1.0)}},
+                                "elle-uniform")
+    ref, seq = rows
+    assert ref["ap"]["mean"] == 11.0 and ref["ap_diff"] is None and ref["seeds"] == [0, 1]
+    assert seq["ap"]["n"] == 3 and seq["ap_diff"]["n"] == 2 and seq["ap_diff"]["mean"] == 21.0
+    assert seq["ap_plus_diff"]["mean"] == 22.0 and seq["ap_plus_diff"]["low"] <= 22.0 <= seq["ap_plus_diff"]["high"]

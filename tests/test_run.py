@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=64",
         "data.seq_len=32", "data.batch_size=8", "data.eval_batches=2", "data.domains=[bible,manpages]",
         "train.pretrain_steps=30", "train.steps=30", "train.log_every=5", "optim.warmup_steps=5", "optim.lr=1e-2",
-        "checkpoint.every=4", "checkpoint.async_save=false"]
+        "checkpoint.every=10", "checkpoint.async_save=false"]
 
 
 def jaxcl(*args, run_dir, wait=True):

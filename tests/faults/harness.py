@@ -54,10 +54,10 @@ class Trial:
 
 
 class Contention:
-    """Busy-loop processes, one per core, for the lifetime of the context."""
+    """Busy-loop processes, one per core (or `n`), for the lifetime of the context."""
 
     def __init__(self, n: int | None = None):
-        self.n = os.cpu_count() or 2 if n is None else n
+        self.n = (os.cpu_count() or 2) if n is None else n
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self):
