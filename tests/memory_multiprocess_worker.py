@@ -35,6 +35,6 @@ def main(coordinator: str, process_id: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -20,7 +20,9 @@ def run_workers(worker: str, out_dir: Path, n: int = 2, timeout: int = 240) -> l
     and write `OUT_DIR/process<i>.npz`, which is returned in process order."""
     coordinator = f"127.0.0.1:{free_port()}"
     script = Path(__file__).with_name(worker)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}      # one real CPU device per process
+    env = dict(os.environ)          # one real CPU device per process; the suite's other XLA flags kept
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     procs = [subprocess.Popen([sys.executable, str(script), coordinator, str(i), str(out_dir)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
