@@ -29,3 +29,17 @@ def persistent_compilation_cache(directory: Path):
         for key, value in saved.items():
             jax.config.update(key, value)
         compilation_cache.reset_cache()
+
+
+def killable_env(env: dict | None = None) -> dict:
+    """The environment for a process a test will kill: without the session's shared XLA cache
+    (tests/conftest.py). JAX writes a cache entry in place (no temporary and rename), so a SIGKILL can leave a
+    truncated entry, and the next process to load that program aborts in C++ (seen in session 22: a pytest
+    worker died in `test_a_composed_sharded_run_resumes_to_the_same_result` right after the kill). Processes
+    that are not killed keep sharing the cache; a killed one compiles its programs itself."""
+    import os
+
+    env = dict(os.environ if env is None else env)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
+    return env

@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import Mesh
 
 from jaxcl.memory import Datastore, DatastoreError
+from tests.compile_cache import killable_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +131,7 @@ WRITER = textwrap.dedent("""
 
 def test_sigkill_mid_append_keeps_the_last_commit_intact(tmp_path):
     rows = 30_000
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = killable_env(dict(os.environ, JAX_PLATFORMS="cpu"))
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "s"), str(rows)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     committed = []

@@ -293,12 +293,14 @@ def test_a_killed_downstream_run_resumes_to_the_same_matrix(runs, seq_matrix, tm
     import sys
     import time
 
+    from tests.compile_cache import killable_env
+
     want = seq_matrix[1]
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "jaxcl.cli", "downstream", str(runs["seq"]), "--tasks", "bible_books", "--out",
             str(out), *CELLS]                 # one task (2 cells): a cell's result does not depend on the others
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env=killable_env({**os.environ, "PYTHONPATH": str(ROOT)}))
     deadline = time.time() + 300
     while not list(out.glob("cells/*/*/*/*.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -16,6 +16,7 @@ from jaxcl.models import ModelConfig
 from jaxcl.parallel import make_mesh
 from jaxcl.train import create_train_state, make_optimizer, state_shardings
 from jaxcl.train.checkpoint import Checkpointer, abstract_like
+from tests.compile_cache import killable_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=64",
@@ -27,7 +28,8 @@ TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=6
 def jaxcl(*args, run_dir, wait=True):
     cmd = [sys.executable, "-m", "jaxcl.cli", *args, f"run.dir={run_dir}"]
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=killable_env())          # it will be killed
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

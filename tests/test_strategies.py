@@ -265,9 +265,11 @@ def test_a_composed_sharded_run_resumes_to_the_same_result(tmp_path):
     assert meta["strategy_mirrors"] == {"ewc": ["anchor", "fisher"]}
 
     # the CLI goes on from the stage-0 checkpoint and is killed between checkpoints of stage 1
+    from tests.compile_cache import killable_env
+
     proc = subprocess.Popen([sys.executable, "-m", "jaxcl.cli", "run", "configs/demo.yaml", *TINY, *mesh,
                              f"run.dir={tmp_path / 'cut'}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=killable_env())
     steps = lambda: sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit())
     deadline = time.time() + 300
     while time.time() < deadline and max(steps()) < 6 and proc.poll() is None:

@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from tests.compile_cache import killable_env
 from tests.faults import victims
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +78,7 @@ def run_victim(case: str, directory: Path, seed: int, delay: float, timeout: flo
     `command`: another program to kill instead (e.g. the `jaxcl` CLI), which prints no READY: the delay
     then counts from its start, and a program that finishes before the kill returns (-1, []).
     """
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    env = killable_env(dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"))
     env.pop("XLA_FLAGS", None)
     command = command or [sys.executable, str(VICTIM), case, str(directory), str(seed)]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
