@@ -263,3 +263,30 @@ def finished_or_run(cfg, run_dir, *, rerun: bool, banner: str = "") -> dict:
     if banner:
         print(banner, flush=True)
     return run_config(cfg)
+
+
+def format_interval(stat: dict | None) -> str:
+    """`mean [low, high]` of a `jaxcl.eval.metrics.mean_interval` result, "-" for None."""
+    return "-" if stat is None else f"{stat['mean']:.2f} [{stat['low']:.2f}, {stat['high']:.2f}]"
+
+
+def publish_result(done, fill: Callable[[object], None], *, commit_message: str | None = None):
+    """Make the results folder `done` appear whole: `fill(tmp)` writes into `done.partial`, which then replaces
+    `done` by a rename (a kill leaves the old folder or a `.partial` that the next call clears). With
+    `commit_message`, the folder is git-committed at once (benchmarks that finish across sessions)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    done = Path(done)
+    tmp = done.with_name(done.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    shutil.rmtree(done, ignore_errors=True)
+    tmp.rename(done)
+    if commit_message:
+        root = Path(__file__).resolve().parents[1]
+        subprocess.run(["git", "add", str(done)], cwd=root, check=True)
+        subprocess.run(["git", "commit", "-q", "-m", commit_message, "--", str(done)], cwd=root, check=True)
+    return done

@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,7 @@ def method_config(base, method: str):
 
 def run_piece(method: str, seed: int, args) -> dict:
     """Pre-train, fine-tune, copy the results; returns piece.json's content. Finished pieces are read back."""
-    from benchmarks.common import finished_or_run
+    from benchmarks.common import finished_or_run, publish_result
     from jaxcl.config import load_config
     from jaxcl.downstream import DownstreamRun
 
@@ -86,23 +85,19 @@ def run_piece(method: str, seed: int, args) -> dict:
         print(f"=== {method} seed {seed}: fine-tuning{' without prompts' if prompts is False else ''}", flush=True)
         DownstreamRun(run_dir, seeds=[seed], seen_only=True, prompts=prompts).run()
     finetune = time.time() - start
-    tmp = done.with_name(done.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in ("report.json", "config.yaml"):
-        shutil.copy2(run_dir / name, tmp / name)
-    shutil.copytree(run_dir / "downstream", tmp / "downstream", ignore=shutil.ignore_patterns("tensorboard"))
     piece = {"method": method, "seed": seed, "pretrain_seconds": pretrain, "finetune_seconds": finetune,
              "seconds": pretrain + finetune, "config": args.config, "overrides": list(args.overrides)}
-    (tmp / "piece.json").write_text(json.dumps(piece, indent=2))
-    shutil.rmtree(done, ignore_errors=True)
-    tmp.rename(done)
+
+    def fill(tmp: Path) -> None:
+        for name in ("report.json", "config.yaml"):
+            shutil.copy2(run_dir / name, tmp / name)
+        shutil.copytree(run_dir / "downstream", tmp / "downstream", ignore=shutil.ignore_patterns("tensorboard"))
+        (tmp / "piece.json").write_text(json.dumps(piece, indent=2))
+
     print(f"=== {method} seed {seed}: {pretrain / 60:.1f} min pre-training + {finetune / 60:.1f} min fine-tuning",
           flush=True)
-    if args.commit:
-        subprocess.run(["git", "add", str(done)], cwd=ROOT, check=True)
-        subprocess.run(["git", "commit", "-q", "-m", f"benchmarks/downstream.py: {method} seed {seed} finished "
-                        f"({piece['seconds'] / 60:.0f} min)", "--", str(done)], cwd=ROOT, check=True)
+    publish_result(done, fill, commit_message=(f"benchmarks/downstream.py: {method} seed {seed} finished "
+                                               f"({piece['seconds'] / 60:.0f} min)" if args.commit else None))
     return piece
 
 

@@ -48,8 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import finished_or_run, machine_summary, parse_seeds, print_table, \
-    run_comparison_parser  # noqa: E402
+from benchmarks.common import finished_or_run, format_interval, machine_summary, parse_seeds, print_table, \
+    publish_result, run_comparison_parser  # noqa: E402
 
 ADAPTIVE_EVERY_FALLBACK = 25
 
@@ -145,25 +145,16 @@ def finished_elsewhere(cfg, name: str, seed: int, sources: list[Path]) -> tuple[
 
 
 def keep_result(run_dir: Path, results: Path, name: str, seed: int, commit: bool) -> Path:
-    """Copy a finished run's config.yaml and report.json to results/seed<s>/<name>/ (atomically: a
-    directory renamed into place), and with `commit` git-commit it."""
+    """Copy a finished run's config.yaml and report.json to results/seed<s>/<name>/ (atomically,
+    `benchmarks.common.publish_result`), and with `commit` git-commit it."""
     import shutil
-    import subprocess
 
-    done = results / f"seed{seed}" / name
-    tmp = done.with_name(done.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for file in ("config.yaml", "report.json"):
-        shutil.copy2(run_dir / file, tmp / file)
-    shutil.rmtree(done, ignore_errors=True)
-    tmp.rename(done)
-    if commit:
-        root = Path(__file__).resolve().parents[1]
-        subprocess.run(["git", "add", str(done)], cwd=root, check=True)
-        subprocess.run(["git", "commit", "-q", "-m", f"benchmarks/elle_equal_flops.py: {name} seed {seed} finished",
-                        "--", str(done)], cwd=root, check=True)
-    return done
+    def fill(tmp: Path) -> None:
+        for file in ("config.yaml", "report.json"):
+            shutil.copy2(run_dir / file, tmp / file)
+
+    return publish_result(results / f"seed{seed}" / name, fill, commit_message=(
+        f"benchmarks/elle_equal_flops.py: {name} seed {seed} finished" if commit else None))
 
 
 def main() -> None:
@@ -215,7 +206,7 @@ def main() -> None:
     print()
     print_table(["run", "seeds", "AP [95 % CI over seeds]", f"AP - {reference} (paired)",
                  "AP+ [95 % CI over seeds]", f"AP+ - {reference} (paired)"],
-                [[r["run"], r["seeds"], *[_ci(r[k]) for k in ("ap", "ap_diff", "ap_plus", "ap_plus_diff")]]
+                [[r["run"], r["seeds"], *[format_interval(r[k]) for k in ("ap", "ap_diff", "ap_plus", "ap_plus_diff")]]
                  for r in intervals])
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(
@@ -243,10 +234,6 @@ def interval_rows(reports: dict[str, dict[int, dict]], reference: str) -> list[d
                                                  for s in common]) if common and name != reference else None)
         out.append(row)
     return out
-
-
-def _ci(stat: dict | None) -> str:
-    return "-" if stat is None else f"{stat['mean']:.2f} [{stat['low']:.2f}, {stat['high']:.2f}]"
 
 
 def _summary_rows(reports: dict[str, dict[int, dict]], reference: str) -> list[list]:

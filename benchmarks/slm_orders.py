@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import finished_or_run, machine_summary, parse_seeds, print_table, \
+from benchmarks.common import finished_or_run, format_interval, machine_summary, parse_seeds, print_table, \
     run_comparison_parser  # noqa: E402
 
 BASELINE_NEUTRAL = ("task_choice", "gaussian_shrinkage", "query_layers")    # slm keys no baseline reads
@@ -162,16 +162,12 @@ def summary(runs: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def _ci(stat: dict | None) -> str:
-    return "-" if stat is None else f"{stat['mean']:.2f} [{stat['low']:.2f}, {stat['high']:.2f}]"
-
-
 def summary_rows(stats: dict[str, dict]) -> list[list]:
     """One row per method: mean [95 % interval over runs] of accuracy, gap to multitask, forgetting, BWT,
     retrieval (SLM) and the final validation average (rows that evaluate validation)."""
-    return [[method, s["average"]["n"], _ci(s["average"]), _ci(s.get("gap_to_multitask")), _ci(s["forgetting"]),
-             f"{s['worst_forgetting']:.2f}", _ci(s["backward_transfer"]), _ci(s.get("retrieval")),
-             _ci(s.get("valid_average"))]
+    return [[method, s["average"]["n"], format_interval(s["average"]), format_interval(s.get("gap_to_multitask")), format_interval(s["forgetting"]),
+             f"{s['worst_forgetting']:.2f}", format_interval(s["backward_transfer"]), format_interval(s.get("retrieval")),
+             format_interval(s.get("valid_average"))]
             for method, s in stats.items()]
 
 
