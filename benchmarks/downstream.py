@@ -67,10 +67,14 @@ def run_piece(method: str, seed: int, args) -> dict:
     from jaxcl.downstream import DownstreamRun
 
     done = Path(args.results) / f"{method}-seed{seed}"
-    if (done / "piece.json").is_file():
-        return json.loads((done / "piece.json").read_text())
     base = load_config(args.config, list(args.overrides) + [f"run.seed={seed}"])
     cfg = method_config(base, method)
+    if (done / "piece.json").is_file():
+        changed = piece_changes(done, cfg)
+        if changed:
+            sys.exit(f"{done} holds {method} seed {seed} made with another config ({', '.join(changed)}): "
+                     "use its --config and overrides, or another --results directory")
+        return json.loads((done / "piece.json").read_text())
     run_dir = Path(args.runs) / f"seed{seed}" / method
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"downstream-{method}-seed{seed}",
                                                            dir=str(run_dir)))
@@ -99,6 +103,19 @@ def run_piece(method: str, seed: int, args) -> dict:
     publish_result(done, fill, commit_message=(f"benchmarks/downstream.py: {method} seed {seed} finished "
                                                f"({piece['seconds'] / 60:.0f} min)" if args.commit else None))
     return piece
+
+
+def piece_changes(done: Path, cfg) -> list[str]:
+    """The dotted keys in which `cfg` differs from the finished piece in `done` in what it pre-trains
+    (`jaxcl.rundir.incompatible_keys`) or in how it fine-tunes (`downstream.*`: a piece fine-tuned on other
+    caps or grids is not the same measurement); empty when the piece can be reused."""
+    from jaxcl.config import config_to_dict
+    from jaxcl.rundir import changed_keys, incompatible_keys, normalized_config, recorded_config
+
+    recorded = recorded_config(done) or {}
+    tuned = changed_keys(normalized_config(recorded).get("downstream"), config_to_dict(cfg)["downstream"],
+                         "downstream.")
+    return incompatible_keys(recorded, cfg, cfg.run.method) + tuned
 
 
 # ----------------------------------------------------------------------------- analysis

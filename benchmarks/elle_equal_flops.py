@@ -4,8 +4,9 @@
                                           [--out runs/elle-compare] [--only NAMES] [--results DIR]
                                           [--commit] [--from DIR ...] [key=value ...]
 
-The default configuration is configs/elle/demo.yaml with 600 updates per new domain (about 30 min
-per run on 2 CPU cores); `--config configs/elle/demo.yaml` gives the demo's 150-update stages.
+The default configuration is configs/elle/demo.yaml with 400 updates per new domain (sized so that the 8
+rows x 3 seeds fit 5 hours on 2 CPU cores; sessions 3-21 used 600, `train.steps=600`);
+`--config configs/elle/demo.yaml` gives the demo's 150-update stages.
 
 Runs, each through jaxcl's own runners (same data, tokenizer, optimizer, evaluation), once per seed:
   elle-uniform      growth + domain prompts + replay + warmup, old domains replayed uniformly

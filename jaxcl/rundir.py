@@ -42,7 +42,7 @@ from jaxcl.errors import OutputError, RunDirError
 log = logging.getLogger(__name__)
 
 __all__ = ["HARMLESS_KEYS", "UNUSED_SECTIONS", "CONFIG_FILE", "REPORT_FILE", "atomic_write", "begin",
-           "changed_keys", "incompatible_keys", "check_compatible", "recorded_config", "check_run_directory",
+           "changed_keys", "normalized_config", "incompatible_keys", "check_compatible", "recorded_config", "check_run_directory",
            "read_report", "is_new", "discard_unstarted", "Invocations", "MetricsFile", "RUN_FILES"]
 
 CONFIG_FILE = "config.yaml"
@@ -94,8 +94,9 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def _normalized(tree: dict[str, Any]) -> dict[str, Any]:
-    """A recorded config tree with defaults filled in (as this jaxcl reads it), or as is if it no longer loads."""
+def normalized_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config tree (a run's config.yaml as read) with defaults filled in and values in the types
+    this jaxcl reads them as, so it compares key by key with `config_to_dict(cfg)`; as is if it no longer loads."""
     try:
         return config_to_dict(config_from_dict(tree))
     except ConfigError:
@@ -110,7 +111,7 @@ def _is_harmless(key: str, method: str) -> bool:
 
 def incompatible_keys(recorded: dict[str, Any], cfg: Config, method: str) -> list[str]:
     """The dotted keys in which `cfg` changes what the run recorded in `recorded` trains."""
-    return [k for k in changed_keys(_normalized(recorded), config_to_dict(cfg)) if not _is_harmless(k, method)]
+    return [k for k in changed_keys(normalized_config(recorded), config_to_dict(cfg)) if not _is_harmless(k, method)]
 
 
 def check_compatible(recorded: dict[str, Any] | None, cfg: Config, method: str, where: str | Path) -> None:

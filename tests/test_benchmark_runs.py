@@ -346,13 +346,37 @@ def test_downstream_benchmark_claims_from_synthetic_pieces(tmp_path):
     assert (tmp_path / "downstream_final.png").is_file() and (tmp_path / "downstream_forgetting.png").is_file()
 
 
-def test_the_committed_downstream_summary_is_what_the_committed_pieces_give():
-    """`benchmarks/results/downstream/summary.json` (what docs/downstream.md quotes) regenerates (to float round-off) from the
-    committed pieces (their cells' predictions) with the benchmark's own analysis."""
-    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "downstream"
+COMMITTED_DOWNSTREAM = sorted(p.parent.name for p in (ROOT / "benchmarks" / "results").glob("downstream*/summary.json"))
+
+
+@pytest.mark.parametrize("folder", COMMITTED_DOWNSTREAM)
+def test_the_committed_downstream_summary_is_what_the_committed_pieces_give(folder):
+    """`benchmarks/results/downstream*/summary.json` (what docs/downstream.md quotes) regenerates (to float
+    round-off) from the committed pieces (their cells' predictions) with the benchmark's own analysis."""
+    results = ROOT / "benchmarks" / "results" / folder
     committed = json.loads((results / "summary.json").read_text())
     assert committed["methods"], "no committed downstream pieces"
     assert_same_results(json.loads(json.dumps(_benchmark_module("downstream").analyse(results))), committed)
+
+
+def test_a_downstream_piece_is_reused_only_with_the_same_pretraining_and_fine_tuning_config(tmp_path):
+    """benchmarks/downstream.py never reuses a committed piece made with another config: pre-training keys
+    (`incompatible_keys`) and `downstream.*` (caps, grids) both count; run.name / run.dir do not."""
+    import dataclasses
+
+    module = _benchmark_module("downstream")
+    cfg = load_config(ROOT / "configs" / "elle" / "compare.yaml", [f"run.dir={tmp_path / 'run'}"])
+    cfg = module.method_config(cfg, "sequential")
+    piece = tmp_path / "sequential-seed0"
+    piece.mkdir()
+    save_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="other", dir="elsewhere")),
+                piece / "config.yaml")
+    assert module.piece_changes(piece, cfg) == []
+    fewer = dataclasses.replace(cfg, downstream=dataclasses.replace(cfg.downstream, max_train_texts=10))
+    assert module.piece_changes(piece, fewer) == ["downstream.max_train_texts"]
+    longer = module.method_config(load_config(ROOT / "configs" / "elle" / "compare.yaml", ["train.steps=600"]),
+                                  "sequential")
+    assert "train.stage_steps" in module.piece_changes(piece, longer)
 
 
 def test_elle_equal_flops_takes_finished_runs_from_results_and_downstream_pieces(tmp_path):
