@@ -109,9 +109,29 @@ def _is_harmless(key: str, method: str) -> bool:
     return any(key == h or key.startswith(h + ".") for h in HARMLESS_KEYS)
 
 
+# Methods whose runner reads `strategies.<name>` only for the strategies in `run.strategies` (SLM's path also
+# reads the sections of its `slm.baselines` rows, so there every section counts).
+STRATEGY_READERS = ("sequential", "joint", "elle")
+
+
+def _unread_strategy(key: str, method: str, active: set[str]) -> bool:
+    """Whether `key` is the knob of a strategy this run does not use (`strategies.ewc.strength` on a run
+    without EWC): the section is never read, so it cannot change what is trained."""
+    parts = key.split(".")
+    if method not in STRATEGY_READERS or parts[0] != "strategies" or len(parts) < 2:
+        return False
+    name = parts[2] if parts[1] == "options" and len(parts) > 2 else parts[1]
+    return name != "options" and name not in active
+
+
 def incompatible_keys(recorded: dict[str, Any], cfg: Config, method: str) -> list[str]:
-    """The dotted keys in which `cfg` changes what the run recorded in `recorded` trains."""
-    return [k for k in changed_keys(normalized_config(recorded), config_to_dict(cfg)) if not _is_harmless(k, method)]
+    """The dotted keys in which `cfg` changes what the run recorded in `recorded` trains: every changed key
+    but the harmless ones (`HARMLESS_KEYS`), the sections `method` never reads (`UNUSED_SECTIONS`) and, on
+    the LM loops, the knobs of strategies neither config turns on (`run.strategies`)."""
+    old = normalized_config(recorded)
+    active = set(cfg.run.strategies) | set((old.get("run") or {}).get("strategies") or ())
+    return [k for k in changed_keys(old, config_to_dict(cfg))
+            if not _is_harmless(k, method) and not _unread_strategy(k, method, active)]
 
 
 def check_compatible(recorded: dict[str, Any] | None, cfg: Config, method: str, where: str | Path) -> None:

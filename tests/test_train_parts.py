@@ -173,6 +173,17 @@ def test_changed_config_keys_are_listed_and_only_harmless_ones_may_change_on_res
     with pytest.raises(ConfigError, match=r"changed: model.n_layers, optim.lr, run.seed, train.steps\)"):
         check_compatible(recorded, changed, "sequential", "runs/demo")
     check_compatible(None, changed, "sequential", "runs/demo")       # nothing recorded yet: a new run
+    # a strategy's knobs count only where run.strategies (recorded or new) turns it on; SLM reads them all
+    knobs = load_config(demo, ["strategies.ewc.strength=7", "strategies.lwf.temperature=3",
+                               "strategies.options.mine={a: 1}"])
+    assert incompatible_keys(recorded, knobs, "sequential") == []
+    assert incompatible_keys(recorded, knobs, "slm") == ["strategies.ewc.strength", "strategies.lwf.temperature",
+                                                         "strategies.options.mine"]
+    with_ewc = load_config(demo, ["run.strategies=[ewc]", "strategies.ewc.strength=7",
+                                  "strategies.lwf.temperature=3"])
+    assert incompatible_keys(recorded, with_ewc, "sequential") == ["run.strategies", "strategies.ewc.strength"]
+    recorded_ewc = config_to_dict(load_config(demo, ["run.strategies=[ewc]"]))
+    assert incompatible_keys(recorded_ewc, knobs, "elle") == ["run.strategies", "strategies.ewc.strength"]
 
 
 def test_evaluation_is_deterministic_even_with_dropout():
