@@ -1,7 +1,7 @@
 """SLM and its baselines over balanced task orders and seeds (the paper averages over task orders).
 
     python benchmarks/slm_orders.py [--config configs/slm/demo.yaml] [--orders 4] [--seeds 0,1,2]
-                                    [--baseline-seeds 0] [--baselines-from DIR] [--slm-from DIR]
+                                    [--baseline-seeds 0] [--baselines-from DIR ...] [--slm-from DIR]
                                     [--out runs/slm-orders]
                                     [key=value ...]
 
@@ -31,7 +31,10 @@ and the strategy rows), thus costs the new rows only.
 
 With both --slm-from and --baselines-from, the rows --baselines-from's runs ran (other than this config's)
 are added as well: e.g. the sequential and multitask rows of one benchmark beside another's SLM and new
-strategy rows, in one table.
+strategy rows, in one table. --baselines-from is repeatable, and a source may be a baselines-only run of
+--slm-from (its baselines/<row>.json): each row comes from the one source that ran it, and a strategy row
+only needs its own `strategies.<row>` section to match, so rows whose strengths were chosen in separate
+runs join one table (`slm.baselines=[]` with the chosen strengths as overrides; nothing is run).
 
 --baselines-from DIR: the baselines are taken from DIR's finished runs of the same (order, seed) instead of
 being run again, when those runs' configs equal this benchmark's in every key but `slm.baselines` and the
@@ -104,24 +107,20 @@ def borrowed_slm(cfg, source: Path) -> dict:
 
 def borrowed_baselines(cfg, source: Path, names: list[str] | None = None) -> dict:
     """The baselines `names` (default `cfg.slm.baselines`; "*" = every row the source ran) of the finished run
-    in `source`, whose config must equal `cfg` in everything that changes what is trained
+    in `source` (a full run's report.json, or the rows a baselines-only run wrote to baselines/<row>.json,
+    `SlmRun.run_baselines`), whose config must equal `cfg` in everything that changes what is trained
     (`jaxcl.rundir.incompatible_keys`, the run-directory rule) apart from `BASELINE_NEUTRAL`, the list
-    `slm.baselines` and, when no borrowed row is a strategy row, the `strategies` section; SystemExit naming
-    the differing keys otherwise, or the baselines the source did not run."""
+    `slm.baselines` and the `strategies` sections of the strategy rows not borrowed (a row reads only its
+    own); SystemExit naming the differing keys otherwise, or the baselines the source did not run."""
     from jaxcl.config import config_to_dict, load_config
     from jaxcl.rundir import incompatible_keys
-    from jaxcl.slm.strategies import ROWS
 
-    report_path = source / "report.json"
-    if not report_path.is_file():
-        sys.exit(f"--baselines-from: {source} has no finished run (report.json)")
-    ran = json.loads(report_path.read_text()).get("baselines") or {}
+    ran = rows_ran(source)
     names = list(ran) if names == ["*"] else list(cfg.slm.baselines if names is None else names)
     old = load_config(source / "config.yaml")
     neutral = {k: getattr(cfg.slm, k) for k in BASELINE_NEUTRAL}
-    aligned = dataclasses.replace(old, slm=dataclasses.replace(old.slm, baselines=cfg.slm.baselines, **neutral))
-    if not set(names) & set(ROWS):
-        aligned = dataclasses.replace(aligned, strategies=cfg.strategies)
+    aligned = dataclasses.replace(old, slm=dataclasses.replace(old.slm, baselines=cfg.slm.baselines, **neutral),
+                                  strategies=strategies_of(cfg.strategies, old.strategies, names))
     changed = incompatible_keys(config_to_dict(aligned), cfg, "slm")
     if changed:
         sys.exit(f"--baselines-from: {source} ran a different config ({', '.join(changed)}); its baselines would "
@@ -130,6 +129,48 @@ def borrowed_baselines(cfg, source: Path, names: list[str] | None = None) -> dic
     if missing:
         sys.exit(f"--baselines-from: {source} did not run the baselines {missing}")
     return {b: ran[b] for b in names}
+
+
+def rows_ran(source: Path) -> dict[str, dict]:
+    """{row: its result} of the finished run in `source`: a full run's report.json baselines, or the rows a
+    baselines-only run (`SlmRun.run_baselines`) wrote to baselines/<row>.json; SystemExit when it has neither."""
+    from jaxcl.rundir import read_report
+
+    if (source / "report.json").is_file():
+        return json.loads((source / "report.json").read_text()).get("baselines") or {}
+    if (source / "baselines").is_dir() and (source / "config.yaml").is_file():
+        return {path.stem: read_report(path) for path in sorted((source / "baselines").glob("*.json"))}
+    sys.exit(f"--baselines-from: {source} has no finished run (report.json or baselines/<row>.json)")
+
+
+def strategies_of(ours, theirs, rows: list[str]):
+    """`ours` (a StrategiesConfig) with the sections of the strategy `rows` taken from `theirs`: the config a
+    borrowed run must match, since a strategy row reads its own section and nothing else does."""
+    from jaxcl.slm.strategies import ROWS
+
+    return dataclasses.replace(ours, **{r: getattr(theirs, r) for r in rows if r in ROWS})
+
+
+def borrowed_rows(cfg, sources: list[Path], names: list[str] | None = None) -> tuple[dict, list[str]]:
+    """The rows `names` (default `cfg.slm.baselines`; "*" = every row the sources ran), each from the one
+    source in `sources` that ran it (`borrowed_baselines`: that source's config checked for those rows), and
+    the sources used. SystemExit when two sources hold the same row (which one the table shows would be a
+    guess) or no source holds a wanted row."""
+    wanted = None if names == ["*"] else list(cfg.slm.baselines if names is None else names)
+    rows: dict[str, dict] = {}
+    where: dict[str, Path] = {}
+    for source in sources:
+        held = [r for r in rows_ran(source) if wanted is None or r in wanted]
+        for name in held:
+            if name in rows:
+                sys.exit(f"--baselines-from: the {name} row is in both {where[name]} and {source}; give one of them")
+            where[name] = source
+        if held:
+            rows.update(borrowed_baselines(cfg, source, held))
+    missing = [r for r in (wanted or []) if r not in rows]
+    if missing:
+        sys.exit(f"--baselines-from: no source ran the baselines {missing} ({', '.join(map(str, sources))})")
+    return rows, sorted({str(where[r]) for r in rows})
 
 
 def summary(runs: dict[str, dict]) -> dict[str, dict]:
@@ -258,22 +299,25 @@ def _plot(runs: dict[str, dict], stats: dict[str, dict], path: Path) -> None:
 
 
 def slm_with_new_baselines(cfg, base, source: Path, run_dir: Path, with_baselines: bool,
-                           finished_only: bool, old_rows: Path | None = None) -> dict | None:
+                           finished_only: bool, old_rows: list[Path] = ()) -> dict | None:
     """--slm-from: the finished SLM run in `source` with `base.slm.baselines` run in `run_dir` (only those
-    rows, `SlmRun.run_baselines`) and added to its baselines, when `with_baselines`; with `old_rows`
-    (--baselines-from) also every other row that run ran. None for --finished-only when a row is missing."""
+    rows, `SlmRun.run_baselines`) and added to its baselines, when `with_baselines` (a run of
+    --baseline-seeds); with `old_rows` (--baselines-from) also every row those runs ran but this config's. None
+    for --finished-only when a row is missing."""
     from jaxcl.slm.run import SlmRun
 
     cfg = dataclasses.replace(cfg, slm=dataclasses.replace(cfg.slm, baselines=base.slm.baselines))
     report = borrowed_slm(cfg, source)
     report = {**report, "slm_from": str(source)}
-    if not (with_baselines and base.slm.baselines):
+    if not with_baselines:
         return report
-    if old_rows is not None:
-        old = borrowed_baselines(cfg, old_rows, ["*"])
+    if old_rows:
+        old, used = borrowed_rows(cfg, list(old_rows), ["*"])
         report["baselines"] = {**report.get("baselines", {}),
                                **{k: v for k, v in old.items() if k not in base.slm.baselines}}
-        report["baselines_from"] = str(old_rows)
+        report["baselines_from"] = used
+    if not base.slm.baselines:
+        return report
     if finished_only and not all((run_dir / "baselines" / f"{b}.json").is_file() for b in base.slm.baselines):
         return None
     print(f"=== {run_dir.name}: {', '.join(base.slm.baselines)} beside {source}", flush=True)
@@ -288,9 +332,9 @@ def main() -> None:
                         help="summarise the runs that have finished in --out and start none (a partial benchmark)")
     parser.add_argument("--baseline-seeds", default=None,
                         help="comma list of the seeds whose runs also run slm.baselines (default: the first seed)")
-    parser.add_argument("--baselines-from", default=None, type=Path,
+    parser.add_argument("--baselines-from", default=[], type=Path, action="append",
                         help="take the baselines from this directory's finished runs (same config up to the SLM "
-                             "task-choice keys) instead of running them")
+                             "task-choice keys) instead of running them; repeatable (a row from one of them)")
     parser.add_argument("--slm-from", default=None, type=Path,
                         help="take SLM from this directory's finished runs (same config up to slm.baselines and "
                              "the strategies section) and run only slm.baselines")
@@ -313,16 +357,15 @@ def main() -> None:
         for o, order in enumerate(orders):
             key = f"order{o}-seed{seed}"
             run_dir = out / key
-            with_baselines = seed in baseline_seeds and base.slm.baselines
+            with_baselines = seed in baseline_seeds and bool(base.slm.baselines)
             cfg = dataclasses.replace(
                 base, run=dataclasses.replace(base.run, seed=seed, name=f"{base.run.name}-{key}", dir=str(run_dir)),
                 slm=dataclasses.replace(base.slm, tasks=tuple(order),
                                         baselines=base.slm.baselines if with_baselines and not args.baselines_from
                                         else ()))
             if args.slm_from:
-                runs[key] = slm_with_new_baselines(cfg, base, args.slm_from / key, run_dir, with_baselines,
-                                                   args.finished_only,
-                                                   args.baselines_from / key if args.baselines_from else None)
+                runs[key] = slm_with_new_baselines(cfg, base, args.slm_from / key, run_dir, seed in baseline_seeds,
+                                                   args.finished_only, [d / key for d in args.baselines_from])
                 if runs[key] is None:
                     del runs[key]
                 continue
@@ -330,11 +373,12 @@ def main() -> None:
                 continue
             borrowed = None
             if with_baselines and args.baselines_from:   # checked before the (long) SLM run starts
-                borrowed = borrowed_baselines(dataclasses.replace(
-                    cfg, slm=dataclasses.replace(cfg.slm, baselines=base.slm.baselines)), args.baselines_from / key)
+                borrowed = borrowed_rows(dataclasses.replace(
+                    cfg, slm=dataclasses.replace(cfg.slm, baselines=base.slm.baselines)),
+                    [d / key for d in args.baselines_from])
             runs[key] = finished_or_run(cfg, run_dir, rerun=args.rerun, banner=f"=== {key}: {' > '.join(order)}")
             if borrowed is not None:
-                runs[key] = {**runs[key], "baselines": borrowed, "baselines_from": str(args.baselines_from / key)}
+                runs[key] = {**runs[key], "baselines": borrowed[0], "baselines_from": borrowed[1]}
     if not runs:
         parser.error(f"no finished run in {out}")
 
@@ -354,7 +398,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "orders.json").write_text(json.dumps(
         {"config": args.config, "overrides": args.overrides, "seeds": seeds, "baseline_seeds": baseline_seeds,
-         "baselines_from": str(args.baselines_from) if args.baselines_from else None,
+         "baselines_from": [str(d) for d in args.baselines_from] or None,
          "slm_from": str(args.slm_from) if args.slm_from else None,
          "orders": orders, "summary": stats, "acceptance": checks, "runs": run_rows(runs), "reports": runs},
         indent=2))

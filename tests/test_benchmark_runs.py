@@ -98,7 +98,8 @@ def test_slm_orders_summary_intervals_and_acceptance():
 
 def test_slm_orders_borrows_slm_only_from_the_same_config(tmp_path):
     """--slm-from: a finished SLM run is borrowed when only slm.baselines and the strategies section differ
-    (what only the baseline rows read); any other difference is refused naming the key."""
+    (what only the baseline rows read); any other difference is refused naming the key. --baselines-from
+    (repeatable) takes each row from the one source that ran it, checking only that row's strategy section."""
     import dataclasses
     import sys
 
@@ -124,6 +125,28 @@ def test_slm_orders_borrows_slm_only_from_the_same_config(tmp_path):
     with pytest.raises(SystemExit, match="strategies.ewc.strength"):
         module.borrowed_baselines(new, tmp_path / "old", ["*"])
     assert module.borrowed_baselines(new, tmp_path / "old", ["sequential"]) == {"sequential": 1}
+    # one table from several sources (repeatable --baselines-from): a baselines-only strategy run
+    # (config.yaml + baselines/<row>.json) whose other strategies' sections differ from ours
+    strat = tmp_path / "ewc-7"
+    (strat / "baselines").mkdir(parents=True)
+    save_config(load_config(ROOT / "configs" / "slm" / "demo.yaml",
+                            ["slm.baselines=[ewc]", "strategies.ewc.strength=7", "strategies.olora.strength=9"]),
+                strat / "config.yaml")
+    (strat / "baselines" / "ewc.json").write_text(json.dumps({"matrix": [[2.0]]}))
+    (tmp_path / "old" / "report.json").write_text(json.dumps({"baselines": {"sequential": 1}}))
+    rows, used = module.borrowed_rows(new, [tmp_path / "old", strat], ["*"])
+    assert rows == {"sequential": 1, "ewc": {"matrix": [[2.0]]}} and used == sorted([str(tmp_path / "old"), str(strat)])
+    assert module.borrowed_rows(new, [strat], ["ewc"])[0] == {"ewc": {"matrix": [[2.0]]}}
+    weaker = load_config(ROOT / "configs" / "slm" / "demo.yaml", ["slm.baselines=[ewc]"])
+    with pytest.raises(SystemExit, match="strategies.ewc.strength"):
+        module.borrowed_rows(weaker, [strat], ["ewc"])
+    (strat / "baselines" / "sequential.json").write_text(json.dumps({"matrix": [[3.0]]}))
+    with pytest.raises(SystemExit, match="the sequential row is in both"):
+        module.borrowed_rows(new, [tmp_path / "old", strat], ["*"])
+    with pytest.raises(SystemExit, match=r"no source ran the baselines \['lwf'\]"):
+        module.borrowed_rows(new, [tmp_path / "old"], ["sequential", "lwf"])
+    with pytest.raises(SystemExit, match="has no finished run"):
+        module.borrowed_rows(new, [tmp_path], ["*"])
 
 
 def test_a_timing_run_on_an_unsteady_machine_is_marked_suspect(monkeypatch):
