@@ -42,8 +42,8 @@ from jaxcl.errors import OutputError, RunDirError
 log = logging.getLogger(__name__)
 
 __all__ = ["HARMLESS_KEYS", "UNUSED_SECTIONS", "CONFIG_FILE", "REPORT_FILE", "atomic_write", "begin",
-           "changed_keys", "normalized_config", "incompatible_keys", "check_compatible", "recorded_config", "check_run_directory",
-           "read_report", "is_new", "discard_unstarted", "Invocations", "MetricsFile", "RUN_FILES"]
+           "changed_keys", "normalized_config", "incompatible_keys", "check_compatible", "recorded_config",
+           "check_run_directory", "read_report", "is_new", "discard_unstarted", "Invocations", "MetricsFile", "RUN_FILES"]
 
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.json"
