@@ -21,8 +21,9 @@ per pre-training seed; ELLE's checkpoints also without their prompts (the prompt
 
 A piece is one method x one seed: pre-training, then its fine-tunes (checkpoints do not survive between
 sessions). When a piece finishes, its report, config and downstream cells (predictions included) are copied
-into `--results/<method>-seed<s>/` with `piece.json` (wall times), and with `--commit` git-committed at once;
-a finished piece is never redone. The summary (`summary.json`, `downstream_final.png`,
+into `--results/<method>-seed<s>/` with `piece.json` (wall times), and with `--commit` git-committed at once,
+followed by the regenerated summary and plots (so the committed summary is always the committed pieces');
+a finished piece is never redone, and one made with another config is refused (`piece_changes`). The summary (`summary.json`, `downstream_final.png`,
 `downstream_forgetting.png`) reports, with 95 % intervals from a paired bootstrap over test texts (the
 same resamples of a task for every method, seed and row; seed-averaged predictions):
   - each method's final-stage average accuracy and macro-F1 over the four tasks;
@@ -250,6 +251,29 @@ def plots(summary: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def write_summary(results: Path, commit: bool) -> dict:
+    """summary.json and the two plots in `results` from the pieces there (`analyse`, `plots`); with `commit`,
+    git-committed (each piece's commit is followed by its summary's, so the committed summary is the one the
+    committed pieces give: `tests/test_benchmark_runs.py` checks it)."""
+    import subprocess
+
+    summary = analyse(results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    files = [results / "summary.json"]
+    if summary["methods"]:
+        plots(summary, results)
+        files += [results / "downstream_final.png", results / "downstream_forgetting.png"]
+    if commit:
+        pieces = sum(len(seeds) for seeds in summary["pieces"].values())
+        subprocess.run(["git", "add", *map(str, files)], cwd=ROOT, check=True)
+        staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *map(str, files)], cwd=ROOT)
+        if staged.returncode:                         # 1: something to commit (an unchanged summary is not)
+            subprocess.run(["git", "commit", "-q", "-m", f"benchmarks/downstream.py: summary of {pieces} pieces",
+                            "--", *map(str, files)], cwd=ROOT, check=True)
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/elle/compare.yaml")
@@ -269,12 +293,11 @@ def main() -> None:
             parser.error(f"--methods: unknown {bad} (choose from {', '.join(METHODS)})")
         for seed in [int(s) for s in args.seeds.split(",") if s]:
             for method in methods:
-                run_piece(method, seed, args)
-    summary = analyse(results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if summary["methods"]:
-        plots(summary, results)
+                new = not (results / f"{method}-seed{seed}" / "piece.json").is_file()
+                run_piece(method, seed, args)       # a finished piece: read back, checked against this config
+                if new and args.commit:             # the committed summary always matches the committed pieces
+                    write_summary(results, commit=True)
+    summary = write_summary(results, commit=False)
     for m, s in summary["methods"].items():
         a = s["final_average"]["accuracy"]
         print(f"{m:>11}: seeds {s['seeds']}: final average accuracy {a['value']:.2f} [{a['low']:.2f}, {a['high']:.2f}]"
