@@ -275,7 +275,6 @@ def publish_result(done, fill: Callable[[object], None], *, commit_message: str 
     `done` by a rename (a kill leaves the old folder or a `.partial` that the next call clears). With
     `commit_message`, the folder is git-committed at once (benchmarks that finish across sessions)."""
     import shutil
-    import subprocess
     from pathlib import Path
 
     done = Path(done)
@@ -286,7 +285,20 @@ def publish_result(done, fill: Callable[[object], None], *, commit_message: str 
     shutil.rmtree(done, ignore_errors=True)
     tmp.rename(done)
     if commit_message:
-        root = Path(__file__).resolve().parents[1]
-        subprocess.run(["git", "add", str(done)], cwd=root, check=True)
-        subprocess.run(["git", "commit", "-q", "-m", commit_message, "--", str(done)], cwd=root, check=True)
+        commit_paths([done], commit_message)
     return done
+
+
+def commit_paths(paths, message: str) -> bool:
+    """git-commit exactly `paths` (files or folders of this repository) with `message`; False, and no commit,
+    when they hold no change (benchmarks that finish across sessions commit their results as they land)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    names = [str(p) for p in paths]
+    subprocess.run(["git", "add", *names], cwd=root, check=True)
+    if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *names], cwd=root).returncode == 0:
+        return False
+    subprocess.run(["git", "commit", "-q", "-m", message, "--", *names], cwd=root, check=True)
+    return True

@@ -255,7 +255,7 @@ def write_summary(results: Path, commit: bool) -> dict:
     """summary.json and the two plots in `results` from the pieces there (`analyse`, `plots`); with `commit`,
     git-committed (each piece's commit is followed by its summary's, so the committed summary is the one the
     committed pieces give: `tests/test_benchmark_runs.py` checks it)."""
-    import subprocess
+    from benchmarks.common import commit_paths
 
     summary = analyse(results)
     results.mkdir(parents=True, exist_ok=True)
@@ -266,11 +266,7 @@ def write_summary(results: Path, commit: bool) -> dict:
         files += [results / "downstream_final.png", results / "downstream_forgetting.png"]
     if commit:
         pieces = sum(len(seeds) for seeds in summary["pieces"].values())
-        subprocess.run(["git", "add", *map(str, files)], cwd=ROOT, check=True)
-        staged = subprocess.run(["git", "diff", "--cached", "--quiet", "--", *map(str, files)], cwd=ROOT)
-        if staged.returncode:                         # 1: something to commit (an unchanged summary is not)
-            subprocess.run(["git", "commit", "-q", "-m", f"benchmarks/downstream.py: summary of {pieces} pieces",
-                            "--", *map(str, files)], cwd=ROOT, check=True)
+        commit_paths(files, f"benchmarks/downstream.py: summary of {pieces} pieces")
     return summary
 
 
